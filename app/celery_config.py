@@ -1,0 +1,76 @@
+"""Celery configuration for the fleet: one readable block of production defaults."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from celery import Celery
+
+from app.cpus import worker_concurrency
+from app.settings import Settings, query_options
+
+# Modules every worker imports: the batch task and the user's tasks.
+BASE_MODULES = ("app.worker", "app.tasks")
+
+
+def result_backend(settings: Settings) -> dict[str, Any]:
+    """Celery's own result backend (for plain group/chunks/chord use) on the result store."""
+    parts = urlsplit(settings.result_url)
+    if parts.scheme == "s3":
+        opts = query_options(settings.result_url)
+        conf: dict[str, Any] = {
+            "result_backend": "s3",
+            "s3_bucket": parts.hostname,
+            "s3_base_path": parts.path.strip("/") + "/celery/" if parts.path.strip("/") else "celery/",
+        }
+        if opts.get("region"):
+            conf["s3_region"] = opts["region"]
+        if opts.get("endpoint_url"):
+            conf["s3_endpoint_url"] = opts["endpoint_url"]
+        return conf
+    return {"result_backend": settings.result_url}
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    transport = {"visibility_timeout": settings.visibility_timeout, **settings.transport_options}
+    return {
+        "broker_url": settings.broker_url,
+        **result_backend(settings),
+        # JSON only: a pickled message on a reachable broker is code execution on every worker.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_default_queue": settings.queue,
+        # A batch is acknowledged after it ran, and requeued if its process
+        # died, so a lost worker loses no batch.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # Reserve one message per process: a new worker is not starved by an
+        # old worker's prefetch, and a dead worker strands little.
+        "worker_prefetch_multiplier": 1,
+        "worker_concurrency": worker_concurrency(settings.concurrency),
+        # Unacknowledged messages come back after this long on Redis and SQS;
+        # it must outlast the longest batch (see Settings.visibility_timeout).
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "result_expires": settings.result_ttl,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        # Detect a dead AMQP peer (a half-open socket) within a minute.
+        "broker_heartbeat": 30,
+        "task_time_limit": settings.max_batch_seconds,
+        # Events feed Flower and `fleet status`.
+        "worker_send_task_events": True,
+        "task_send_sent_event": False,
+        "worker_hijack_root_logger": False,
+    }
+
+
+def make_app(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
+    app = Celery("fleet", include=[*BASE_MODULES, *settings.include, *include])
+    app.conf.update(celery_config(settings))
+    # The batch task reads the store URL, lease and allowed modules from here.
+    app.fleet_settings = settings  # type: ignore[attr-defined]
+    return app

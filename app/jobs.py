@@ -1,0 +1,481 @@
+"""The job launcher: the Python API behind `fleet run`.
+
+    from app.jobs import Launcher, JobOptions
+    summary = Launcher(settings).run(JobOptions(task="process_id", source=Source.parse("ids.txt")))
+
+A job streams its IDs into batches (sized by a short calibration), keeps a
+bounded number of batches on the broker, and writes each batch's JSON lines
+to the output as the workers commit them. The output is journaled in the
+result store, so `resume` re-sends only the batches that have no result and
+never writes a batch twice.
+
+Lost batches are found without waiting for the broker's visibility timeout:
+a running batch holds a lease in the result store. A batch whose lease
+lapsed, or one that has not started while worker slots sit idle, is sent
+again; the first commit wins, so a batch that then runs twice is written once.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import kombu.exceptions
+from tqdm import tqdm
+
+from app.celery_config import make_app
+from app.settings import Settings, redact
+from app.sources import InputError, Source
+from app.store import Done, RedisStore, StoreUnavailable, bit_is_set
+
+BATCHES_PER_SLOT = 4  # at least this many batches per worker slot, so the tail stays short
+PROBE_LIMIT = 32  # calibration batches at the most
+
+
+class JobError(Exception):
+    """A job that cannot start or cannot finish; `exit_code` is what `fleet run` returns."""
+
+    exit_code = 1
+
+
+class BadInput(JobError):
+    exit_code = 2
+
+
+class Unreachable(JobError):
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the ID stream is cut into batches: `probe` sizes first, then `size` each."""
+
+    probe: tuple[int, ...]
+    size: int
+
+    def sizes(self) -> Iterator[int]:
+        yield from self.probe
+        while True:
+            yield self.size
+
+
+@dataclass
+class JobOptions:
+    task: str | None = None  # None only with resume: taken from the job
+    source: Source | None = None
+    batch_size: int | None = None  # None: calibrate
+    target_seconds: float = 2.0  # aimed-at duration of one batch
+    max_in_flight: int | None = None  # None: twice the worker slots
+    out: Path | None = None  # None: stdout
+    resume: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class JobSummary:
+    job: str
+    status: str  # "ok", "errors" (some items failed) or "interrupted"
+    items: int
+    errors: int
+    batches: int
+    resent: int
+    wall_seconds: float
+    out: str
+    seconds_per_item: float | None = None
+
+    @property
+    def items_per_second(self) -> float:
+        return self.items / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "items_per_second": round(self.items_per_second, 1)}
+
+
+@dataclass
+class _InFlight:
+    payload: Any
+    sent_at: float
+    seen_running: float = 0.0  # last time its lease was seen, 0 if never
+
+
+@dataclass
+class _Progress:
+    items: int = 0
+    errors: int = 0
+    bar: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, items: int, errors: int) -> None:
+        self.items += items
+        self.errors += errors
+        if self.bar is not None:
+            self.bar.update(items)
+            self.bar.set_postfix(errors=self.errors, **self.extra, refresh=False)
+
+
+def new_job_id() -> str:
+    return f"j{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Launcher:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        if not settings.result_url.startswith("redis"):
+            raise JobError(
+                f"the launcher needs a Redis result store, not {redact(settings.result_url)}."
+            )
+        self.store = RedisStore(settings.result_url, settings.result_ttl)
+        self.celery = make_app(settings)
+        self._slots_cache = (0.0, 0)
+
+    # -- checks -----------------------------------------------------------
+
+    def check_connections(self) -> None:
+        try:
+            self.store.ping()
+        except StoreUnavailable as exc:
+            raise Unreachable(str(exc)) from None
+        conn = self.celery.connection_for_write()
+        try:
+            conn.ensure_connection(max_retries=2, interval_start=0.2, interval_step=0.5,
+                                   timeout=5)
+        except Exception as exc:  # noqa: BLE001 - kombu raises transport-specific errors
+            raise Unreachable(
+                f"cannot reach the broker at {redact(self.settings.broker_url)}: {exc}"
+            ) from None
+        finally:
+            conn.release()
+
+    def slots(self) -> int:
+        """Worker processes consuming this queue now (cached for 2 s)."""
+        at, n = self._slots_cache
+        now = time.monotonic()
+        if now - at > 2.0:
+            n = sum(int(w.get("concurrency", 0)) for w in self.store.workers()
+                    if w.get("queue", self.settings.queue) == self.settings.queue)
+            self._slots_cache = (now, n)
+        return n
+
+    # -- publishing -------------------------------------------------------
+
+    def send(self, job: str, batch: int, task: str, payload: Any) -> None:
+        try:
+            self.celery.send_task(
+                "fleet.batch", args=[job, batch, task, payload], queue=self.settings.queue,
+                retry=True,
+                # About a minute of retrying rides out a broker restart.
+                retry_policy={"max_retries": 30, "interval_start": 0.2, "interval_step": 0.5,
+                              "interval_max": 2.0},
+            )
+        except kombu.exceptions.OperationalError as exc:
+            raise Unreachable(
+                f"lost the broker at {redact(self.settings.broker_url)}: {exc}"
+            ) from None
+
+    # -- the job ----------------------------------------------------------
+
+    def run(self, opts: JobOptions) -> JobSummary:
+        started = time.monotonic()
+        self.check_connections()
+        if opts.resume:
+            job, meta = opts.resume, self._resume_meta(opts)
+        else:
+            job, meta = self._new_job(opts)
+        task, source = meta["task"], Source.from_meta(meta["source"])
+        layout = Layout(tuple(meta["layout"]["probe"]), meta["layout"]["size"])
+        committed_bits, written_bits, offset, items, errors = self.store.journal(job)
+        out, out_path = self._open_output(opts.out, (offset or 0) if opts.resume else None)
+        progress = _Progress(items, errors)
+        progress.bar = tqdm(
+            total=meta.get("total"), initial=progress.items, unit=" ids", unit_scale=True,
+            file=sys.stderr, disable=not opts.progress, mininterval=0.5, smoothing=0.05,
+            dynamic_ncols=True, desc=job,
+        )
+        run = _Run(self, job, task, opts, out, out_path, progress)
+        try:
+            with _interrupt_guard() as interrupted:
+                run.loop(source.batches(layout.sizes()), written_bits, committed_bits,
+                         interrupted)
+        finally:
+            progress.bar.close()
+            if out is not sys.stdout.buffer:
+                out.close()
+            else:
+                out.flush()
+        status = "interrupted" if run.interrupted else ("errors" if progress.errors else "ok")
+        meta.update(status=status, batches=run.batches_total)
+        self.store.put_meta(job, meta)
+        return JobSummary(
+            job=job, status=status, items=progress.items, errors=progress.errors,
+            batches=run.batches_total, resent=run.resent,
+            wall_seconds=time.monotonic() - started, out=out_path or "-",
+            seconds_per_item=meta.get("seconds_per_item"),
+        )
+
+    def _new_job(self, opts: JobOptions) -> tuple[str, dict[str, Any]]:
+        if not opts.task or opts.source is None:
+            raise BadInput("a new job needs a task and an ID source.")
+        try:
+            total = opts.source.count()
+        except InputError as exc:
+            raise BadInput(str(exc)) from None
+        job = new_job_id()
+        meta: dict[str, Any] = {
+            "task": opts.task, "source": opts.source.as_meta(), "total": total,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "out": str(opts.out) if opts.out else "-", "status": "running",
+        }
+        if opts.batch_size:
+            meta["layout"] = {"probe": [], "size": opts.batch_size}
+        else:
+            meta["layout"], meta["seconds_per_item"] = self._calibrate(job, opts, total)
+        self.store.put_meta(job, meta)
+        say(f"job {job}: {total if total is not None else 'streamed'} IDs from "
+            f"{opts.source.spec}, task {opts.task}, batches of {meta['layout']['size']}")
+        return job, meta
+
+    def _resume_meta(self, opts: JobOptions) -> dict[str, Any]:
+        meta = self.store.get_meta(opts.resume or "")
+        if meta is None:
+            raise BadInput(
+                f"no job {opts.resume!r} in the result store at "
+                f"{redact(self.settings.result_url)} (wrong store, or expired)."
+            )
+        if opts.task and opts.task != meta["task"]:
+            raise BadInput(f"job {opts.resume} ran task {meta['task']!r}, not {opts.task!r}.")
+        if opts.source and opts.source.spec != meta["source"]["spec"]:
+            raise BadInput(
+                f"job {opts.resume} read IDs from {meta['source']['spec']}, "
+                f"not {opts.source.spec}."
+            )
+        if meta["source"]["spec"] == "-":
+            raise BadInput(f"job {opts.resume} read its IDs from stdin, which cannot be re-read.")
+        say(f"resuming job {opts.resume}: task {meta['task']}, IDs from {meta['source']['spec']}")
+        return meta
+
+    def _open_output(self, out: Path | None, offset: int | None) -> tuple[IO[bytes], str | None]:
+        if out is None:
+            return sys.stdout.buffer, None
+        try:
+            if offset is None:
+                return open(out, "wb"), str(out)  # noqa: SIM115 - closed by run()
+            handle = open(out, "r+b" if out.exists() else "wb")  # noqa: SIM115
+        except OSError as exc:
+            raise BadInput(f"cannot write {out}: {exc.strerror}.") from None
+        # Lines past the journaled offset belong to batches not known as
+        # written; they are written again, so drop them.
+        handle.truncate(offset)
+        handle.seek(offset)
+        return handle, str(out)
+
+    def _calibrate(self, job: str, opts: JobOptions,
+                   total: int | None) -> tuple[dict[str, Any], float]:
+        """Run one-ID batches on up to one slot each, and size batches from their timing.
+
+        The probes are the job's first batches, so nothing is computed twice.
+        """
+        assert opts.source is not None and opts.task
+        slots = max(1, self.slots())
+        n_probe = min(slots, PROBE_LIMIT, total or PROBE_LIMIT)
+        probe = (1,) * n_probe
+        payloads = list(zip(range(n_probe), opts.source.batches(iter(probe))))
+        for batch, payload in payloads:
+            self.send(job, batch, opts.task, payload)
+        timings: list[float] = []
+        waited = time.monotonic()
+        pending = {b for b, _ in payloads}
+        while pending:
+            for done in self.store.wait_done(job, timeout=1.0):
+                if done.refused:
+                    self.store.cancel(job)
+                    raise BadInput(done.refused)
+                if done.batch in pending:
+                    pending.discard(done.batch)
+                    timings.append(done.seconds / max(done.items, 1))
+            if pending and time.monotonic() - waited > 10 and not self.slots():
+                say("waiting for a worker to come up...")
+                waited = time.monotonic()
+        # The probes are committed now; the main loop writes them like any
+        # batch found committed on resume.
+        per_item = max(statistics.median(timings), 1e-7)
+        size = self.batch_size(per_item, opts.target_seconds, total, slots, opts.source)
+        return {"probe": list(probe), "size": size}, per_item
+
+    def batch_size(self, per_item: float, target: float, total: int | None, slots: int,
+                   source: Source) -> int:
+        size = target / per_item
+        # Never near the hard time limit of a batch.
+        size = min(size, self.settings.max_batch_seconds / 4 / per_item)
+        # Enough batches that every slot gets several and the tail stays short.
+        if total:
+            size = min(size, math.ceil(total / (slots * BATCHES_PER_SLOT)))
+        # Well under the broker's message size limit (ranges travel as two numbers).
+        if source.fmt != "range":
+            size = min(size, self.settings.message_limit // 2 // _id_bytes(source))
+        return max(1, int(size))
+
+
+def _id_bytes(source: Source) -> int:
+    """A generous size of one ID in a JSON message, from the first IDs."""
+    sample = next(source.batches(iter((1000,))), [])
+    encoded = sum(len(str(i)) + 4 for i in sample)
+    return max(8, math.ceil(encoded / max(len(sample), 1)))
+
+
+class _Run:
+    """The state of one pass over a job's batches."""
+
+    def __init__(self, launcher: Launcher, job: str, task: str, opts: JobOptions,
+                 out: IO[bytes], out_path: str | None, progress: _Progress) -> None:
+        self.launcher = launcher
+        self.store = launcher.store
+        self.job = job
+        self.task = task
+        self.opts = opts
+        self.out = out
+        self.out_path = out_path
+        self.progress = progress
+        self.inflight: dict[int, _InFlight] = {}
+        self.written: set[int] = set()
+        self.batches_total = 0
+        self.resent = 0
+        self.interrupted = False
+        self.lease = launcher.settings.lease_seconds
+        self._idle_since: float | None = None
+
+    def max_in_flight(self) -> int:
+        return self.opts.max_in_flight or max(4, 2 * self.launcher.slots())
+
+    def loop(self, payloads: Iterator[Any], written_bits: bytes, committed_bits: bytes,
+             interrupted: list[bool]) -> None:
+        batch = 0
+        exhausted = False
+        backlog: list[int] = []  # committed on an earlier pass, not yet written
+        last_check = time.monotonic()
+        while True:
+            while not exhausted and len(self.inflight) < self.max_in_flight():
+                try:
+                    payload = next(payloads)
+                except StopIteration:
+                    exhausted = True
+                    self.batches_total = batch
+                    break
+                except InputError as exc:  # only a streamed source gets here
+                    self.store.cancel(self.job)
+                    raise BadInput(f"{exc} Batches before it were sent and written.") from None
+                if bit_is_set(written_bits, batch):
+                    pass
+                elif bit_is_set(committed_bits, batch):
+                    self.inflight[batch] = _InFlight(payload, time.monotonic())
+                    backlog.append(batch)
+                else:
+                    self.inflight[batch] = _InFlight(payload, time.monotonic())
+                    self.launcher.send(self.job, batch, self.task, payload)
+                batch += 1
+            if backlog:
+                self.write(backlog)
+                backlog = []
+            if interrupted[0]:
+                self.interrupted = True
+                return
+            if exhausted and not self.inflight:
+                return
+            dones = self.store.wait_done(self.job, timeout=0.5)
+            refused = next((d.refused for d in dones if d.refused), None)
+            if refused:
+                self.store.cancel(self.job)
+                raise BadInput(refused)
+            self.write([d.batch for d in dones])
+            now = time.monotonic()
+            if now - last_check >= 1.0:
+                self.find_lost(now)
+                last_check = now
+
+    def write(self, batches: list[int]) -> None:
+        """Copy the committed lines of `batches` to the output and journal them."""
+        batches = sorted({b for b in batches if b not in self.written})
+        if not batches:
+            return
+        items = errors = 0
+        done_now = []
+        for b, result in zip(batches, self.store.results(self.job, batches)):
+            if result is None:
+                continue  # expired; the lost-batch check re-sends it
+            n, e, lines = result
+            self.out.write(lines)
+            items += n
+            errors += e
+            done_now.append(b)
+        if not done_now:
+            return
+        self.out.flush()
+        offset = self.out.tell() if self.out_path else None
+        self.store.mark_written(self.job, done_now, offset, items, errors)
+        for b in done_now:
+            self.written.add(b)
+            self.inflight.pop(b, None)
+        self.progress.add(items, errors)
+
+    def find_lost(self, now: float) -> None:
+        """Re-send batches whose lease lapsed, or that sit unstarted while slots are idle."""
+        busy = self.store.busy_slots()
+        prefix = f"{self.job}/"
+        running = {int(m[len(prefix):]) for m in busy if m.startswith(prefix)}
+        lost = []
+        unstarted = []
+        for b, f in self.inflight.items():
+            if b in running:
+                f.seen_running = now
+            elif f.seen_running and now - f.seen_running > self.lease:
+                lost.append(b)
+            elif not f.seen_running:
+                unstarted.append(b)
+        idle = self.launcher.slots() - len(busy)
+        if unstarted and idle > 0:
+            if self._idle_since is None:
+                self._idle_since = now
+            elif now - self._idle_since > self.lease:
+                lost.extend(sorted(unstarted)[:idle])
+                self._idle_since = None
+        else:
+            self._idle_since = None
+        for b in lost:
+            f = self.inflight[b]
+            f.seen_running, f.sent_at = 0.0, now
+            self.launcher.send(self.job, b, self.task, f.payload)
+            self.resent += 1
+
+
+class _interrupt_guard:
+    """Turn the first Ctrl-C into a clean stop (the job stays resumable); a second one aborts."""
+
+    def __enter__(self) -> list[bool]:
+        self.flag = [False]
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self.previous = None
+        return self.flag
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.flag[0]:
+            raise KeyboardInterrupt
+        self.flag[0] = True
+        say("\nstopping: batches already running will be kept for --resume (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)

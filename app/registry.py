@@ -1,0 +1,87 @@
+"""Which functions a job may name, and how the workers find them.
+
+A job names its per-item function by a string that arrives over the broker,
+so anyone who can publish to the broker controls that string. Resolving it
+with a plain import would let them call `os:system`. Only functions
+registered with `@fleet_task`, or defined (not merely imported) in a module
+the workers were told to load, can be named.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+
+class UnknownTask(LookupError):
+    """The job named a function the workers may not run."""
+
+
+@dataclass(frozen=True)
+class FleetTask:
+    fn: Callable[[Any], Any]
+    name: str
+    # Exceptions worth retrying for the same item (a flaky network call, say).
+    transient: tuple[type[BaseException], ...] = ()
+    retries: int = 3
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.fn.__module__}:{self.fn.__qualname__}"
+
+
+_REGISTRY: dict[str, FleetTask] = {}
+
+
+def fleet_task(fn: Callable[[Any], Any] | None = None, *, name: str | None = None,
+               transient: Iterable[type[BaseException]] = (), retries: int = 3):
+    """Register a per-item function for fleet jobs; usable bare or with options.
+
+        @fleet_task
+        def process_id(item): ...
+
+        @fleet_task(transient=[TimeoutError], retries=5)
+        def fetch(item): ...
+
+    The function stays a plain function: calling it directly is unchanged.
+    """
+
+    def register(f: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        task = FleetTask(f, name or f.__name__, tuple(transient), retries)
+        for key in (task.name, task.qualified):
+            existing = _REGISTRY.get(key)
+            if existing is not None and existing.qualified != task.qualified:
+                raise ValueError(f"fleet task name {key!r} is already used by {existing.qualified}")
+            _REGISTRY[key] = task
+        return f
+
+    return register(fn) if fn is not None else register
+
+
+def registered_names() -> list[str]:
+    return sorted({t.name for t in _REGISTRY.values()})
+
+
+def resolve(name: str, allowed_modules: Iterable[str]) -> FleetTask:
+    """The task `name` refers to, or UnknownTask if the workers may not run it."""
+    task = _REGISTRY.get(name)
+    if task is not None:
+        return task
+    module_name, sep, attr = name.partition(":")
+    allowed = set(allowed_modules)
+    if sep and module_name in allowed and attr and not attr.startswith("_") and "." not in attr:
+        module = importlib.import_module(module_name)
+        fn = getattr(module, attr, None)
+        # Defined in that module, not imported into it: `mymod:system` after
+        # `from os import system` must not resolve.
+        if inspect.isfunction(fn) and fn.__module__ == module_name:
+            return FleetTask(fn, name)
+    known = ", ".join(registered_names()) or "(none)"
+    raise UnknownTask(
+        f"unknown task {name!r}: the workers run only functions registered with @fleet_task "
+        f"({known}) or defined in an included module ({', '.join(sorted(allowed)) or 'none'}) "
+        f"named as module:function."
+    )

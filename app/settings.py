@@ -1,0 +1,191 @@
+"""Settings shared by the workers and the launcher, read from the environment.
+
+Every worker and the launcher read the same variables, so the stack (SSM
+Parameter Store), the local fleet and the Ansible role only have to write one
+environment file. A bad value is reported by name with what to do about it,
+and a password inside a URL is never printed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "sqs")
+RESULT_SCHEMES = ("redis", "rediss", "s3")
+
+# Largest message body the launcher builds, per broker. SQS caps a message at
+# 256 KiB and kombu base64-encodes the body (x4/3), so stay well under that.
+MESSAGE_LIMITS = {"sqs": 160 * 1024}
+DEFAULT_MESSAGE_LIMIT = 1024 * 1024
+
+
+class ConfigError(SystemExit):
+    """Configuration that cannot work.
+
+    A SystemExit so that `celery -A app worker` and `fleet` print the message
+    alone, without a traceback; Python code can still catch it by name.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"fleet: {message}")
+        self.message = message
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by '***'."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def check_url(name: str, url: str, schemes: tuple[str, ...]) -> str:
+    """Return `url` if it names one of `schemes` and a host, else raise ConfigError."""
+    example = {
+        "broker": "redis://127.0.0.1:6379/0, amqp://user:pass@host:5672//, sqs://",
+        "result store": "redis://127.0.0.1:6379/1, s3://bucket/prefix",
+    }.get(name, "")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError on a non-numeric port
+    except ValueError as exc:
+        raise ConfigError(f"the {name} URL {redact(url)!r} is malformed ({exc}).") from None
+    if parts.scheme not in schemes:
+        raise ConfigError(
+            f"the {name} URL {redact(url)!r} has scheme {parts.scheme or '(none)'!r}; "
+            f"use one of {', '.join(schemes)} (for example {example})."
+        )
+    # sqs:// may leave the host out (kombu then uses the region's endpoint);
+    # s3:// carries the bucket where the host would be.
+    if parts.scheme != "sqs" and not parts.hostname:
+        raise ConfigError(f"the {name} URL {redact(url)!r} names no host; for example {example}.")
+    del port
+    return url
+
+
+def _env_int(env: dict[str, str], name: str, default: int | None, minimum: int = 1) -> int | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number.") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be at least {minimum}.")
+    return value
+
+
+def _env_float(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number.") from None
+    if value <= 0:
+        raise ConfigError(f"{name}={value} must be greater than zero.")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str
+    result_url: str
+    queue: str = "fleet"
+    # Extra modules the workers import; only functions defined in these (or
+    # registered with @fleet_task) can be named by a job.
+    include: tuple[str, ...] = ()
+    # None: size the worker to the CPUs this process may use.
+    concurrency: int | None = None
+    # The longest a batch may run. The hard time limit of a batch and the
+    # Redis visibility timeout are derived from it.
+    max_batch_seconds: int = 900
+    # How long batch results and job state are kept in the result store.
+    result_ttl: int = 7 * 24 * 3600
+    # A running batch renews its lease this often (x3 = time to notice a dead worker).
+    lease_seconds: float = 10.0
+    transport_options: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_url("broker", self.broker_url, BROKER_SCHEMES)
+        check_url("result store", self.result_url, RESULT_SCHEMES)
+        if not self.queue or any(c.isspace() for c in self.queue):
+            raise ConfigError(f"queue name {self.queue!r} must be non-empty with no spaces.")
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Settings:
+        """Settings from FLEET_* variables; `overrides` (e.g. from CLI flags) win when not None."""
+        env = dict(os.environ if env is None else env)
+        broker = overrides.pop("broker_url", None) or env.get("FLEET_BROKER_URL", "").strip()
+        result = overrides.pop("result_url", None) or env.get("FLEET_RESULT_URL", "").strip()
+        if not broker:
+            raise ConfigError(
+                "no broker URL. Start a local fleet with `fleet local`, pass --broker URL, "
+                "or set FLEET_BROKER_URL (e.g. redis://127.0.0.1:6379/0)."
+            )
+        if not result:
+            raise ConfigError(
+                "no result store URL. Start a local fleet with `fleet local`, pass --backend URL, "
+                "or set FLEET_RESULT_URL (e.g. redis://127.0.0.1:6379/1)."
+            )
+        include = tuple(
+            m.strip() for m in env.get("FLEET_INCLUDE", "").replace(" ", ",").split(",") if m.strip()
+        )
+        values: dict[str, object] = dict(
+            broker_url=broker,
+            result_url=result,
+            queue=env.get("FLEET_QUEUE", "").strip() or "fleet",
+            include=include,
+            concurrency=_env_int(env, "FLEET_CONCURRENCY", None),
+            max_batch_seconds=_env_int(env, "FLEET_MAX_BATCH_SECONDS", 900),
+            result_ttl=_env_int(env, "FLEET_RESULT_TTL", 7 * 24 * 3600),
+            lease_seconds=_env_float(env, "FLEET_LEASE_SECONDS", 10.0),
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def broker_scheme(self) -> str:
+        return urlsplit(self.broker_url).scheme
+
+    @property
+    def message_limit(self) -> int:
+        return MESSAGE_LIMITS.get(self.broker_scheme, DEFAULT_MESSAGE_LIMIT)
+
+    @property
+    def visibility_timeout(self) -> int:
+        # Redis and SQS redeliver an unacknowledged message after this long;
+        # it must outlast the longest batch or that batch runs twice.
+        return 2 * self.max_batch_seconds + 60
+
+    def as_env(self) -> dict[str, str]:
+        """The FLEET_* variables that reproduce these settings in another process."""
+        env = {
+            "FLEET_BROKER_URL": self.broker_url,
+            "FLEET_RESULT_URL": self.result_url,
+            "FLEET_QUEUE": self.queue,
+            "FLEET_MAX_BATCH_SECONDS": str(self.max_batch_seconds),
+            "FLEET_RESULT_TTL": str(self.result_ttl),
+            "FLEET_LEASE_SECONDS": str(self.lease_seconds),
+        }
+        if self.include:
+            env["FLEET_INCLUDE"] = ",".join(self.include)
+        if self.concurrency:
+            env["FLEET_CONCURRENCY"] = str(self.concurrency)
+        return env
+
+
+def query_options(url: str) -> dict[str, str]:
+    """The ?key=value options of a URL (used for s3:// result stores)."""
+    return dict(parse_qsl(urlsplit(url).query))

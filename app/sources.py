@@ -1,0 +1,265 @@
+"""Where a job's IDs come from: a file, stdin, S3, or an integer range.
+
+Readers stream: they hold one block of the input at a time, so the launcher's
+memory does not grow with the number of IDs. Bad input stops with the source
+and the line number, never with a half-sent job (files are checked in full
+before the first batch is sent).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import msgspec
+
+FORMATS = ("text", "csv", "jsonl")
+BLOCK = 1 << 20
+_BLANK_LINE = re.compile(r"^[ \t\r\f\v]*$", re.M)
+_decode_json = msgspec.json.Decoder().decode
+
+
+class InputError(ValueError):
+    """The IDs cannot be read; the message names the source and the line."""
+
+
+@dataclass(frozen=True)
+class Source:
+    spec: str  # a path, "-" for stdin, s3://bucket/key, or range:START:STOP
+    fmt: str  # "range" or one of FORMATS
+    column: str | None = None
+    field: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str, fmt: str | None = None, column: str | None = None,
+              field: str | None = None) -> Source:
+        if spec.startswith("range:"):
+            _parse_range(spec)
+            return cls(spec, "range")
+        if fmt is None:
+            suffix = Path(spec).suffix.lower()
+            fmt = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(suffix, "text")
+        if fmt not in FORMATS:
+            raise InputError(f"unknown input format {fmt!r}; use one of {', '.join(FORMATS)}.")
+        if fmt == "csv" and not column:
+            raise InputError(f"{spec} is CSV: name the ID column with --column NAME.")
+        if fmt == "jsonl" and not field:
+            raise InputError(f"{spec} is JSON lines: name the ID field with --field NAME.")
+        if spec not in ("-",) and not spec.startswith("s3://"):
+            path = Path(spec)
+            if not path.exists():
+                raise InputError(f"ID file {spec} does not exist.")
+            if not path.is_file():
+                raise InputError(f"ID source {spec} is not a file.")
+            spec = str(path.resolve())
+        return cls(spec, fmt, column if fmt == "csv" else None, field if fmt == "jsonl" else None)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Source:
+        return cls(**meta)
+
+    def as_meta(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def streamed(self) -> bool:
+        """True when the input can be read only once (stdin)."""
+        return self.spec == "-"
+
+    def count(self) -> int | None:
+        """The number of IDs, checking every line; None for stdin, which is read once."""
+        if self.fmt == "range":
+            start, stop = _parse_range(self.spec)
+            return stop - start
+        if self.streamed:
+            return None
+        n = sum(len(block) for block in self._blocks())
+        if n == 0:
+            raise InputError(f"{self.spec} holds no IDs.")
+        return n
+
+    def batches(self, sizes: Iterator[int]) -> Iterator[list[Any] | dict[str, Any]]:
+        """Payloads of successive batches, the n-th holding next(sizes) IDs (the last may be short)."""
+        if self.fmt == "range":
+            start, stop = _parse_range(self.spec)
+            while start < stop:
+                end = min(stop, start + next(sizes))
+                yield {"range": [start, end]}
+                start = end
+            return
+        yield from _regroup(self._blocks(), sizes)
+
+    # -- readers ----------------------------------------------------------
+
+    def _open(self) -> IO[bytes]:
+        if self.spec == "-":
+            return sys.stdin.buffer
+        if self.spec.startswith("s3://"):
+            return _open_s3(self.spec)
+        try:
+            return open(self.spec, "rb")  # noqa: SIM115 - closed by _blocks
+        except OSError as exc:
+            raise InputError(f"cannot read {self.spec}: {exc.strerror}.") from None
+
+    def _blocks(self) -> Iterator[list[Any]]:
+        name = "stdin" if self.spec == "-" else self.spec
+        fobj = self._open()
+        try:
+            lines = _text_blocks(fobj, name)
+            if self.fmt == "text":
+                yield from (block for block, _ in lines)
+            elif self.fmt == "jsonl":
+                yield from _jsonl_blocks(lines, name, self.field or "")
+            else:
+                yield from _csv_blocks(fobj, name, self.column or "")
+        finally:
+            if fobj is not sys.stdin.buffer:
+                fobj.close()
+
+
+def _parse_range(spec: str) -> tuple[int, int]:
+    parts = spec.split(":")[1:]
+    try:
+        if len(parts) == 1:
+            start, stop = 0, int(parts[0])
+        elif len(parts) == 2:
+            start, stop = int(parts[0]), int(parts[1])
+        else:
+            raise ValueError
+    except ValueError:
+        raise InputError(
+            f"bad range {spec!r}: write range:STOP or range:START:STOP with whole numbers."
+        ) from None
+    if stop <= start:
+        raise InputError(f"range {spec!r} is empty: STOP must be greater than START.")
+    return start, stop
+
+
+def _regroup(blocks: Iterable[list[Any]], sizes: Iterator[int]) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    need = next(sizes)
+    for block in blocks:
+        pos = 0
+        while pos < len(block):
+            take = block[pos:pos + need - len(batch)]
+            batch.extend(take)
+            pos += len(take)
+            if len(batch) == need:
+                yield batch
+                batch = []
+                need = next(sizes)
+    if batch:
+        yield batch
+
+
+def _text_blocks(fobj: IO[bytes], name: str) -> Iterator[tuple[list[str], int]]:
+    """Lists of lines (without line ends), each with the line number of its first line."""
+    line_no = 1
+    tail = b""
+    first = True
+    while True:
+        chunk = fobj.read(BLOCK)
+        if not chunk:
+            break
+        data = tail + chunk
+        if first:
+            data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
+            first = False
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            tail = data
+            continue
+        tail = data[cut + 1:]
+        lines = _split(data[:cut], name, line_no)
+        yield lines, line_no
+        line_no += len(lines)
+    if tail:
+        yield _split(tail, name, line_no), line_no
+
+
+def _split(data: bytes, name: str, line_no: int) -> list[str]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = line_no + data.count(b"\n", 0, exc.start)
+        raise InputError(f"{name}, line {bad}: not valid UTF-8 text.") from None
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+    blank = _BLANK_LINE.search(text)
+    if blank is not None:
+        bad = line_no + text.count("\n", 0, blank.start())
+        raise InputError(f"{name}, line {bad}: empty line; every line must hold one ID.")
+    return text.split("\n")
+
+
+def _jsonl_blocks(lines: Iterable[tuple[list[str], int]], name: str,
+                  field: str) -> Iterator[list[Any]]:
+    for block, line_no in lines:
+        ids = []
+        for offset, line in enumerate(block):
+            try:
+                record = _decode_json(line)
+            except msgspec.DecodeError as exc:
+                raise InputError(f"{name}, line {line_no + offset}: not JSON ({exc}).") from None
+            ids.append(_id_from(record, field, f"{name}, line {line_no + offset}", "field"))
+        yield ids
+
+
+def _csv_blocks(fobj: IO[bytes], name: str, column: str) -> Iterator[list[Any]]:
+    text = io.TextIOWrapper(fobj, encoding="utf-8-sig", newline="")
+    reader = csv.DictReader(text)
+    try:
+        header = reader.fieldnames
+    except UnicodeDecodeError:
+        raise InputError(f"{name}, line 1: not valid UTF-8 text.") from None
+    except csv.Error as exc:
+        raise InputError(f"{name}, line 1: {exc}.") from None
+    if not header:
+        raise InputError(f"{name} is empty: expected a header line naming column {column!r}.")
+    if column not in header:
+        raise InputError(f"{name} has no column {column!r}; its columns are: {', '.join(header)}.")
+    ids: list[Any] = []
+    try:
+        for row in reader:
+            ids.append(_id_from(row, column, f"{name}, line {reader.line_num}", "column"))
+            if len(ids) >= 10_000:
+                yield ids
+                ids = []
+    except UnicodeDecodeError:
+        raise InputError(f"{name}, near line {reader.line_num + 1}: not valid UTF-8 text.") from None
+    except csv.Error as exc:
+        raise InputError(f"{name}, line {reader.line_num}: {exc}.") from None
+    finally:
+        text.detach()
+    if ids:
+        yield ids
+
+
+def _id_from(record: Any, key: str, where: str, what: str) -> Any:
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected an object with {what} {key!r}.")
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        got = "nothing" if value is None else type(value).__name__
+        raise InputError(f"{where}: {what} {key!r} must be a string or an integer, got {got}.")
+    if value == "":
+        raise InputError(f"{where}: {what} {key!r} is empty.")
+    return value
+
+
+def _open_s3(url: str) -> IO[bytes]:
+    import boto3  # only S3 sources need it
+
+    bucket, _, key = url.removeprefix("s3://").partition("/")
+    if not bucket or not key:
+        raise InputError(f"bad S3 source {url!r}: write s3://BUCKET/KEY.")
+    try:
+        return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"]
+    except Exception as exc:  # noqa: BLE001 - botocore raises many kinds
+        raise InputError(f"cannot read {url}: {exc}") from None

@@ -1,0 +1,257 @@
+"""Job state and batch results, keyed by (job, batch).
+
+Workers commit a batch's JSON lines here and the launcher streams them to the
+output. The commit is first-writer-wins: a batch that runs twice (redelivered
+after a crash, or re-sent by the launcher) is stored and announced once, so
+the output never holds an ID twice.
+
+A job's keys share a hash tag (`fleet:{job}:...`): the Lua commit touches
+several of them at once, which a Redis/Valkey cluster allows only within one
+slot.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from app.settings import redact
+
+WORKERS_KEY = "fleet:workers"  # sorted set: worker name -> expiry (Redis clock)
+LEASES_KEY = "fleet:leases"  # sorted set: "job/batch" -> expiry (Redis clock)
+
+_json = msgspec.json.Encoder()
+_decode = msgspec.json.Decoder().decode
+
+
+class StoreUnavailable(ConnectionError):
+    """The result store cannot be reached."""
+
+
+@dataclass(frozen=True)
+class Done:
+    """A worker's announcement that a batch is committed."""
+
+    batch: int
+    items: int
+    errors: int
+    seconds: float
+    worker: str = ""
+    refused: str = ""  # non-empty: the batch was not run, and why
+
+
+def _keys(job: str) -> dict[str, str]:
+    tag = f"fleet:{{{job}}}"
+    return {
+        "meta": f"{tag}:meta",
+        "ok": f"{tag}:ok",  # bitmap: batch committed
+        "written": f"{tag}:written",  # bitmap: batch written to the output
+        "offset": f"{tag}:offset",  # output file size after the last written batch
+        "done": f"{tag}:done",  # list of Done announcements
+        "cancel": f"{tag}:cancel",
+        "stats": f"{tag}:stats",  # items and errors written so far
+        "result": f"{tag}:r:",  # + batch number
+    }
+
+
+# KEYS: ok, result, done. ARGV: batch, lines, announcement, ttl.
+_COMMIT = """
+if redis.call('GETBIT', KEYS[1], ARGV[1]) == 1 then
+  return 0
+end
+redis.call('SETBIT', KEYS[1], ARGV[1], 1)
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[4])
+redis.call('RPUSH', KEYS[3], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+return 1
+"""
+
+# Leases use the server's clock so that worker and launcher clocks need not agree.
+# KEYS: a sorted set. ARGV: member, seconds to live.
+_RENEW = """
+local now = redis.call('TIME')
+redis.call('ZADD', KEYS[1], tonumber(now[1]) + tonumber(ARGV[2]), ARGV[1])
+return 1
+"""
+
+# KEYS: a sorted set. Drops expired members; returns the live ones with scores.
+_LIVE = """
+local now = redis.call('TIME')
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now[1])
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+
+
+class RedisStore:
+    def __init__(self, url: str, ttl: int = 7 * 24 * 3600) -> None:
+        self.url = url
+        self.ttl = ttl
+        # Reconnect through a broker or store restart instead of failing the job.
+        self.r = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=5,
+            socket_timeout=30,
+            socket_keepalive=True,
+            health_check_interval=15,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=40),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
+        self._commit = self.r.register_script(_COMMIT)
+        self._renew = self.r.register_script(_RENEW)
+        self._live = self.r.register_script(_LIVE)
+
+    def ping(self) -> None:
+        try:
+            self.r.ping()
+        except redis.RedisError as exc:
+            raise StoreUnavailable(
+                f"cannot reach the result store at {redact(self.url)}: {exc}"
+            ) from None
+
+    # -- jobs -------------------------------------------------------------
+
+    def put_meta(self, job: str, meta: dict[str, Any]) -> None:
+        self.r.set(_keys(job)["meta"], _json.encode(meta), ex=self.ttl)
+
+    def get_meta(self, job: str) -> dict[str, Any] | None:
+        raw = self.r.get(_keys(job)["meta"])
+        return None if raw is None else _decode(raw)
+
+    def cancel(self, job: str) -> None:
+        self.r.set(_keys(job)["cancel"], b"1", ex=self.ttl)
+
+    def is_cancelled(self, job: str) -> bool:
+        return bool(self.r.exists(_keys(job)["cancel"]))
+
+    # -- worker side ------------------------------------------------------
+
+    def is_committed(self, job: str, batch: int) -> bool:
+        return bool(self.r.getbit(_keys(job)["ok"], batch))
+
+    def commit(self, job: str, done: Done, lines: bytes) -> bool:
+        """Store a batch's lines and announce it; False if it was already committed."""
+        k = _keys(job)
+        pipe = self.r.pipeline(transaction=False)
+        self._commit(
+            keys=[k["ok"], k["result"] + str(done.batch), k["done"]],
+            # The counts travel with the lines: a later pass writes the batch
+            # without its announcement.
+            args=[done.batch, b"%d %d\n" % (done.items, done.errors) + lines,
+                  _json.encode(done), self.ttl],
+            client=pipe,
+        )
+        pipe.zrem(LEASES_KEY, f"{job}/{done.batch}")
+        return bool(pipe.execute()[0])
+
+    def announce(self, job: str, done: Done) -> None:
+        """Announce a batch without committing it (a refused batch)."""
+        k = _keys(job)
+        self.r.rpush(k["done"], _json.encode(done))
+        self.r.expire(k["done"], self.ttl)
+
+    def renew_lease(self, job: str, batch: int, seconds: float) -> None:
+        self._renew(keys=[LEASES_KEY], args=[f"{job}/{batch}", int(seconds) + 1])
+
+    def drop_lease(self, job: str, batch: int) -> None:
+        self.r.zrem(LEASES_KEY, f"{job}/{batch}")
+
+    def register_worker(self, name: str, info: dict[str, Any], seconds: float) -> None:
+        self.r.set(f"fleet:worker:{name}", _json.encode(info), ex=int(seconds) + 1)
+        self._renew(keys=[WORKERS_KEY], args=[name, int(seconds) + 1])
+
+    def unregister_worker(self, name: str) -> None:
+        self.r.zrem(WORKERS_KEY, name)
+        self.r.delete(f"fleet:worker:{name}")
+
+    # -- launcher side ----------------------------------------------------
+
+    def workers(self) -> list[dict[str, Any]]:
+        names = [n.decode() for n in self._live(keys=[WORKERS_KEY])]
+        if not names:
+            return []
+        raws = self.r.mget([f"fleet:worker:{n}" for n in names])
+        return [dict(_decode(raw), name=n) for n, raw in zip(names, raws) if raw]
+
+    def busy_slots(self) -> set[str]:
+        """Members "job/batch" of every batch running now, on any job."""
+        return {m.decode() for m in self._live(keys=[LEASES_KEY])}
+
+    def wait_done(self, job: str, timeout: float) -> list[Done]:
+        """Announcements of committed batches; waits up to `timeout` for the first one."""
+        key = _keys(job)["done"]
+        first = self.r.blpop([key], timeout=timeout)
+        if first is None:
+            return []
+        raws = [first[1]]
+        more = self.r.lpop(key, 10_000)
+        if more:
+            raws.extend(more)
+        return [msgspec.convert(_decode(raw), Done) for raw in raws]
+
+    def committed(self, job: str, batches: Iterable[int]) -> list[int]:
+        key = _keys(job)["ok"]
+        batches = list(batches)
+        pipe = self.r.pipeline(transaction=False)
+        for b in batches:
+            pipe.getbit(key, b)
+        return [b for b, bit in zip(batches, pipe.execute()) if bit]
+
+    def results(self, job: str, batches: list[int]) -> list[tuple[int, int, bytes] | None]:
+        """(items, errors, JSON lines) of each committed batch; None where there is none."""
+        if not batches:
+            return []
+        prefix = _keys(job)["result"]
+        out: list[tuple[int, int, bytes] | None] = []
+        for raw in self.r.mget([prefix + str(b) for b in batches]):
+            if raw is None:
+                out.append(None)
+                continue
+            head, _, lines = raw.partition(b"\n")
+            items, errors = head.split()
+            out.append((int(items), int(errors), lines))
+        return out
+
+    def mark_written(self, job: str, batches: list[int], offset: int | None,
+                     items: int, errors: int) -> None:
+        """Journal that `batches` are in the output (ending at `offset`) and free their results."""
+        k = _keys(job)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hincrby(k["stats"], "items", items)
+        pipe.hincrby(k["stats"], "errors", errors)
+        pipe.expire(k["stats"], self.ttl)
+        for b in batches:
+            pipe.setbit(k["written"], b, 1)
+        if offset is not None:
+            pipe.set(k["offset"], offset, ex=self.ttl)
+        pipe.expire(k["written"], self.ttl)
+        pipe.delete(*[k["result"] + str(b) for b in batches])
+        pipe.execute()
+
+    def journal(self, job: str) -> tuple[bytes, bytes, int | None, int, int]:
+        """Committed and written bitmaps, output offset, items and errors written."""
+        k = _keys(job)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.mget([k["ok"], k["written"], k["offset"]])
+        pipe.hmget(k["stats"], ["items", "errors"])
+        (ok, written, offset), (items, errors) = pipe.execute()
+        return (ok or b"", written or b"", None if offset is None else int(offset),
+                int(items or 0), int(errors or 0))
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{time.time_ns()}"
+
+
+def bit_is_set(bitmap: bytes, index: int) -> bool:
+    """Redis bitmaps number bits from the most significant bit of byte 0."""
+    byte = index >> 3
+    return byte < len(bitmap) and bool(bitmap[byte] & (0x80 >> (index & 7)))

@@ -1,0 +1,140 @@
+"""The worker side of a fleet job: the generic batch task and the worker's heartbeat.
+
+The task is thin: resolve the named function (refusing anything not
+allowed), skip a batch that is already committed, hold a lease while the
+batch runs so the launcher can tell a live batch from a lost one, run the
+batch, commit its lines once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from importlib import metadata
+
+from celery import Task, shared_task, signals
+
+from app.batch import run_batch
+from app.celery_config import BASE_MODULES
+from app.registry import UnknownTask, resolve
+from app.settings import Settings
+from app.store import Done, RedisStore, worker_name
+
+log = logging.getLogger(__name__)
+
+_stores: dict[int, RedisStore] = {}
+
+
+def store_for(settings: Settings) -> RedisStore:
+    # One connection pool per process: pool processes are forked, and a
+    # socket shared across a fork is corrupted by both sides.
+    pid = os.getpid()
+    if pid not in _stores:
+        _stores.clear()
+        _stores[pid] = RedisStore(settings.result_url, settings.result_ttl)
+    return _stores[pid]
+
+
+def app_version() -> str:
+    try:
+        return metadata.version("celery-fleet")
+    except metadata.PackageNotFoundError:
+        return "dev"
+
+
+@contextlib.contextmanager
+def lease(store: RedisStore, job: str, batch: int, seconds: float):
+    """Renew the batch's lease every seconds/3 while the body runs."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while True:
+            try:
+                store.renew_lease(job, batch, seconds)
+            except Exception:  # noqa: BLE001 - a missed renewal only risks a duplicate run
+                log.warning("could not renew the lease of %s/%s", job, batch, exc_info=True)
+            if stop.wait(seconds / 3):
+                return
+
+    thread = threading.Thread(target=renew, name=f"lease-{batch}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@shared_task(name="fleet.batch", bind=True, acks_late=True, reject_on_worker_lost=True,
+             ignore_result=True)
+def fleet_batch(self: Task, job: str, batch: int, task_name: str, payload) -> int:
+    settings: Settings = self.app.fleet_settings
+    store = store_for(settings)
+    me = self.request.hostname or ""
+    if store.is_committed(job, batch) or store.is_cancelled(job):
+        return 0  # a redelivery of a finished batch, or a cancelled job
+    try:
+        task = resolve(task_name, (*BASE_MODULES, *settings.include))
+    except UnknownTask as exc:
+        store.announce(job, Done(batch, 0, 0, 0.0, me, refused=str(exc)))
+        log.error("refused batch %s/%s: %s", job, batch, exc)
+        return 0
+    with lease(store, job, batch, settings.lease_seconds):
+        outcome = run_batch(task, payload)
+    store.commit(job, Done(batch, outcome.items, outcome.errors, outcome.seconds, me),
+                 outcome.lines)
+    return outcome.items
+
+
+class _Heartbeat:
+    """Advertises this worker and its slots in the result store while it consumes."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.name = worker_name()
+        self.thread: threading.Thread | None = None
+
+    def start(self, app, hostname: str, concurrency: int) -> None:
+        settings: Settings | None = getattr(app, "fleet_settings", None)
+        if settings is None or not settings.result_url.startswith("redis"):
+            return
+        store = RedisStore(settings.result_url, settings.result_ttl)
+        info = {"hostname": hostname, "concurrency": concurrency, "pid": os.getpid(),
+                "version": app_version(), "queue": settings.queue}
+        period = settings.lease_seconds / 3
+
+        def beat() -> None:
+            while not self.stop.is_set():
+                try:
+                    store.register_worker(self.name, info, settings.lease_seconds)
+                except Exception:  # noqa: BLE001 - retried on the next beat
+                    log.warning("worker heartbeat failed", exc_info=True)
+                self.stop.wait(period)
+            with contextlib.suppress(Exception):
+                store.unregister_worker(self.name)
+
+        self.thread = threading.Thread(target=beat, name="fleet-heartbeat", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+
+
+_heartbeat = _Heartbeat()
+
+
+@signals.worker_ready.connect
+def _on_ready(sender=None, **_: object) -> None:
+    controller = getattr(sender, "controller", None)
+    concurrency = getattr(controller, "concurrency", None) or sender.app.conf.worker_concurrency
+    _heartbeat.start(sender.app, sender.hostname, int(concurrency))
+
+
+@signals.worker_shutting_down.connect
+def _on_shutdown(**_: object) -> None:
+    # Stop advertising slots as soon as draining starts.
+    _heartbeat.close()

@@ -1,0 +1,316 @@
+"""Every stack setting, read once, typed and checked.
+
+All `pulumi.Config` reads live here so that a newcomer finds every knob in one
+file, the components receive plain typed values, and the tests can build a
+`FleetConfig` directly without a Pulumi engine. A bad value stops `pulumi up`
+before anything is created, with a message naming the key and what to do.
+The table of keys for operators is in infra/README.md.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+
+import pulumi
+
+BROKERS = ("sqs", "rabbitmq")
+RESULT_STORES = ("s3", "redis")
+NAT_MODES = ("none", "single", "per-az")
+BROKER_DEPLOYMENT_MODES = ("SINGLE_INSTANCE", "CLUSTER_MULTI_AZ")
+
+# Same vCPU count on purpose: the scaling target is "backlog per instance", so
+# every instance the group may launch must offer the same number of worker slots.
+DEFAULT_INSTANCE_TYPES = ("c7i.xlarge", "c6i.xlarge", "c6a.xlarge", "c5.xlarge", "m7i.xlarge")
+
+# vCPUs by size for the common families; "Nxlarge" is N * 4. Sizes outside
+# this table (metal, u-*) have no fixed count, so they need an explicit
+# targetBacklogPerInstance.
+_SIZE_VCPUS = {"medium": 1, "large": 2, "xlarge": 4}
+_INSTANCE_TYPE = re.compile(
+    r"^(?P<family>[a-z]+)(?P<gen>\d+)(?P<attrs>[a-z-]*)\.(?P<size>[a-z0-9]+)$"
+)
+
+# A launch template's lifecycle hook can wait at most two hours.
+MAX_LIFECYCLE_HEARTBEAT = 7200
+
+
+class ConfigError(ValueError):
+    """A stack setting that cannot work; the message says which and why."""
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(f"celery-fleet:{key}={value!r}: use one of {', '.join(allowed)}.")
+    return value
+
+
+def _at_least(key: str, value: int, minimum: int) -> int:
+    if value < minimum:
+        raise ConfigError(f"celery-fleet:{key}={value}: must be at least {minimum}.")
+    return value
+
+
+def instance_vcpus(instance_type: str) -> int | None:
+    """vCPUs of an instance type from its size, or None when the size does not tell."""
+    match = _INSTANCE_TYPE.match(instance_type)
+    if not match:
+        return None
+    size = match["size"]
+    if size in _SIZE_VCPUS:
+        return _SIZE_VCPUS[size]
+    multiple = re.fullmatch(r"(\d+)xlarge", size)
+    return int(multiple[1]) * 4 if multiple else None
+
+
+def instance_arch(instance_type: str) -> str:
+    """'arm64' for Graviton types (a 'g' among the attribute letters: c7g, m6gd), else 'x86_64'."""
+    match = _INSTANCE_TYPE.match(instance_type)
+    if not match:
+        raise ConfigError(
+            f"celery-fleet:instanceTypes: {instance_type!r} is not an EC2 instance type "
+            "(expected something like c7i.xlarge)."
+        )
+    return "arm64" if "g" in match["attrs"] else "x86_64"
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """The stack's settings. Defaults give a working stack with only aws:region set."""
+
+    stack: str
+    broker: str = "sqs"
+    # None: S3 with SQS (both are pay-per-request, nothing idles), Redis with RabbitMQ.
+    result_store: str | None = None
+    nat: str = "single"
+    az_count: int = 2
+    vpc_cidr: str = "10.40.0.0/16"
+    instance_types: tuple[str, ...] = DEFAULT_INSTANCE_TYPES
+    spot: bool = True
+    on_demand_base_capacity: int = 0
+    max_instances: int = 10
+    root_volume_gb: int = 16
+    # None: the latest Amazon Linux 2023 for the instance types' architecture.
+    ami: str | None = None
+    max_batch_seconds: int = 900
+    max_receive_count: int = 5
+    result_ttl_days: int = 7
+    # None: 2 batches per vCPU (see target_backlog_per_instance).
+    target_backlog: float | None = None
+    idle_minutes: int = 15
+    # None: maxBatchSeconds, capped at the two hours AWS allows.
+    lifecycle_heartbeat_seconds: int | None = None
+    broker_deployment_mode: str = "SINGLE_INSTANCE"
+    # None: mq.t3.micro for a single instance, mq.m5.large for a cluster.
+    broker_instance_type: str | None = None
+    redis_node_type: str = "cache.t4g.micro"
+    log_retention_days: int = 14
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _one_of("broker", self.broker, BROKERS)
+        _one_of("resultStore", self.resolved_result_store, RESULT_STORES)
+        _one_of("nat", self.nat, NAT_MODES)
+        _one_of("brokerDeploymentMode", self.broker_deployment_mode, BROKER_DEPLOYMENT_MODES)
+        # Two AZs at least: one zone out of Spot capacity must not stop the fleet.
+        _at_least("azCount", self.az_count, 2)
+        _at_least("maxInstances", self.max_instances, 1)
+        _at_least("onDemandBaseCapacity", self.on_demand_base_capacity, 0)
+        _at_least("maxBatchSeconds", self.max_batch_seconds, 1)
+        _at_least("resultTtlDays", self.result_ttl_days, 1)
+        _at_least("idleMinutes", self.idle_minutes, 1)
+        _at_least("rootVolumeGb", self.root_volume_gb, 8)
+        _at_least("logRetentionDays", self.log_retention_days, 1)
+        if not 1 <= self.max_receive_count <= 1000:
+            raise ConfigError(
+                f"celery-fleet:maxReceiveCount={self.max_receive_count}: SQS accepts 1 to 1000."
+            )
+        if self.on_demand_base_capacity > self.max_instances:
+            raise ConfigError(
+                f"celery-fleet:onDemandBaseCapacity={self.on_demand_base_capacity} exceeds "
+                f"maxInstances={self.max_instances}."
+            )
+        # SQS and Redis redeliver after the visibility timeout; SQS caps it at 12 hours.
+        if self.visibility_timeout > 12 * 3600:
+            raise ConfigError(
+                f"celery-fleet:maxBatchSeconds={self.max_batch_seconds} gives a visibility "
+                f"timeout of {self.visibility_timeout}s, over the 43200s SQS allows; "
+                "split the work into shorter batches."
+            )
+        self._check_network()
+        self._check_instance_types()
+        self._check_scaling()
+        cluster = self.broker_deployment_mode == "CLUSTER_MULTI_AZ"
+        if cluster and self.resolved_broker_instance_type == "mq.t3.micro":
+            raise ConfigError(
+                "celery-fleet:brokerInstanceType=mq.t3.micro only runs SINGLE_INSTANCE brokers; "
+                "use mq.m5.large or larger for CLUSTER_MULTI_AZ."
+            )
+
+    def _check_network(self) -> None:
+        try:
+            network = ipaddress.ip_network(self.vpc_cidr)
+        except ValueError as exc:
+            raise ConfigError(f"celery-fleet:vpcCidr={self.vpc_cidr!r}: {exc}.") from None
+        # Sixteen equal blocks: private subnets take the first half, public the second.
+        if network.version != 4 or not 16 <= network.prefixlen <= 24:
+            raise ConfigError(
+                f"celery-fleet:vpcCidr={self.vpc_cidr}: use an IPv4 block from /16 to /24."
+            )
+        if self.az_count > 8:
+            raise ConfigError(f"celery-fleet:azCount={self.az_count}: at most 8 zones are used.")
+
+    def _check_instance_types(self) -> None:
+        if not self.instance_types:
+            raise ConfigError("celery-fleet:instanceTypes is empty; list at least one type.")
+        arches = {instance_arch(t) for t in self.instance_types}
+        if len(arches) > 1:
+            raise ConfigError(
+                "celery-fleet:instanceTypes mixes Graviton (arm64) and x86_64 types; one launch "
+                "template boots one AMI, so pick types of one architecture."
+            )
+        vcpus = {instance_vcpus(t) for t in self.instance_types}
+        if len(vcpus) > 1 or (None in vcpus and self.target_backlog is None):
+            raise ConfigError(
+                f"celery-fleet:instanceTypes {list(self.instance_types)} do not all have the same, "
+                "known vCPU count; scaling counts backlog per instance, so list types of one size "
+                "(e.g. all .xlarge) or set celery-fleet:targetBacklogPerInstance."
+            )
+
+    def _check_scaling(self) -> None:
+        if self.target_backlog is not None and self.target_backlog <= 0:
+            raise ConfigError(
+                f"celery-fleet:targetBacklogPerInstance={self.target_backlog}: must be above 0."
+            )
+        heartbeat = self.lifecycle_heartbeat
+        if not 30 <= heartbeat <= MAX_LIFECYCLE_HEARTBEAT:
+            raise ConfigError(
+                f"celery-fleet:lifecycleHeartbeatSeconds={heartbeat}: AWS accepts 30 to 7200."
+            )
+
+    @property
+    def resolved_result_store(self) -> str:
+        if self.result_store is not None:
+            return self.result_store
+        return "s3" if self.broker == "sqs" else "redis"
+
+    @property
+    def resolved_broker_instance_type(self) -> str:
+        if self.broker_instance_type is not None:
+            return self.broker_instance_type
+        return "mq.t3.micro" if self.broker_deployment_mode == "SINGLE_INSTANCE" else "mq.m5.large"
+
+    @property
+    def visibility_timeout(self) -> int:
+        # Same formula as app.settings.Settings.visibility_timeout: the queue must
+        # not redeliver a batch that is still running.
+        return 2 * self.max_batch_seconds + 60
+
+    @property
+    def result_ttl_seconds(self) -> int:
+        return self.result_ttl_days * 24 * 3600
+
+    @property
+    def vcpus_per_instance(self) -> int | None:
+        return instance_vcpus(self.instance_types[0])
+
+    @property
+    def arch(self) -> str:
+        return instance_arch(self.instance_types[0])
+
+    @property
+    def target_backlog_per_instance(self) -> float:
+        # Two batches per worker slot: one running, one waiting, so a slot never
+        # idles between batches, while a backlog beyond that asks for more instances.
+        if self.target_backlog is not None:
+            return self.target_backlog
+        return 2.0 * (self.vcpus_per_instance or 1)
+
+    @property
+    def lifecycle_heartbeat(self) -> int:
+        if self.lifecycle_heartbeat_seconds is not None:
+            return self.lifecycle_heartbeat_seconds
+        return max(30, min(self.max_batch_seconds, MAX_LIFECYCLE_HEARTBEAT))
+
+    @property
+    def image_id(self) -> str:
+        # Resolved by EC2 at each launch, so new instances get the patched AMI
+        # without a change to the launch template.
+        if self.ami:
+            return self.ami
+        parameter = f"/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-{self.arch}"
+        return f"resolve:ssm:{parameter}"
+
+    @property
+    def offline_install(self) -> bool:
+        # Without a NAT gateway the workers cannot reach PyPI, so the artifact
+        # bucket carries every dependency wheel as well.
+        return self.nat == "none"
+
+    @property
+    def ssm_prefix(self) -> str:
+        return f"/celery-fleet/{self.stack}/"
+
+    @property
+    def name_prefix(self) -> str:
+        return f"celery-fleet-{self.stack}"
+
+
+# Stack config key -> (FleetConfig field, how to read it). Unset keys keep the
+# dataclass default, so each default is written once, above.
+_KEYS: dict[str, tuple[str, str]] = {
+    "broker": ("broker", "str"),
+    "resultStore": ("result_store", "str"),
+    "nat": ("nat", "str"),
+    "azCount": ("az_count", "int"),
+    "vpcCidr": ("vpc_cidr", "str"),
+    "instanceTypes": ("instance_types", "list"),
+    "spot": ("spot", "bool"),
+    "onDemandBaseCapacity": ("on_demand_base_capacity", "int"),
+    "maxInstances": ("max_instances", "int"),
+    "rootVolumeGb": ("root_volume_gb", "int"),
+    "ami": ("ami", "str"),
+    "maxBatchSeconds": ("max_batch_seconds", "int"),
+    "maxReceiveCount": ("max_receive_count", "int"),
+    "resultTtlDays": ("result_ttl_days", "int"),
+    "targetBacklogPerInstance": ("target_backlog", "float"),
+    "idleMinutes": ("idle_minutes", "int"),
+    "lifecycleHeartbeatSeconds": ("lifecycle_heartbeat_seconds", "int"),
+    "brokerDeploymentMode": ("broker_deployment_mode", "str"),
+    "brokerInstanceType": ("broker_instance_type", "str"),
+    "redisNodeType": ("redis_node_type", "str"),
+    "logRetentionDays": ("log_retention_days", "int"),
+    "tags": ("tags", "object"),
+}
+
+
+def load_config() -> FleetConfig:
+    """Read the stack's `celery-fleet:*` settings."""
+    cfg = pulumi.Config()
+    readers = {
+        "str": cfg.get,
+        "int": cfg.get_int,
+        "float": cfg.get_float,
+        "bool": cfg.get_bool,
+        "list": lambda key: _as_tuple(key, cfg.get_object(key)),
+        "object": cfg.get_object,
+    }
+    values = {}
+    for key, (field_name, kind) in _KEYS.items():
+        value = readers[kind](key)
+        if value is not None:
+            values[field_name] = value
+    try:
+        return FleetConfig(stack=pulumi.get_stack(), **values)
+    except ConfigError as exc:
+        # pulumi prints a RunError as the message alone, without a traceback.
+        raise pulumi.RunError(str(exc)) from None
+
+
+def _as_tuple(key: str, value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise pulumi.RunError(f"celery-fleet:{key} must be a list of strings.")
+    return tuple(value)

@@ -1,0 +1,242 @@
+"""`fleet`: the command line. One sub-command per verb; status to stderr, results to stdout.
+
+Exit codes: 0 every item succeeded; 1 some items failed; 2 bad input, usage or
+unknown task; 3 broker or result store unreachable; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from app.settings import ConfigError, Settings
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"fleet: {message}", err=True)
+    sys.exit(code)
+
+
+def resolve_settings(broker: str | None, backend: str | None, **overrides: object) -> Settings:
+    """Flags, then FLEET_* variables, then the running local fleet."""
+    from scripts.local import read_state
+
+    env = dict(os.environ)
+    if not (broker or env.get("FLEET_BROKER_URL")):
+        state = read_state()
+        if state is not None:
+            env = {**state["env"], **{k: v for k, v in env.items() if k.startswith("FLEET_")}}
+    return Settings.from_env(env, broker_url=broker, result_url=backend, **overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="celery-fleet")
+def cli() -> None:
+    """Spread a Python function over every core of a Celery fleet."""
+
+
+class BatchSize(click.ParamType):
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if value in (None, "auto") or isinstance(value, int):
+            return None if value == "auto" else value
+        try:
+            n = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither 'auto' nor a whole number", param, ctx)
+        if n < 1:
+            self.fail("must be at least 1", param, ctx)
+        return n
+
+
+@cli.command()
+@click.argument("task", required=False)
+@click.option("--ids", "ids", metavar="SOURCE",
+              help="A file (one ID per line; .csv with --column; .jsonl with --field), "
+                   "'-' for stdin, s3://BUCKET/KEY, or range:START:STOP.")
+@click.option("--column", help="The ID column of a CSV source (by header name).")
+@click.option("--field", "field_", help="The ID field of a JSON-lines source.")
+@click.option("--format", "fmt", type=click.Choice(["text", "csv", "jsonl"]),
+              help="Input format when the file name does not say (e.g. for stdin).")
+@click.option("--batch-size", type=BatchSize(), default="auto", show_default=True,
+              help="IDs per batch; auto calibrates on the first IDs.")
+@click.option("--target-seconds", type=click.FloatRange(min=0.01), default=2.0,
+              show_default=True, help="With --batch-size auto: aimed-at run time of one batch.")
+@click.option("--max-in-flight", type=click.IntRange(min=1),
+              help="Batches on the broker at once (default: twice the worker slots).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the JSON lines here instead of stdout.")
+@click.option("--resume", metavar="JOB", help="Finish an earlier job: re-send only what is missing.")
+@click.option("--broker", metavar="URL", help="Broker URL (default: FLEET_BROKER_URL or the local fleet).")
+@click.option("--backend", metavar="URL",
+              help="Result store URL (default: FLEET_RESULT_URL or the local fleet).")
+@click.option("--queue", help="Queue the workers consume (default: FLEET_QUEUE or 'fleet').")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the summary as JSON (on stdout with --out, else on stderr).")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr (default: when stderr is a terminal).")
+def run(task, ids, column, field_, fmt, batch_size, target_seconds, max_in_flight, out, resume,
+        broker, backend, queue, as_json, progress):
+    """Run TASK over every ID of --ids on the fleet.
+
+    TASK is a function registered with @fleet_task, or module:function from a
+    module the workers load (FLEET_INCLUDE / fleet local --include).
+    """
+    from app.jobs import JobError, JobOptions, Launcher
+    from app.sources import InputError, Source
+
+    if not resume and not (task and ids):
+        _fail("give a TASK and --ids SOURCE (or --resume JOB). See `fleet run --help`.", 2)
+    try:
+        source = Source.parse(ids, fmt, column, field_) if ids else None
+    except InputError as exc:
+        _fail(str(exc), 2)
+    settings = resolve_settings(broker, backend, queue=queue)
+    opts = JobOptions(
+        task=task, source=source, batch_size=batch_size, target_seconds=target_seconds,
+        max_in_flight=max_in_flight, out=out, resume=resume,
+        progress=sys.stderr.isatty() if progress is None else progress,
+    )
+    try:
+        summary = Launcher(settings).run(opts)
+    except JobError as exc:
+        _fail(str(exc), exc.exit_code)
+    report = summary.as_dict()
+    if as_json:
+        click.echo(json.dumps(report), err=out is None)
+    click.echo(
+        f"job {summary.job}: {summary.status}, {summary.items:,} items, {summary.errors:,} "
+        f"errors, {summary.wall_seconds:.2f} s, {summary.items_per_second:,.0f} items/s"
+        + (f", {summary.resent} batches re-sent" if summary.resent else "")
+        + (f"; resume with: fleet run --resume {summary.job}"
+           if summary.status == "interrupted" else ""),
+        err=True,
+    )
+    sys.exit({"ok": 0, "errors": 1, "interrupted": 130}[summary.status])
+
+
+@cli.command()
+@click.option("--instances", "-n", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker instances, each pinned to its share of this machine's CPUs.")
+@click.option("--broker", "broker_kind", type=click.Choice(["redis", "rabbitmq"]),
+              default="redis", show_default=True)
+@click.option("--include", multiple=True, metavar="MODULE",
+              help="Extra module with tasks for the workers to load (repeatable).")
+@click.option("--queue", default="fleet", show_default=True)
+@click.option("--env", "print_env", is_flag=True,
+              help="Print `export` lines for the running local fleet and exit.")
+def local(instances, broker_kind, include, queue, print_env):
+    """Run a fleet on this machine until Ctrl-C.
+
+    `fleet run` in another terminal finds it without flags; any Celery client
+    can use it after `eval "$(fleet local --env)"`.
+    """
+    from scripts.local import LocalFleet, LocalFleetError, read_state
+
+    if print_env:
+        state = read_state()
+        if state is None:
+            _fail("no local fleet is running; start one with `fleet local`.", 1)
+        env = state["env"]
+        env = {**env, "CELERY_BROKER_URL": env["FLEET_BROKER_URL"],
+               "CELERY_RESULT_BACKEND": env["FLEET_RESULT_URL"]}
+        for key, value in env.items():
+            click.echo(f"export {key}={shlex.quote(value)}")
+        return
+    if read_state() is not None:
+        _fail("a local fleet is already running (see `fleet local --env`).", 1)
+    fleet = LocalFleet(instances, broker_kind, tuple(include), queue, write_state=True)
+    stopping = []
+
+    def on_signal(signum, frame):
+        stopping.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        click.echo("starting the local fleet...", err=True)
+        fleet.start()
+        click.echo(fleet.describe(), err=True)
+        click.echo("run a job from another terminal, e.g.\n"
+                   "  fleet run process_id --ids range:0:100000 --out results.jsonl\n"
+                   "plain Celery clients: eval \"$(fleet local --env)\"\n"
+                   "Ctrl-C stops everything.", err=True)
+        while not stopping:
+            for index in fleet.supervise():
+                click.echo(f"instance{index} died; restarted it", err=True)
+            time.sleep(0.5)
+    except LocalFleetError as exc:
+        _fail(str(exc), 1)
+    finally:
+        click.echo("stopping the local fleet...", err=True)
+        fleet.stop()
+
+
+@cli.command()
+@click.option("--ids", "n_ids", type=click.IntRange(min=1), default=1_000_000, show_default=True,
+              help="How many IDs to run the example task over.")
+@click.option("--instances", "-n", type=click.IntRange(min=1), default=None,
+              help="Worker instances (default: one per usable CPU).")
+@click.option("--broker", "broker_kind", type=click.Choice(["redis", "rabbitmq"]),
+              default="redis", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Keep the results here (default: a temporary file, removed).")
+def demo(n_ids, instances, broker_kind, out):
+    """Start a local fleet, run the example task over --ids IDs, report, tear down."""
+    from app.cpus import available_cpus
+    from app.jobs import JobError, JobOptions, Launcher
+    from app.registry import resolve
+    from app.sources import Source
+    from scripts.local import LocalFleet, LocalFleetError
+
+    task = resolve("process_id", ["app.tasks"])
+    sample = 20_000
+    t0 = time.perf_counter()
+    for i in range(sample):
+        task.fn(i)
+    per_item = (time.perf_counter() - t0) / sample
+    cpus = available_cpus()
+    click.echo(f"example task: {per_item * 1e6:.1f} us per ID on one core here; "
+               f"{n_ids:,} IDs is {per_item * n_ids:.1f} s of CPU over {cpus} CPUs", err=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        target = out or Path(tmp) / "results.jsonl"
+        try:
+            click.echo("starting a local fleet...", err=True)
+            with LocalFleet(instances or cpus, broker_kind) as fleet:
+                click.echo(fleet.describe(), err=True)
+                summary = Launcher(fleet.settings).run(JobOptions(
+                    task="process_id", source=Source.parse(f"range:0:{n_ids}"), out=target,
+                    progress=True))
+        except (JobError, LocalFleetError) as exc:
+            _fail(str(exc), getattr(exc, "exit_code", 1))
+        ideal = per_item * n_ids / cpus
+        click.echo(
+            f"\n{summary.items:,} IDs in {summary.wall_seconds:.2f} s: "
+            f"{summary.items_per_second:,.0f} IDs/s, {summary.errors} errors\n"
+            f"parallel efficiency {ideal / summary.wall_seconds:.0%} "
+            f"(ideal {ideal:.2f} s = serial time / {cpus} CPUs)"
+            + (f"\nresults in {target}" if out else ""),
+            err=True,
+        )
+    sys.exit(0 if summary.status == "ok" else 1)
+
+
+def main() -> None:
+    try:
+        cli()
+    except ConfigError as exc:
+        click.echo(str(exc.code), err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
