@@ -92,9 +92,10 @@ def _kill_group(proc: subprocess.Popen | None) -> None:
 
 
 def _need(binary: str) -> str:
-    path = shutil.which(binary) or next(
-        (p for p in (f"/usr/sbin/{binary}", f"/usr/lib/rabbitmq/bin/{binary}")
-         if os.access(p, os.X_OK)), None)
+    # Debian's /usr/sbin/rabbitmq-server switches to the rabbitmq user, who
+    # cannot write our private directory; the script under /usr/lib runs as us.
+    path = next((p for p in (f"/usr/lib/rabbitmq/bin/{binary}",) if os.access(p, os.X_OK)),
+                None) or shutil.which(binary)
     if path is None:
         raise LocalFleetError(f"{binary} is not installed; run `make setup` (it installs it).")
     return path
