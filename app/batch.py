@@ -20,6 +20,17 @@ from app.registry import FleetTask
 
 _encoder = msgspec.json.Encoder()
 _encode_into = _encoder.encode_into
+_encode_lines = _encoder.encode_lines
+
+
+class _Ok(msgspec.Struct):
+    id: Any
+    result: Any
+
+
+class _Err(msgspec.Struct):
+    id: Any
+    error: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -30,25 +41,67 @@ class BatchOutcome:
     seconds: float  # time spent in the user's function and encoding
 
 
+def pack(ids: list[Any] | dict[str, Any]) -> list[Any] | dict[str, Any]:
+    """The compact wire form of a batch's IDs.
+
+    String IDs travel as one newline-joined string: decoding it on the worker
+    (JSON, then the hop to the pool process) costs one copy instead of an
+    object per ID. Ranges already travel as {"range": [start, stop]}.
+    """
+    if isinstance(ids, dict) or not ids or not all(type(i) is str for i in ids):
+        return ids
+    joined = "\n".join(ids)
+    if joined.count("\n") != len(ids) - 1:  # an ID holds a newline itself
+        return ids
+    return {"lines": joined}
+
+
 def expand(payload: list[Any] | dict[str, Any]) -> Iterable[Any]:
-    """The IDs of a batch payload: a list, or {"range": [start, stop]} for integer ranges."""
+    """The IDs of a batch payload: a list, {"lines": "id\\nid..."} or {"range": [start, stop]}."""
     if isinstance(payload, dict):
+        if "lines" in payload:
+            return payload["lines"].split("\n")
         start, stop = payload["range"]
         return range(int(start), int(stop))
     return payload
 
 
-def _append_error(buf: bytearray, item: Any, exc: BaseException, attempts: int = 1) -> None:
+def _error(item: Any, exc: BaseException, attempts: int = 1) -> _Err:
     error: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)[:1000]}
     if attempts > 1:
         error["attempts"] = attempts
-    mark = len(buf)
+    return _Err(item, error)
+
+
+# A self-referencing result raises RecursionError: it too must become an error
+# record, or the batch would fail (and be re-sent) forever.
+_UNENCODABLE = (TypeError, ValueError, RecursionError)
+
+
+def _encode(records: list[_Ok | _Err]) -> tuple[bytes, int]:
+    """JSON lines for the records, and how many records had to become errors to encode."""
     try:
-        _encode_into({"id": item, "error": error}, buf, -1)
-    except TypeError:  # an ID that is not JSON (only possible from Python callers)
-        del buf[mark:]
-        _encode_into({"id": repr(item), "error": error}, buf, -1)
-    buf.append(10)
+        return _encode_lines(records), 0
+    except _UNENCODABLE:
+        pass
+    converted = 0
+    # Slow path, only when some result is not JSON: find the culprits one by one.
+    for i, rec in enumerate(records):
+        try:
+            _encoder.encode(rec)
+        except _UNENCODABLE as exc:
+            item = rec.id
+            try:
+                _encoder.encode(item)
+            except _UNENCODABLE:  # an ID that is not JSON (Python callers only)
+                item = repr(item)
+            if isinstance(rec, _Err):  # already an error (counted): keep it, with a JSON ID
+                records[i] = _Err(item, rec.error)
+                continue
+            reason = TypeError(f"result is not JSON-serialisable: {exc}")
+            records[i] = _error(item, reason)
+            converted += 1
+    return _encode_lines(records), converted
 
 
 def _retry_transient(task: FleetTask, item: Any) -> tuple[Any, BaseException | None, int]:
@@ -69,33 +122,25 @@ def _retry_transient(task: FleetTask, item: Any) -> tuple[Any, BaseException | N
 def run_batch(task: FleetTask, payload: list[Any] | dict[str, Any]) -> BatchOutcome:
     fn = task.fn
     transient = task.transient
-    # One growing buffer for the whole batch: a bytes object per line costs
-    # far more in allocation than the encoding itself.
-    buf = bytearray()
-    items = errors = 0
+    # Records are collected and encoded in one call: per-line encoding and
+    # per-line bytes objects cost more than the user's function for small items.
+    records: list[_Ok | _Err] = []
+    append = records.append
+    errors = 0
     start = time.perf_counter()
     for item in expand(payload):
-        items += 1
         try:
-            result = fn(item)
+            append(_Ok(item, fn(item)))
         except Exception as exc:  # noqa: BLE001 - one bad item must not sink the batch
             if transient and isinstance(exc, transient) and task.retries > 0:
                 result, final, attempts = _retry_transient(task, item)
-                if final is not None:
-                    _append_error(buf, item, final, attempts)
-                    errors += 1
+                if final is None:
+                    append(_Ok(item, result))
                     continue
+                append(_error(item, final, attempts))
             else:
-                _append_error(buf, item, exc)
-                errors += 1
-                continue
-        mark = len(buf)
-        try:
-            _encode_into({"id": item, "result": result}, buf, -1)
-        except (TypeError, ValueError) as exc:
-            del buf[mark:]
-            _append_error(buf, item, TypeError(f"result is not JSON-serialisable: {exc}"))
+                append(_error(item, exc))
             errors += 1
-            continue
-        buf.append(10)
-    return BatchOutcome(bytes(buf), items, errors, time.perf_counter() - start)
+    lines, unencodable = _encode(records)
+    errors += unencodable
+    return BatchOutcome(lines, len(records), errors, time.perf_counter() - start)

@@ -30,8 +30,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import kombu.exceptions
+import msgspec
+from kombu.utils.uuid import uuid
 from tqdm import tqdm
 
+from app.batch import pack
 from app.celery_config import make_app
 from app.settings import Settings, redact
 from app.sources import InputError, Source
@@ -39,6 +42,8 @@ from app.store import Done, RedisStore, StoreUnavailable, bit_is_set
 
 BATCHES_PER_SLOT = 4  # at least this many batches per worker slot, so the tail stays short
 PROBE_LIMIT = 32  # calibration batches at the most
+WRITE_CHUNK = 8  # batch results fetched per round trip
+_encode = msgspec.json.Encoder().encode
 
 
 class JobError(Exception):
@@ -102,7 +107,7 @@ class JobSummary:
 
 @dataclass
 class _InFlight:
-    payload: Any
+    body: bytes  # the encoded message, ready to send again
     sent_at: float
     seen_running: float = 0.0  # last time its lease was seen, 0 if never
 
@@ -171,15 +176,31 @@ class Launcher:
 
     # -- publishing -------------------------------------------------------
 
-    def send(self, job: str, batch: int, task: str, payload: Any) -> None:
+    def encode(self, job: str, batch: int, task: str, payload: Any) -> bytes:
+        """The Celery protocol-2 body of a batch message, encoded once.
+
+        Kept as bytes while the batch is in flight: compact, and a re-send
+        costs no encoding.
+        """
+        return _encode([[job, batch, task, pack(payload)], {},
+                        {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+
+    def send(self, job: str, batch: int, body: bytes) -> None:
+        amqp = self.celery.amqp
+        # Celery would build the body and a repr of the arguments itself; both
+        # cost more than the batch for a large list of IDs.
+        message = amqp.create_task_message(
+            uuid(), "fleet.batch", (), {}, argsrepr=f"[{job!r}, {batch}, ...]", kwargsrepr="{}",
+        )._replace(body=body)
         try:
-            self.celery.send_task(
-                "fleet.batch", args=[job, batch, task, payload], queue=self.settings.queue,
-                retry=True,
-                # About a minute of retrying rides out a broker restart.
-                retry_policy={"max_retries": 30, "interval_start": 0.2, "interval_step": 0.5,
-                              "interval_max": 2.0},
-            )
+            with self.celery.producer_or_acquire() as producer:
+                amqp.send_task_message(
+                    producer, "fleet.batch", message, queue=self.settings.queue, retry=True,
+                    # About a minute of retrying rides out a broker restart.
+                    retry_policy={"max_retries": 30, "interval_start": 0.2, "interval_step": 0.5,
+                                  "interval_max": 2.0},
+                    content_type="application/json", content_encoding="utf-8",
+                )
         except kombu.exceptions.OperationalError as exc:
             raise Unreachable(
                 f"lost the broker at {redact(self.settings.broker_url)}: {exc}"
@@ -293,7 +314,7 @@ class Launcher:
         probe = (1,) * n_probe
         payloads = list(zip(range(n_probe), opts.source.batches(iter(probe))))
         for batch, payload in payloads:
-            self.send(job, batch, opts.task, payload)
+            self.send(job, batch, self.encode(job, batch, opts.task, payload))
         timings: list[float] = []
         waited = time.monotonic()
         pending = {b for b, _ in payloads}
@@ -378,12 +399,13 @@ class _Run:
                     raise BadInput(f"{exc} Batches before it were sent and written.") from None
                 if bit_is_set(written_bits, batch):
                     pass
-                elif bit_is_set(committed_bits, batch):
-                    self.inflight[batch] = _InFlight(payload, time.monotonic())
-                    backlog.append(batch)
                 else:
-                    self.inflight[batch] = _InFlight(payload, time.monotonic())
-                    self.launcher.send(self.job, batch, self.task, payload)
+                    body = self.launcher.encode(self.job, batch, self.task, payload)
+                    self.inflight[batch] = _InFlight(body, time.monotonic())
+                    if bit_is_set(committed_bits, batch):
+                        backlog.append(batch)
+                    else:
+                        self.launcher.send(self.job, batch, body)
                 batch += 1
             if backlog:
                 self.write(backlog)
@@ -406,9 +428,12 @@ class _Run:
 
     def write(self, batches: list[int]) -> None:
         """Copy the committed lines of `batches` to the output and journal them."""
-        batches = sorted({b for b in batches if b not in self.written})
-        if not batches:
-            return
+        pending = sorted({b for b in batches if b not in self.written})
+        # A few batches per round trip, so memory stays bounded however many finished.
+        for i in range(0, len(pending), WRITE_CHUNK):
+            self._write_chunk(pending[i:i + WRITE_CHUNK])
+
+    def _write_chunk(self, batches: list[int]) -> None:
         items = errors = 0
         done_now = []
         for b, result in zip(batches, self.store.results(self.job, batches)):
@@ -455,7 +480,7 @@ class _Run:
         for b in lost:
             f = self.inflight[b]
             f.seen_running, f.sent_at = 0.0, now
-            self.launcher.send(self.job, b, self.task, f.payload)
+            self.launcher.send(self.job, b, f.body)
             self.resent += 1
 
 

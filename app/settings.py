@@ -39,13 +39,20 @@ def redact(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    # Work on the raw netloc: parts.port raises on a bad port, and
+    # parts.hostname drops an IPv6 address's brackets.
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if at:
+        if ":" not in userinfo:
+            return url
+        user = userinfo.partition(":")[0]
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+    if "@" in url:
+        # No "//" before the credentials (a typo), so urlsplit saw no netloc:
+        # hide everything before the last "@" but the scheme.
+        tail = url.rpartition("@")[2]
+        return f"{parts.scheme}:***@{tail}" if parts.scheme else f"***@{tail}"
+    return url
 
 
 def check_url(name: str, url: str, schemes: tuple[str, ...]) -> str:
@@ -93,8 +100,8 @@ def _env_float(env: dict[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number.") from None
-    if value <= 0:
-        raise ConfigError(f"{name}={value} must be greater than zero.")
+    if not value > 0 or value == float("inf"):  # also refuses nan and inf
+        raise ConfigError(f"{name}={raw!r} must be a finite number greater than zero.")
     return value
 
 

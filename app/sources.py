@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -21,7 +20,6 @@ import msgspec
 
 FORMATS = ("text", "csv", "jsonl")
 BLOCK = 1 << 20
-_BLANK_LINE = re.compile(r"^[ \t\r\f\v]*$", re.M)
 _decode_json = msgspec.json.Decoder().decode
 
 
@@ -79,7 +77,11 @@ class Source:
             return stop - start
         if self.streamed:
             return None
-        n = sum(len(block) for block in self._blocks())
+        if self.fmt == "text":
+            with self._open() as fobj:
+                n = sum(lines for _, _, lines in _text_chunks(fobj, self.spec))
+        else:
+            n = sum(len(block) for block in self._blocks())
         if n == 0:
             raise InputError(f"{self.spec} holds no IDs.")
         return n
@@ -158,8 +160,8 @@ def _regroup(blocks: Iterable[list[Any]], sizes: Iterator[int]) -> Iterator[list
         yield batch
 
 
-def _text_blocks(fobj: IO[bytes], name: str) -> Iterator[tuple[list[str], int]]:
-    """Lists of lines (without line ends), each with the line number of its first line."""
+def _text_chunks(fobj: IO[bytes], name: str) -> Iterator[tuple[str, int, int]]:
+    """Checked text of whole lines: (text without the last line end, first line number, lines)."""
     line_no = 1
     tail = b""
     first = True
@@ -176,14 +178,22 @@ def _text_blocks(fobj: IO[bytes], name: str) -> Iterator[tuple[list[str], int]]:
             tail = data
             continue
         tail = data[cut + 1:]
-        lines = _split(data[:cut], name, line_no)
-        yield lines, line_no
-        line_no += len(lines)
+        text, n = _check(data[:cut], name, line_no)
+        yield text, line_no, n
+        line_no += n
     if tail:
-        yield _split(tail, name, line_no), line_no
+        text, n = _check(tail, name, line_no)
+        yield text, line_no, n
 
 
-def _split(data: bytes, name: str, line_no: int) -> list[str]:
+def _text_blocks(fobj: IO[bytes], name: str) -> Iterator[tuple[list[str], int]]:
+    """Lists of lines (without line ends), each with the line number of its first line."""
+    for text, line_no, _ in _text_chunks(fobj, name):
+        yield text.split("\n"), line_no
+
+
+def _check(data: bytes, name: str, line_no: int) -> tuple[str, int]:
+    """The block decoded, with CRLF folded, and its number of lines; InputError if it is bad."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -191,11 +201,14 @@ def _split(data: bytes, name: str, line_no: int) -> list[str]:
         raise InputError(f"{name}, line {bad}: not valid UTF-8 text.") from None
     if "\r" in text:
         text = text.replace("\r\n", "\n")
-    blank = _BLANK_LINE.search(text)
-    if blank is not None:
-        bad = line_no + text.count("\n", 0, blank.start())
+        # The caller cut the block at its last "\n", so a CRLF there left a "\r".
+        if text.endswith("\r"):
+            text = text[:-1]
+    # An empty line: found by substring search, the line number only when there is one.
+    if not text or text[0] == "\n" or text[-1] == "\n" or "\n\n" in text:
+        bad = line_no + text.split("\n").index("")
         raise InputError(f"{name}, line {bad}: empty line; every line must hold one ID.")
-    return text.split("\n")
+    return text, text.count("\n") + 1
 
 
 def _jsonl_blocks(lines: Iterable[tuple[list[str], int]], name: str,

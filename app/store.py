@@ -110,12 +110,21 @@ class RedisStore:
         self._live = self.r.register_script(_LIVE)
 
     def ping(self) -> None:
+        # A few quick tries only: the long retry of self.r rides out a restart
+        # mid-job, but a store that is down at the start should be said at once
+        # (with it, a refused connection took over a minute to report).
+        quick = redis.Redis.from_url(
+            self.url, socket_connect_timeout=5, socket_timeout=10,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), retries=3),
+        )
         try:
-            self.r.ping()
+            quick.ping()
         except redis.RedisError as exc:
             raise StoreUnavailable(
                 f"cannot reach the result store at {redact(self.url)}: {exc}"
             ) from None
+        finally:
+            quick.close()
 
     # -- jobs -------------------------------------------------------------
 
@@ -205,7 +214,7 @@ class RedisStore:
             pipe.getbit(key, b)
         return [b for b, bit in zip(batches, pipe.execute()) if bit]
 
-    def results(self, job: str, batches: list[int]) -> list[tuple[int, int, bytes] | None]:
+    def results(self, job: str, batches: list[int]) -> list[tuple[int, int, memoryview] | None]:
         """(items, errors, JSON lines) of each committed batch; None where there is none."""
         if not batches:
             return []
@@ -215,9 +224,9 @@ class RedisStore:
             if raw is None:
                 out.append(None)
                 continue
-            head, _, lines = raw.partition(b"\n")
-            items, errors = head.split()
-            out.append((int(items), int(errors), lines))
+            cut = raw.index(b"\n")
+            items, errors = raw[:cut].split()
+            out.append((int(items), int(errors), memoryview(raw)[cut + 1:]))  # no copy
         return out
 
     def mark_written(self, job: str, batches: list[int], offset: int | None,

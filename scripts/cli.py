@@ -110,6 +110,8 @@ def run(task, ids, column, field_, fmt, batch_size, target_seconds, max_in_fligh
         summary = Launcher(settings).run(opts)
     except JobError as exc:
         _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted; batches already committed are kept for --resume.", 130)
     report = summary.as_dict()
     if as_json:
         click.echo(json.dumps(report), err=out is None)
@@ -192,6 +194,7 @@ def local(instances, broker_kind, include, queue, print_env):
               help="Keep the results here (default: a temporary file, removed).")
 def demo(n_ids, instances, broker_kind, out):
     """Start a local fleet, run the example task over --ids IDs, report, tear down."""
+    from app import tasks  # noqa: F401 - registers process_id (the launcher does not import it)
     from app.cpus import available_cpus
     from app.jobs import JobError, JobOptions, Launcher
     from app.registry import resolve
