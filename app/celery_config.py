@@ -33,7 +33,7 @@ def result_backend(settings: Settings) -> dict[str, Any]:
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    transport = {"visibility_timeout": settings.visibility_timeout, **settings.transport_options}
+    transport = settings.transport_options
     return {
         "broker_url": settings.broker_url,
         **result_backend(settings),
@@ -54,7 +54,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Unacknowledged messages come back after this long on Redis and SQS;
         # it must outlast the longest batch (see Settings.visibility_timeout).
         "broker_transport_options": transport,
-        "result_backend_transport_options": transport,
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
         "result_expires": settings.result_ttl,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,

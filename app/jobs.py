@@ -17,6 +17,7 @@ again; the first commit wins, so a batch that then runs twice is written once.
 
 from __future__ import annotations
 
+import itertools
 import math
 import secrets
 import signal
@@ -38,7 +39,7 @@ from app.batch import pack
 from app.celery_config import make_app
 from app.settings import Settings, redact
 from app.sources import InputError, Source
-from app.store import Done, RedisStore, StoreUnavailable, bit_is_set
+from app.store import StoreUnavailable, bit_is_set, open_store
 
 BATCHES_PER_SLOT = 4  # at least this many batches per worker slot, so the tail stays short
 PROBE_LIMIT = 32  # calibration batches at the most
@@ -138,13 +139,12 @@ def say(message: str) -> None:
 class Launcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        if not settings.result_url.startswith("redis"):
-            raise JobError(
-                f"the launcher needs a Redis result store, not {redact(settings.result_url)}."
-            )
-        self.store = RedisStore(settings.result_url, settings.result_ttl)
+        self.store = open_store(settings)
         self.celery = make_app(settings)
         self._slots_cache = (0.0, 0)
+        # A streamed source (stdin) is read once: calibration leaves the rest
+        # of the stream here, its probe batches first, for the job to go on with.
+        self._stream: Iterator[Any] | None = None
 
     # -- checks -----------------------------------------------------------
 
@@ -228,7 +228,9 @@ class Launcher:
         run = _Run(self, job, task, opts, out, out_path, progress)
         try:
             with _interrupt_guard() as interrupted:
-                run.loop(source.batches(layout.sizes()), written_bits, committed_bits,
+                stream, self._stream = self._stream, None
+                run.loop(stream if stream is not None else source.batches(layout.sizes()),
+                         written_bits, committed_bits,
                          interrupted)
         finally:
             progress.bar.close()
@@ -312,7 +314,18 @@ class Launcher:
         slots = max(1, self.slots())
         n_probe = min(slots, PROBE_LIMIT, total or PROBE_LIMIT)
         probe = (1,) * n_probe
-        payloads = list(zip(range(n_probe), opts.source.batches(iter(probe))))
+        size_after: list[int] = []  # set once calibrated; read lazily by the stream
+
+        def sizes() -> Iterator[int]:
+            yield from probe
+            while True:
+                yield size_after[0]
+
+        stream = opts.source.batches(sizes())
+        payloads = list(zip(range(n_probe), stream))
+        if not payloads:  # only stdin gets here: files are counted first
+            raise BadInput(f"{'stdin' if opts.source.streamed else opts.source.spec} "
+                           "holds no IDs.")
         for batch, payload in payloads:
             self.send(job, batch, self.encode(job, batch, opts.task, payload))
         timings: list[float] = []
@@ -332,11 +345,17 @@ class Launcher:
         # The probes are committed now; the main loop writes them like any
         # batch found committed on resume.
         per_item = max(statistics.median(timings), 1e-7)
-        size = self.batch_size(per_item, opts.target_seconds, total, slots, opts.source)
+        sample = [i for _, p in payloads for i in p] if opts.source.streamed else None
+        size = self.batch_size(per_item, opts.target_seconds, total, slots, opts.source,
+                               sample)
+        if opts.source.streamed:
+            # stdin cannot be read again: go on from where the probes stopped.
+            size_after.append(size)
+            self._stream = itertools.chain((p for _, p in payloads), stream)
         return {"probe": list(probe), "size": size}, per_item
 
     def batch_size(self, per_item: float, target: float, total: int | None, slots: int,
-                   source: Source) -> int:
+                   source: Source, sample: list[Any] | None = None) -> int:
         size = target / per_item
         # Never near the hard time limit of a batch.
         size = min(size, self.settings.max_batch_seconds / 4 / per_item)
@@ -345,13 +364,14 @@ class Launcher:
             size = min(size, math.ceil(total / (slots * BATCHES_PER_SLOT)))
         # Well under the broker's message size limit (ranges travel as two numbers).
         if source.fmt != "range":
-            size = min(size, self.settings.message_limit // 2 // _id_bytes(source))
+            size = min(size, self.settings.message_limit // 2 // _id_bytes(source, sample))
         return max(1, int(size))
 
 
-def _id_bytes(source: Source) -> int:
-    """A generous size of one ID in a JSON message, from the first IDs."""
-    sample = next(source.batches(iter((1000,))), [])
+def _id_bytes(source: Source, sample: list[Any] | None = None) -> int:
+    """A generous size of one ID in a JSON message, from the first IDs (or `sample`)."""
+    if sample is None:
+        sample = next(source.batches(iter((1000,))), [])
     encoded = sum(len(str(i)) + 4 for i in sample)
     return max(8, math.ceil(encoded / max(len(sample), 1)))
 

@@ -9,7 +9,7 @@ and a password inside a URL is never printed.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "sqs")
@@ -122,7 +122,11 @@ class Settings:
     result_ttl: int = 7 * 24 * 3600
     # A running batch renews its lease this often (x3 = time to notice a dead worker).
     lease_seconds: float = 10.0
-    transport_options: dict[str, object] = field(default_factory=dict)
+    # SQS: the region, and the queue's URL. With the URL, workers use the
+    # queue the stack made (with its visibility timeout and dead-letter
+    # queue) and need no permission to list or create queues.
+    aws_region: str | None = None
+    sqs_queue_url: str | None = None
 
     def __post_init__(self) -> None:
         check_url("broker", self.broker_url, BROKER_SCHEMES)
@@ -158,6 +162,8 @@ class Settings:
             max_batch_seconds=_env_int(env, "FLEET_MAX_BATCH_SECONDS", 900),
             result_ttl=_env_int(env, "FLEET_RESULT_TTL", 7 * 24 * 3600),
             lease_seconds=_env_float(env, "FLEET_LEASE_SECONDS", 10.0),
+            aws_region=env.get("FLEET_AWS_REGION", "").strip() or None,
+            sqs_queue_url=env.get("FLEET_SQS_QUEUE_URL", "").strip() or None,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
@@ -190,7 +196,24 @@ class Settings:
             env["FLEET_INCLUDE"] = ",".join(self.include)
         if self.concurrency:
             env["FLEET_CONCURRENCY"] = str(self.concurrency)
+        if self.aws_region:
+            env["FLEET_AWS_REGION"] = self.aws_region
+        if self.sqs_queue_url:
+            env["FLEET_SQS_QUEUE_URL"] = self.sqs_queue_url
         return env
+
+    @property
+    def transport_options(self) -> dict[str, object]:
+        """kombu transport options for the broker (and Celery's Redis result backend)."""
+        options: dict[str, object] = {"visibility_timeout": self.visibility_timeout}
+        if self.broker_scheme == "sqs":
+            if self.aws_region:
+                options["region"] = self.aws_region
+            if self.sqs_queue_url:
+                options["predefined_queues"] = {self.queue: {"url": self.sqs_queue_url}}
+                # A local SQS endpoint (a test server) speaks plain HTTP.
+                options["is_secure"] = self.sqs_queue_url.startswith("https://")
+        return options
 
 
 def query_options(url: str) -> dict[str, str]:

@@ -170,8 +170,9 @@ def _text_chunks(fobj: IO[bytes], name: str) -> Iterator[tuple[str, int, int]]:
         if not chunk:
             break
         data = tail + chunk
-        if first:
-            data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
+        # A UTF-8 byte order mark; a short first read may hold only part of it.
+        if first and (len(data) >= 3 or b"\n" in data):
+            data = data.removeprefix(b"\xef\xbb\xbf")
             first = False
         cut = data.rfind(b"\n")
         if cut < 0:

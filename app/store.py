@@ -16,14 +16,14 @@ import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from app.settings import redact
+from app.settings import Settings, redact
 
 WORKERS_KEY = "fleet:workers"  # sorted set: worker name -> expiry (Redis clock)
 LEASES_KEY = "fleet:leases"  # sorted set: "job/batch" -> expiry (Redis clock)
@@ -254,6 +254,41 @@ class RedisStore:
         (ok, written, offset), (items, errors) = pipe.execute()
         return (ok or b"", written or b"", None if offset is None else int(offset),
                 int(items or 0), int(errors or 0))
+
+
+class Store(Protocol):
+    """What the launcher and the workers need of a result store (Redis or S3)."""
+
+    def ping(self) -> None: ...
+    def put_meta(self, job: str, meta: dict[str, Any]) -> None: ...
+    def get_meta(self, job: str) -> dict[str, Any] | None: ...
+    def cancel(self, job: str) -> None: ...
+    def is_cancelled(self, job: str) -> bool: ...
+    # worker side
+    def is_committed(self, job: str, batch: int) -> bool: ...
+    def commit(self, job: str, done: Done, lines: bytes) -> bool: ...
+    def announce(self, job: str, done: Done) -> None: ...
+    def renew_lease(self, job: str, batch: int, seconds: float) -> None: ...
+    def register_worker(self, name: str, info: dict[str, Any], seconds: float) -> None: ...
+    def unregister_worker(self, name: str) -> None: ...
+    # launcher side
+    def workers(self) -> list[dict[str, Any]]: ...
+    def busy_slots(self) -> set[str]: ...
+    def wait_done(self, job: str, timeout: float) -> list[Done]: ...
+    def results(self, job: str,
+                batches: list[int]) -> list[tuple[int, int, memoryview] | None]: ...
+    def mark_written(self, job: str, batches: list[int], offset: int | None,
+                     items: int, errors: int) -> None: ...
+    def journal(self, job: str) -> tuple[bytes, bytes, int | None, int, int]: ...
+
+
+def open_store(settings: Settings) -> Store:
+    """The result store a settings' result URL names (redis:// or s3://)."""
+    if settings.result_url.startswith("s3://"):
+        from app.store_s3 import S3Store
+
+        return S3Store(settings.result_url, settings.result_ttl, settings.lease_seconds)
+    return RedisStore(settings.result_url, settings.result_ttl)
 
 
 def worker_name() -> str:

@@ -20,20 +20,20 @@ from app.batch import run_batch
 from app.celery_config import BASE_MODULES
 from app.registry import UnknownTask, resolve
 from app.settings import Settings
-from app.store import Done, RedisStore, worker_name
+from app.store import Done, Store, open_store, worker_name
 
 log = logging.getLogger(__name__)
 
-_stores: dict[int, RedisStore] = {}
+_stores: dict[int, Store] = {}
 
 
-def store_for(settings: Settings) -> RedisStore:
+def store_for(settings: Settings) -> Store:
     # One connection pool per process: pool processes are forked, and a
     # socket shared across a fork is corrupted by both sides.
     pid = os.getpid()
     if pid not in _stores:
         _stores.clear()
-        _stores[pid] = RedisStore(settings.result_url, settings.result_ttl)
+        _stores[pid] = open_store(settings)
     return _stores[pid]
 
 
@@ -45,7 +45,7 @@ def app_version() -> str:
 
 
 @contextlib.contextmanager
-def lease(store: RedisStore, job: str, batch: int, seconds: float):
+def lease(store: Store, job: str, batch: int, seconds: float):
     """Renew the batch's lease every seconds/3 while the body runs."""
     stop = threading.Event()
 
@@ -98,9 +98,9 @@ class _Heartbeat:
 
     def start(self, app, hostname: str, concurrency: int) -> None:
         settings: Settings | None = getattr(app, "fleet_settings", None)
-        if settings is None or not settings.result_url.startswith("redis"):
+        if settings is None:
             return
-        store = RedisStore(settings.result_url, settings.result_ttl)
+        store = open_store(settings)
         info = {"hostname": hostname, "concurrency": concurrency, "pid": os.getpid(),
                 "version": app_version(), "queue": settings.queue}
         period = settings.lease_seconds / 3

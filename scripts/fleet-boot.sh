@@ -19,6 +19,7 @@ shopt -s inherit_errexit
 BOOT_ENV=${FLEET_BOOT_ENV:-/etc/celery-fleet/boot.env}
 ENV_FILE=${FLEET_ENV_FILE:-/etc/celery-fleet/env}
 APP_DIR=${FLEET_APP_DIR:-/opt/celery-fleet}
+SYSTEMD_DIR=${FLEET_SYSTEMD_DIR:-/etc/systemd/system}
 UNIT=celery-fleet-worker.service
 SERVICE_USER=celery-fleet
 PYTHON=python3.11
@@ -120,9 +121,8 @@ write_environment() {
 write_stop_timeout() {
     local max_batch
     max_batch=$(sed -n 's/^FLEET_MAX_BATCH_SECONDS=//p' "$ENV_FILE")
-    mkdir -p "/etc/systemd/system/$UNIT.d"
-    printf '[Service]\nTimeoutStopSec=%s\n' "$((max_batch + 60))" \
-        >"/etc/systemd/system/$UNIT.d/stop-timeout.conf"
+    mkdir -p "$SYSTEMD_DIR/$UNIT.d"
+    printf '[Service]\nTimeoutStopSec=%s\n' "$((max_batch + 60))" >"$SYSTEMD_DIR/$UNIT.d/stop-timeout.conf"
 }
 
 main() {

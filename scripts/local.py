@@ -25,7 +25,7 @@ from pathlib import Path
 
 from app.cpus import available_cpus
 from app.settings import Settings, redact
-from app.store import RedisStore
+from app.store import open_store
 
 
 class LocalFleetError(RuntimeError):
@@ -209,8 +209,11 @@ class LocalFleet:
     def __init__(self, instances: int | None = None, broker: str = "redis",
                  include: tuple[str, ...] = (), queue: str = "fleet",
                  workdir: Path | None = None, env: dict[str, str] | None = None,
-                 lease_seconds: float | None = None, write_state: bool = False) -> None:
-        if broker not in ("redis", "rabbitmq"):
+                 lease_seconds: float | None = None, write_state: bool = False,
+                 settings: Settings | None = None) -> None:
+        """`settings` given: no servers are started; the workers use that broker and store
+        (an SQS queue and S3 bucket, say)."""
+        if settings is None and broker not in ("redis", "rabbitmq"):
             raise LocalFleetError(f"unknown broker {broker!r}: use redis or rabbitmq.")
         self.broker_kind = broker
         cpus = sorted(os.sched_getaffinity(0))[: available_cpus()]
@@ -220,13 +223,16 @@ class LocalFleet:
         self.queue = queue
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="celery-fleet-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.extra_env = env or {}
         self.lease_seconds = lease_seconds
         self.write_state = write_state
         self.broker: Server | None = None
         self.results: Server | None = None
         self.instances: list[Instance] = []
-        self.settings: Settings | None = None
+        self.settings: Settings | None = settings
+        if settings is not None:
+            self.queue = settings.queue
 
     # -- lifecycle --------------------------------------------------------
 
@@ -242,6 +248,18 @@ class LocalFleet:
         self.stop()
 
     def start(self, wait: bool = True) -> Settings:
+        if self.settings is None:
+            self.settings = self._start_servers()
+        self.instances = [Instance(i, cpus) for i, cpus in enumerate(self.cpu_sets)]
+        for inst in self.instances:
+            self.start_instance(inst)
+        if self.write_state:
+            self._write_state()
+        if wait:
+            self.wait_ready()
+        return self.settings
+
+    def _start_servers(self) -> Settings:
         password = secrets.token_urlsafe(18)
         self.results = redis_server("results", self.workdir, password)
         self.results.start()
@@ -251,19 +269,11 @@ class LocalFleet:
             self.broker = rabbitmq_server(self.workdir, password)
         self.broker.start()
         overrides = {"lease_seconds": self.lease_seconds} if self.lease_seconds else {}
-        self.settings = Settings(
+        return Settings(
             broker_url=self.broker.url + ("/0" if self.broker_kind == "redis" else ""),
             result_url=self.results.url + "/1",
             queue=self.queue, include=self.include, **overrides,
         )
-        self.instances = [Instance(i, cpus) for i, cpus in enumerate(self.cpu_sets)]
-        for inst in self.instances:
-            self.start_instance(inst)
-        if self.write_state:
-            self._write_state()
-        if wait:
-            self.wait_ready()
-        return self.settings
 
     def worker_env(self) -> dict[str, str]:
         assert self.settings is not None
@@ -291,7 +301,7 @@ class LocalFleet:
     def wait_ready(self, timeout: float = 60) -> None:
         """Block until every instance has announced itself in the result store."""
         assert self.settings is not None
-        store = RedisStore(self.settings.result_url)
+        store = open_store(self.settings)
         deadline = time.monotonic() + timeout
         want = len([i for i in self.instances if i.proc is not None])
         while time.monotonic() < deadline:
@@ -356,7 +366,7 @@ class LocalFleet:
             json.dump(state, f, indent=2)
 
     def describe(self) -> str:
-        assert self.settings is not None and self.broker is not None
+        assert self.settings is not None
         per = ", ".join(f"instance{i.index}: {len(i.cpus)} CPU" for i in self.instances)
         return (f"local fleet up: broker {redact(self.settings.broker_url)}, "
                 f"results {redact(self.settings.result_url)}\n  {per}\n"

@@ -1,0 +1,246 @@
+"""The result store on S3: one object per batch, keyed by job and batch.
+
+The stack's default (with the SQS broker): nothing to pay while idle, IAM
+authentication, no server inside the VPC. Same contract as the Redis store:
+
+- commit is first-writer-wins through a conditional put (If-None-Match: *),
+  so a batch that runs twice is stored once;
+- results stay until the bucket's lifecycle rule expires them, so a worker
+  can tell a redelivered, finished batch by the object alone;
+- leases and worker registrations are small objects whose LastModified is
+  the heartbeat (S3's clock, compared with a margin for clock skew).
+
+Where S3 is slower than Redis (a listing per poll instead of a blocking pop),
+batches take seconds, so one request a second is plenty.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+
+from app.settings import query_options, redact
+from app.store import Done, StoreUnavailable
+
+_json = msgspec.json.Encoder()
+_decode = msgspec.json.Decoder().decode
+CLOCK_SLACK = 2.0  # seconds of disagreement tolerated between S3's clock and ours
+POLL = 0.5
+
+
+class S3Store:
+    def __init__(self, url: str, ttl: int = 7 * 24 * 3600, lease_seconds: float = 10.0) -> None:
+        import boto3
+        import botocore.config
+        import botocore.exceptions
+
+        self.url = url
+        self.ttl = ttl
+        self.lease_seconds = lease_seconds
+        parts = urlsplit(url)
+        opts = query_options(url)
+        self.bucket = parts.hostname or ""
+        self.prefix = parts.path.strip("/")
+        self.prefix = f"{self.prefix}/" if self.prefix else ""
+        self.s3 = boto3.client(
+            "s3", region_name=opts.get("region"), endpoint_url=opts.get("endpoint_url"),
+            config=botocore.config.Config(retries={"max_attempts": 10, "mode": "adaptive"}),
+        )
+        self._errors = botocore.exceptions
+        self._fetched: dict[tuple[str, int], bytes] = {}
+        self._announced: dict[str, set[int]] = {}
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _key(self, *parts: object) -> str:
+        return self.prefix + "/".join(str(p) for p in parts)
+
+    def _batch_key(self, job: str, batch: int) -> str:
+        return self._key("jobs", job, "results", f"{batch:010d}")
+
+    def _get(self, key: str) -> bytes | None:
+        try:
+            return self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except self.s3.exceptions.NoSuchKey:
+            return None
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self.s3.head_object(Bucket=self.bucket, Key=key)
+        except self._errors.ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return False
+            raise
+        return True
+
+    def _list(self, prefix: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix):
+            out.extend(page.get("Contents", []))
+        return out
+
+    def _fresh(self, prefix: str, seconds: float) -> list[dict[str, Any]]:
+        """Objects under prefix written less than `seconds` ago."""
+        now = datetime.now(UTC).timestamp()
+        return [o for o in self._list(prefix)
+                if now - o["LastModified"].timestamp() <= seconds + CLOCK_SLACK]
+
+    def ping(self) -> None:
+        try:
+            self.s3.head_bucket(Bucket=self.bucket)
+        except Exception as exc:  # noqa: BLE001 - botocore raises many kinds
+            raise StoreUnavailable(
+                f"cannot reach the result store at {redact(self.url)}: {exc}"
+            ) from None
+
+    # -- jobs -------------------------------------------------------------
+
+    def put_meta(self, job: str, meta: dict[str, Any]) -> None:
+        self.s3.put_object(Bucket=self.bucket, Key=self._key("jobs", job, "meta.json"),
+                           Body=_json.encode(meta))
+
+    def get_meta(self, job: str) -> dict[str, Any] | None:
+        raw = self._get(self._key("jobs", job, "meta.json"))
+        return None if raw is None else _decode(raw)
+
+    def cancel(self, job: str) -> None:
+        self.s3.put_object(Bucket=self.bucket, Key=self._key("jobs", job, "cancel"), Body=b"1")
+
+    def is_cancelled(self, job: str) -> bool:
+        return self._exists(self._key("jobs", job, "cancel"))
+
+    # -- worker side ------------------------------------------------------
+
+    def is_committed(self, job: str, batch: int) -> bool:
+        return self._exists(self._batch_key(job, batch))
+
+    def commit(self, job: str, done: Done, lines: bytes) -> bool:
+        head = _json.encode(done) + b"\n"
+        try:
+            self.s3.put_object(Bucket=self.bucket, Key=self._batch_key(job, done.batch),
+                               Body=head + lines, IfNoneMatch="*")
+        except self._errors.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed",
+                                                             "ConditionalRequestConflict"):
+                return False
+            raise
+        finally:
+            self.drop_lease(job, done.batch)
+        return True
+
+    def announce(self, job: str, done: Done) -> None:
+        self.s3.put_object(Bucket=self.bucket, Key=self._key("jobs", job, "refused"),
+                           Body=_json.encode(done))
+
+    def renew_lease(self, job: str, batch: int, seconds: float) -> None:
+        self.s3.put_object(Bucket=self.bucket, Key=self._key("leases", job, batch), Body=b"")
+
+    def drop_lease(self, job: str, batch: int) -> None:
+        self.s3.delete_object(Bucket=self.bucket, Key=self._key("leases", job, batch))
+
+    def register_worker(self, name: str, info: dict[str, Any], seconds: float) -> None:
+        self.s3.put_object(Bucket=self.bucket, Key=self._key("workers", name),
+                           Body=_json.encode(dict(info, lease=seconds)))
+
+    def unregister_worker(self, name: str) -> None:
+        self.s3.delete_object(Bucket=self.bucket, Key=self._key("workers", name))
+
+    # -- launcher side ----------------------------------------------------
+
+    def workers(self) -> list[dict[str, Any]]:
+        out = []
+        for obj in self._list(self._key("workers", "")):
+            raw = self._get(obj["Key"])
+            if raw is None:
+                continue
+            info = _decode(raw)
+            age = datetime.now(UTC).timestamp() - obj["LastModified"].timestamp()
+            if age <= float(info.get("lease", 10)) + CLOCK_SLACK:
+                out.append(dict(info, name=obj["Key"].rsplit("/", 1)[-1]))
+        return out
+
+    def busy_slots(self) -> set[str]:
+        base = len(self._key("leases", ""))
+        return {o["Key"][base:]
+                for o in self._fresh(self._key("leases", ""), self.lease_seconds)}
+
+    def wait_done(self, job: str, timeout: float) -> list[Done]:
+        """Batches committed since the last call (fetched, so `results` costs nothing more)."""
+        seen = self._announced.setdefault(job, set())
+        deadline = time.monotonic() + timeout
+        while True:
+            refused = self._get(self._key("jobs", job, "refused"))
+            if refused is not None:
+                return [msgspec.convert(_decode(refused), Done)]
+            new = []
+            for obj in self._list(self._key("jobs", job, "results", "")):
+                batch = int(obj["Key"].rsplit("/", 1)[-1])
+                if batch in seen:
+                    continue
+                raw = self._get(obj["Key"])
+                if raw is None:
+                    continue
+                head, _, lines = raw.partition(b"\n")
+                done = msgspec.convert(_decode(head), Done)
+                self._fetched[(job, batch)] = raw
+                seen.add(batch)
+                new.append(done)
+                if len(new) >= 16:  # bound what is held in memory
+                    return new
+            if new or time.monotonic() >= deadline:
+                return new
+            time.sleep(POLL)
+
+    def results(self, job: str, batches: list[int]) -> list[tuple[int, int, memoryview] | None]:
+        out: list[tuple[int, int, memoryview] | None] = []
+        for b in batches:
+            raw = self._fetched.pop((job, b), None) or self._get(self._batch_key(job, b))
+            if raw is None:
+                out.append(None)
+                continue
+            cut = raw.index(b"\n")
+            done = msgspec.convert(_decode(raw[:cut]), Done)
+            out.append((done.items, done.errors, memoryview(raw)[cut + 1:]))
+        return out
+
+    def mark_written(self, job: str, batches: list[int], offset: int | None,
+                     items: int, errors: int) -> None:
+        journal = self._journal(job)
+        bits = bytearray(journal["written"])
+        for b in batches:
+            while len(bits) <= b >> 3:
+                bits.append(0)
+            bits[b >> 3] |= 0x80 >> (b & 7)
+        journal.update(written=bytes(bits), items=journal["items"] + items,
+                       errors=journal["errors"] + errors)
+        if offset is not None:
+            journal["offset"] = offset
+        body = dict(journal, written=base64.b64encode(journal["written"]).decode())
+        self.s3.put_object(Bucket=self.bucket, Key=self._key("jobs", job, "journal.json"),
+                           Body=_json.encode(body))
+
+    def _journal(self, job: str) -> dict[str, Any]:
+        raw = self._get(self._key("jobs", job, "journal.json"))
+        if raw is None:
+            return {"written": b"", "offset": None, "items": 0, "errors": 0}
+        journal = _decode(raw)
+        journal["written"] = base64.b64decode(journal["written"])
+        return journal
+
+    def journal(self, job: str) -> tuple[bytes, bytes, int | None, int, int]:
+        committed = bytearray()
+        for obj in self._list(self._key("jobs", job, "results", "")):
+            b = int(obj["Key"].rsplit("/", 1)[-1])
+            while len(committed) <= b >> 3:
+                committed.append(0)
+            committed[b >> 3] |= 0x80 >> (b & 7)
+            # Known at the start: announced from now on are only later commits.
+            self._announced.setdefault(job, set()).add(b)
+        j = self._journal(job)
+        return bytes(committed), j["written"], j["offset"], j["items"], j["errors"]
