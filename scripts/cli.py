@@ -25,9 +25,15 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def resolve_settings(broker: str | None, backend: str | None, **overrides: object) -> Settings:
-    """Flags, then FLEET_* variables, then the running local fleet."""
+def resolve_settings(broker: str | None, backend: str | None, stack: str | None = None,
+                     **overrides: object) -> Settings:
+    """A stack's SSM parameters; else flags, then FLEET_* variables, then the running local fleet."""
     from scripts.local import read_state
+
+    if stack:
+        from app.stack import settings_from_stack
+
+        return settings_from_stack(stack, **overrides)
 
     env = dict(os.environ)
     if not (broker or env.get("FLEET_BROKER_URL")):
@@ -79,13 +85,15 @@ class BatchSize(click.ParamType):
 @click.option("--broker", metavar="URL", help="Broker URL (default: FLEET_BROKER_URL or the local fleet).")
 @click.option("--backend", metavar="URL",
               help="Result store URL (default: FLEET_RESULT_URL or the local fleet).")
+@click.option("--stack", metavar="NAME",
+              help="A deployed stack: read its broker and result store from SSM Parameter Store.")
 @click.option("--queue", help="Queue the workers consume (default: FLEET_QUEUE or 'fleet').")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the summary as JSON (on stdout with --out, else on stderr).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr (default: when stderr is a terminal).")
 def run(task, ids, column, field_, fmt, batch_size, target_seconds, max_in_flight, out, resume,
-        broker, backend, queue, as_json, progress):
+        broker, backend, stack, queue, as_json, progress):
     """Run TASK over every ID of --ids on the fleet.
 
     TASK is a function registered with @fleet_task, or module:function from a
@@ -100,7 +108,9 @@ def run(task, ids, column, field_, fmt, batch_size, target_seconds, max_in_fligh
         source = Source.parse(ids, fmt, column, field_) if ids else None
     except InputError as exc:
         _fail(str(exc), 2)
-    settings = resolve_settings(broker, backend, queue=queue)
+    if stack and (broker or backend):
+        _fail("give either --stack or --broker/--backend, not both.", 2)
+    settings = resolve_settings(broker, backend, stack, queue=queue)
     opts = JobOptions(
         task=task, source=source, batch_size=batch_size, target_seconds=target_seconds,
         max_in_flight=max_in_flight, out=out, resume=resume,

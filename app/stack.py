@@ -1,0 +1,73 @@
+"""Connection settings of a deployed stack, from SSM Parameter Store.
+
+The stack writes them under /celery-fleet/<stack>/ (infra/connection.py), so
+the launcher and the workers' boot need AWS credentials and nothing else: no
+Pulumi CLI, no secrets in stack outputs or user-data. A URL that needs a
+password holds "user@"; the password is in a SecureString parameter and goes
+in here, in memory only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from app.settings import ConfigError, Settings
+
+
+def ssm_prefix(stack: str) -> str:
+    return f"/celery-fleet/{stack}/"
+
+
+def with_password(url: str, password: str) -> str:
+    parts = urlsplit(url)
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
+
+
+def read_parameters(stack: str, ssm: Any) -> dict[str, str]:
+    prefix = ssm_prefix(stack)
+    params: dict[str, str] = {}
+    for page in ssm.get_paginator("get_parameters_by_path").paginate(
+            Path=prefix, WithDecryption=True):
+        for p in page["Parameters"]:
+            params[p["Name"][len(prefix):]] = p["Value"]
+    return params
+
+
+def env_from_parameters(params: dict[str, str], region: str | None) -> dict[str, str]:
+    """FLEET_* variables from the stack's parameters (secrets put into the URLs)."""
+    env = {
+        "FLEET_BROKER_URL": params["broker_url"],
+        "FLEET_RESULT_URL": params["result_url"],
+        "FLEET_QUEUE": params.get("queue", "fleet"),
+        "FLEET_MAX_BATCH_SECONDS": params.get("max_batch_seconds", ""),
+        "FLEET_RESULT_TTL": params.get("result_ttl", ""),
+        "FLEET_SQS_QUEUE_URL": params.get("queue_url", ""),
+        "FLEET_AWS_REGION": region or "",
+    }
+    for role, key in (("broker", "FLEET_BROKER_URL"), ("result", "FLEET_RESULT_URL")):
+        if f"{role}_password" in params:
+            env[key] = with_password(env[key], params[f"{role}_password"])
+    return {k: v for k, v in env.items() if v}
+
+
+def settings_from_stack(stack: str, session: Any = None, **overrides: object) -> Settings:
+    """Settings of stack `stack` in the session's region (boto3's default session if None)."""
+    import boto3
+    import botocore.exceptions
+
+    session = session or boto3.session.Session()
+    ssm = session.client("ssm")
+    try:
+        params = read_parameters(stack, ssm)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        raise ConfigError(f"cannot read stack {stack!r} from SSM Parameter Store: {exc}") from None
+    if "broker_url" not in params or "result_url" not in params:
+        raise ConfigError(
+            f"no stack {stack!r} in region {session.region_name or '(none set)'}: nothing under "
+            f"{ssm_prefix(stack)} in SSM Parameter Store. Check the stack name (`pulumi stack "
+            f"ls`), AWS_REGION and your credentials."
+        )
+    return Settings.from_env(env_from_parameters(params, session.region_name), **overrides)
