@@ -48,9 +48,12 @@ def pack(ids: list[Any] | dict[str, Any]) -> list[Any] | dict[str, Any]:
     (JSON, then the hop to the pool process) costs one copy instead of an
     object per ID. Ranges already travel as {"range": [start, stop]}.
     """
-    if isinstance(ids, dict) or not ids or not all(type(i) is str for i in ids):
+    if isinstance(ids, dict) or not ids:
         return ids
-    joined = "\n".join(ids)
+    try:
+        joined = "\n".join(ids)  # raises for any ID that is not a string
+    except TypeError:
+        return ids
     if joined.count("\n") != len(ids) - 1:  # an ID holds a newline itself
         return ids
     return {"lines": joined}

@@ -17,6 +17,7 @@ again; the first commit wins, so a batch that then runs twice is written once.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import secrets
@@ -206,15 +207,30 @@ class Launcher:
                 f"lost the broker at {redact(self.settings.broker_url)}: {exc}"
             ) from None
 
+    def advertise_backlog(self, job: str, batches: int) -> None:
+        """Tell the autoscaler how many batches this job still holds back from the broker.
+
+        Only a few batches per slot are on the broker at a time, so its queue
+        alone would hide a long job and a fleet scaled on it could grow no
+        faster than the slots it has (see app/autoscale.py).
+        """
+        self.store.advertise_backlog(self.settings.queue, job, batches,
+                                     max(5.0, 3 * self.settings.lease_seconds))
+
     # -- the job ----------------------------------------------------------
 
     def run(self, opts: JobOptions) -> JobSummary:
         started = time.monotonic()
-        self.check_connections()
         if opts.resume:
+            self.check_connections()
             job, meta = opts.resume, self._resume_meta(opts)
         else:
-            job, meta = self._new_job(opts)
+            # Input and output first: a bad file costs no broker round trip
+            # and no calibration.
+            total = self._count(opts)
+            _check_writable(opts.out)
+            self.check_connections()
+            job, meta = self._new_job(opts, total)
         task, source = meta["task"], Source.from_meta(meta["source"])
         layout = Layout(tuple(meta["layout"]["probe"]), meta["layout"]["size"])
         committed_bits, written_bits, offset, items, errors = self.store.journal(job)
@@ -225,7 +241,8 @@ class Launcher:
             file=sys.stderr, disable=not opts.progress, mininterval=0.5, smoothing=0.05,
             dynamic_ncols=True, desc=job,
         )
-        run = _Run(self, job, task, opts, out, out_path, progress)
+        run = _Run(self, job, task, opts, out, out_path, progress,
+                   _batch_count(meta.get("total"), layout))
         try:
             with _interrupt_guard() as interrupted:
                 stream, self._stream = self._stream, None
@@ -233,6 +250,9 @@ class Launcher:
                          written_bits, committed_bits,
                          interrupted)
         finally:
+            # Best effort: the entry lapses by itself if the store is gone.
+            with contextlib.suppress(Exception):
+                self.advertise_backlog(job, 0)
             progress.bar.close()
             if out is not sys.stdout.buffer:
                 out.close()
@@ -248,13 +268,17 @@ class Launcher:
             seconds_per_item=meta.get("seconds_per_item"),
         )
 
-    def _new_job(self, opts: JobOptions) -> tuple[str, dict[str, Any]]:
+    @staticmethod
+    def _count(opts: JobOptions) -> int | None:
         if not opts.task or opts.source is None:
             raise BadInput("a new job needs a task and an ID source.")
         try:
-            total = opts.source.count()
+            return opts.source.count()
         except InputError as exc:
             raise BadInput(str(exc)) from None
+
+    def _new_job(self, opts: JobOptions, total: int | None) -> tuple[str, dict[str, Any]]:
+        assert opts.task and opts.source is not None
         job = new_job_id()
         meta: dict[str, Any] = {
             "task": opts.task, "source": opts.source.as_meta(), "total": total,
@@ -332,6 +356,9 @@ class Launcher:
         waited = time.monotonic()
         pending = {b for b, _ in payloads}
         while pending:
+            # The batch size is not known yet: count each ID left as a batch (an
+            # upper bound), so a long job scales out while its probes wait.
+            self.advertise_backlog(job, (total or 0) - len(payloads))
             for done in self.store.wait_done(job, timeout=1.0):
                 if done.refused:
                     self.store.cancel(job)
@@ -376,12 +403,39 @@ def _id_bytes(source: Source, sample: list[Any] | None = None) -> int:
     return max(8, math.ceil(encoded / max(len(sample), 1)))
 
 
+def _check_writable(path: Path | None) -> None:
+    """BadInput unless `path` can be written; an existing file is left as it is."""
+    if path is None:
+        return
+    existed = path.exists()
+    try:
+        open(path, "ab").close()
+    except OSError as exc:
+        raise BadInput(f"cannot write {path}: {exc.strerror}.") from None
+    if not existed:
+        path.unlink()
+
+
+def _batch_count(total: int | None, layout: Layout) -> int | None:
+    """How many batches `layout` cuts `total` IDs into (None when the total is unknown)."""
+    if total is None:
+        return None
+    count, left = 0, total
+    for size in layout.probe:
+        if left <= 0:
+            return count
+        count, left = count + 1, left - size
+    return count + max(0, math.ceil(left / layout.size))
+
+
 class _Run:
     """The state of one pass over a job's batches."""
 
     def __init__(self, launcher: Launcher, job: str, task: str, opts: JobOptions,
-                 out: IO[bytes], out_path: str | None, progress: _Progress) -> None:
+                 out: IO[bytes], out_path: str | None, progress: _Progress,
+                 total_batches: int | None = None) -> None:
         self.launcher = launcher
+        self.total_batches = total_batches  # None: a stream of unknown length
         self.store = launcher.store
         self.job = job
         self.task = task
@@ -444,7 +498,16 @@ class _Run:
             now = time.monotonic()
             if now - last_check >= 1.0:
                 self.find_lost(now)
+                self.launcher.advertise_backlog(self.job, self.held(batch, exhausted))
                 last_check = now
+
+    def held(self, sent: int, exhausted: bool) -> int:
+        """Batches not sent yet; for a stream of unknown length, as many again as in flight."""
+        if exhausted:
+            return 0
+        if self.total_batches is None:
+            return len(self.inflight)
+        return max(0, self.total_batches - sent)
 
     def write(self, batches: list[int]) -> None:
         """Copy the committed lines of `batches` to the output and journal them."""
