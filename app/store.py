@@ -27,6 +27,8 @@ from app.settings import Settings, redact
 
 WORKERS_KEY = "fleet:workers"  # sorted set: worker name -> expiry (Redis clock)
 LEASES_KEY = "fleet:leases"  # sorted set: "job/batch" -> expiry (Redis clock)
+# sorted set: "queue/job" -> expiry; the counts in the hash BACKLOG_KEY + ":n"
+BACKLOG_KEY = "fleet:backlog"
 
 _json = msgspec.json.Encoder()
 _decode = msgspec.json.Decoder().decode
@@ -194,6 +196,27 @@ class RedisStore:
         """Members "job/batch" of every batch running now, on any job."""
         return {m.decode() for m in self._live(keys=[LEASES_KEY])}
 
+    def advertise_backlog(self, queue: str, job: str, batches: int, seconds: float) -> None:
+        """Say `job` holds back `batches` more for `queue` (0: none); lapses after `seconds`."""
+        member = f"{queue}/{job}"
+        pipe = self.r.pipeline(transaction=False)
+        if batches > 0:
+            pipe.hset(BACKLOG_KEY + ":n", member, batches)
+            self._renew(keys=[BACKLOG_KEY], args=[member, int(seconds) + 1], client=pipe)
+        else:
+            pipe.zrem(BACKLOG_KEY, member)
+            pipe.hdel(BACKLOG_KEY + ":n", member)
+        pipe.execute()
+
+    def backlog(self, queue: str) -> int:
+        """Batches the launchers of `queue` hold back from the broker (for the autoscaler)."""
+        live = {m.decode() for m in self._live(keys=[BACKLOG_KEY])}
+        counts = {k.decode(): int(v) for k, v in self.r.hgetall(BACKLOG_KEY + ":n").items()}
+        stale = [m for m in counts if m not in live]  # a launcher that died
+        if stale:
+            self.r.hdel(BACKLOG_KEY + ":n", *stale)
+        return sum(n for m, n in counts.items() if m in live and m.startswith(f"{queue}/"))
+
     def wait_done(self, job: str, timeout: float) -> list[Done]:
         """Announcements of committed batches; waits up to `timeout` for the first one."""
         key = _keys(job)["done"]
@@ -274,6 +297,8 @@ class Store(Protocol):
     # launcher side
     def workers(self) -> list[dict[str, Any]]: ...
     def busy_slots(self) -> set[str]: ...
+    def advertise_backlog(self, queue: str, job: str, batches: int, seconds: float) -> None: ...
+    def backlog(self, queue: str) -> int: ...
     def wait_done(self, job: str, timeout: float) -> list[Done]: ...
     def results(self, job: str,
                 batches: list[int]) -> list[tuple[int, int, memoryview] | None]: ...

@@ -170,6 +170,26 @@ class S3Store:
         return {o["Key"][base:]
                 for o in self._fresh(self._key("leases", ""), self.lease_seconds)}
 
+    def advertise_backlog(self, queue: str, job: str, batches: int, seconds: float) -> None:
+        key = self._key("backlog", queue, job)
+        if batches > 0:
+            self.s3.put_object(Bucket=self.bucket, Key=key,
+                               Body=_json.encode({"batches": batches, "lease": seconds}))
+        else:
+            self.s3.delete_object(Bucket=self.bucket, Key=key)
+
+    def backlog(self, queue: str) -> int:
+        total = 0
+        for obj in self._list(self._key("backlog", queue, "")):
+            raw = self._get(obj["Key"])
+            if raw is None:
+                continue
+            info = _decode(raw)
+            age = datetime.now(UTC).timestamp() - obj["LastModified"].timestamp()
+            if age <= float(info.get("lease", 10)) + CLOCK_SLACK:
+                total += int(info.get("batches", 0))
+        return total
+
     def wait_done(self, job: str, timeout: float) -> list[Done]:
         """Batches committed since the last call (fetched, so `results` costs nothing more)."""
         seen = self._announced.setdefault(job, set())
