@@ -19,10 +19,11 @@ def result_backend(settings: Settings) -> dict[str, Any]:
     parts = urlsplit(settings.result_url)
     if parts.scheme == "s3":
         opts = query_options(settings.result_url)
+        prefix = parts.path.strip("/")
         conf: dict[str, Any] = {
             "result_backend": "s3",
             "s3_bucket": parts.hostname,
-            "s3_base_path": parts.path.strip("/") + "/celery/" if parts.path.strip("/") else "celery/",
+            "s3_base_path": f"{prefix}/celery/" if prefix else "celery/",
         }
         if opts.get("region"):
             conf["s3_region"] = opts["region"]

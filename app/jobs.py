@@ -346,7 +346,7 @@ class Launcher:
                 yield size_after[0]
 
         stream = opts.source.batches(sizes())
-        payloads = list(zip(range(n_probe), stream))
+        payloads = list(zip(range(n_probe), stream, strict=False))
         if not payloads:  # only stdin gets here: files are counted first
             raise BadInput(f"{'stdin' if opts.source.streamed else opts.source.spec} "
                            "holds no IDs.")
@@ -519,7 +519,7 @@ class _Run:
     def _write_chunk(self, batches: list[int]) -> None:
         items = errors = 0
         done_now = []
-        for b, result in zip(batches, self.store.results(self.job, batches)):
+        for b, result in zip(batches, self.store.results(self.job, batches), strict=False):
             if result is None:
                 continue  # expired; the lost-batch check re-sends it
             n, e, lines = result

@@ -151,7 +151,9 @@ class Settings:
                 "or set FLEET_RESULT_URL (e.g. redis://127.0.0.1:6379/1)."
             )
         include = tuple(
-            m.strip() for m in env.get("FLEET_INCLUDE", "").replace(" ", ",").split(",") if m.strip()
+            m.strip()
+            for m in env.get("FLEET_INCLUDE", "").replace(" ", ",").split(",")
+            if m.strip()
         )
         values: dict[str, object] = dict(
             broker_url=broker,

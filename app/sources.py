@@ -87,7 +87,7 @@ class Source:
         return n
 
     def batches(self, sizes: Iterator[int]) -> Iterator[list[Any] | dict[str, Any]]:
-        """Payloads of successive batches, the n-th holding next(sizes) IDs (the last may be short)."""
+        """Payloads of successive batches, the n-th of next(sizes) IDs (the last may be short)."""
         if self.fmt == "range":
             start, stop = _parse_range(self.spec)
             while start < stop:
@@ -246,7 +246,9 @@ def _csv_blocks(fobj: IO[bytes], name: str, column: str) -> Iterator[list[Any]]:
                 yield ids
                 ids = []
     except UnicodeDecodeError:
-        raise InputError(f"{name}, near line {reader.line_num + 1}: not valid UTF-8 text.") from None
+        raise InputError(
+            f"{name}, near line {reader.line_num + 1}: not valid UTF-8 text."
+        ) from None
     except csv.Error as exc:
         raise InputError(f"{name}, line {reader.line_num}: {exc}.") from None
     finally:

@@ -190,7 +190,7 @@ class RedisStore:
         if not names:
             return []
         raws = self.r.mget([f"fleet:worker:{n}" for n in names])
-        return [dict(_decode(raw), name=n) for n, raw in zip(names, raws) if raw]
+        return [dict(_decode(raw), name=n) for n, raw in zip(names, raws, strict=False) if raw]
 
     def busy_slots(self) -> set[str]:
         """Members "job/batch" of every batch running now, on any job."""
@@ -235,7 +235,7 @@ class RedisStore:
         pipe = self.r.pipeline(transaction=False)
         for b in batches:
             pipe.getbit(key, b)
-        return [b for b, bit in zip(batches, pipe.execute()) if bit]
+        return [b for b, bit in zip(batches, pipe.execute(), strict=False) if bit]
 
     def results(self, job: str, batches: list[int]) -> list[tuple[int, int, memoryview] | None]:
         """(items, errors, JSON lines) of each committed batch; None where there is none."""

@@ -15,6 +15,7 @@ import threading
 from importlib import metadata
 
 from celery import Task, shared_task, signals
+from celery.worker import state as worker_state
 
 from app.batch import run_batch
 from app.celery_config import BASE_MODULES
@@ -88,6 +89,16 @@ def fleet_batch(self: Task, job: str, batch: int, task_name: str, payload) -> in
     return outcome.items
 
 
+def held_batches() -> dict[str, int]:
+    """Batches this worker holds: received and not finished (running ones included), and running.
+
+    Advertised with each heartbeat: the drain agent and the local autoscaler
+    take only an instance that holds none.
+    """
+    return {"reserved": len(worker_state.reserved_requests),
+            "active": len(worker_state.active_requests)}
+
+
 class _Heartbeat:
     """Advertises this worker and its slots in the result store while it consumes."""
 
@@ -108,7 +119,8 @@ class _Heartbeat:
         def beat() -> None:
             while not self.stop.is_set():
                 try:
-                    store.register_worker(self.name, info, settings.lease_seconds)
+                    store.register_worker(self.name, {**info, **held_batches()},
+                                          settings.lease_seconds)
                 except Exception:  # noqa: BLE001 - retried on the next beat
                     log.warning("worker heartbeat failed", exc_info=True)
                 self.stop.wait(period)

@@ -29,10 +29,10 @@ DEFAULT_INSTANCE_TYPES = ("c7i.xlarge", "c6i.xlarge", "c6a.xlarge", "c5.xlarge",
 # targetBacklogPerInstance.
 _SIZE_VCPUS = {"medium": 1, "large": 2, "xlarge": 4}
 _INSTANCE_TYPE = re.compile(
-    r"^(?P<family>[a-z]+)(?P<gen>\d+)(?P<attrs>[a-z-]*)\.(?P<size>[a-z0-9]+)$"
+    r"^(?P<family>[a-z]+)(?P<gen>\d+)(?P<attrs>[a-z-]*)\.(?P<size>[a-z0-9-]+)$"
 )
 
-# A launch template's lifecycle hook can wait at most two hours.
+# A lifecycle hook's heartbeat may be at most two hours.
 MAX_LIFECYCLE_HEARTBEAT = 7200
 
 
@@ -131,8 +131,8 @@ class FleetConfig:
                 f"celery-fleet:onDemandBaseCapacity={self.on_demand_base_capacity} exceeds "
                 f"maxInstances={self.max_instances}."
             )
-        # SQS and Redis redeliver after the visibility timeout; SQS caps it at 12 hours.
-        if self.visibility_timeout > 12 * 3600:
+        # SQS redelivers after the visibility timeout and caps it at 12 hours.
+        if self.broker == "sqs" and self.visibility_timeout > 12 * 3600:
             raise ConfigError(
                 f"celery-fleet:maxBatchSeconds={self.max_batch_seconds} gives a visibility "
                 f"timeout of {self.visibility_timeout}s, over the 43200s SQS allows; "
@@ -171,11 +171,15 @@ class FleetConfig:
                 "template boots one AMI, so pick types of one architecture."
             )
         vcpus = {instance_vcpus(t) for t in self.instance_types}
-        if len(vcpus) > 1 or (None in vcpus and self.target_backlog is None):
+        if len(vcpus) > 1:
             raise ConfigError(
-                f"celery-fleet:instanceTypes {list(self.instance_types)} do not all have the same, "
-                "known vCPU count; scaling counts backlog per instance, so list types of one size "
-                "(e.g. all .xlarge) or set celery-fleet:targetBacklogPerInstance."
+                f"celery-fleet:instanceTypes {list(self.instance_types)} differ in vCPU count; "
+                "scaling counts backlog per instance, so list types of one size (e.g. all .xlarge)."
+            )
+        if vcpus == {None} and self.target_backlog is None:
+            raise ConfigError(
+                f"celery-fleet:instanceTypes {list(self.instance_types)}: the size does not tell "
+                "the vCPU count; set celery-fleet:targetBacklogPerInstance."
             )
 
     def _check_scaling(self) -> None:
@@ -253,8 +257,11 @@ class FleetConfig:
         return f"/celery-fleet/{self.stack}/"
 
     @property
-    def name_prefix(self) -> str:
-        return f"celery-fleet-{self.stack}"
+    def resource_prefix(self) -> str:
+        """celery-fleet-<stack> in the characters every AWS name accepts (SQS, Amazon MQ, ...)."""
+        name = re.sub(r"[^a-z0-9-]+", "-", f"celery-fleet-{self.stack}".lower())
+        # Amazon MQ broker names stop at 50 characters; leave room for "-dlq".
+        return name[:46].strip("-")
 
 
 # Stack config key -> (FleetConfig field, how to read it). Unset keys keep the

@@ -7,12 +7,27 @@ created inside a callback and secrets stay marked.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import pulumi
 
 
-def allow(actions: list[str], resources: list[pulumi.Input[str]], sid: str, **condition: Any) -> dict:
+@dataclass(frozen=True)
+class AwsContext:
+    """Where the stack runs; policies name resources by ARNs built from it."""
+
+    partition: str
+    region: str
+    account: str
+
+    def arn(self, service: str, resource: str) -> str:
+        return f"arn:{self.partition}:{service}:{self.region}:{self.account}:{resource}"
+
+
+def allow(
+    actions: list[str], resources: list[pulumi.Input[str]], sid: str, **condition: Any
+) -> dict:
     """An Allow statement; `condition` is the IAM Condition block, e.g. StringEquals={...}."""
     stmt: dict[str, Any] = {"Sid": sid, "Effect": "Allow", "Action": actions, "Resource": resources}
     if condition:

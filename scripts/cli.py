@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from app.settings import ConfigError, Settings
+from scripts.cost import cost
 
 
 def _fail(message: str, code: int) -> None:
@@ -27,7 +28,7 @@ def _fail(message: str, code: int) -> None:
 
 def resolve_settings(broker: str | None, backend: str | None, stack: str | None = None,
                      **overrides: object) -> Settings:
-    """A stack's SSM parameters; else flags, then FLEET_* variables, then the running local fleet."""
+    """A stack's SSM parameters; else flags, then FLEET_* variables, then the local fleet."""
     from scripts.local import read_state
 
     if stack:
@@ -81,8 +82,10 @@ class BatchSize(click.ParamType):
               help="Batches on the broker at once (default: twice the worker slots).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the JSON lines here instead of stdout.")
-@click.option("--resume", metavar="JOB", help="Finish an earlier job: re-send only what is missing.")
-@click.option("--broker", metavar="URL", help="Broker URL (default: FLEET_BROKER_URL or the local fleet).")
+@click.option("--resume", metavar="JOB",
+              help="Finish an earlier job: re-send only what is missing.")
+@click.option("--broker", metavar="URL",
+              help="Broker URL (default: FLEET_BROKER_URL or the local fleet).")
 @click.option("--backend", metavar="URL",
               help="Result store URL (default: FLEET_RESULT_URL or the local fleet).")
 @click.option("--stack", metavar="NAME",
@@ -241,6 +244,9 @@ def demo(n_ids, instances, broker_kind, out):
             err=True,
         )
     sys.exit(0 if summary.status == "ok" else 1)
+
+
+cli.add_command(cost)
 
 
 def main() -> None:

@@ -23,6 +23,15 @@ SYSTEMD_DIR=${FLEET_SYSTEMD_DIR:-/etc/systemd/system}
 UNIT=celery-fleet-worker.service
 SERVICE_USER=celery-fleet
 PYTHON=python3.11
+# SSM parameter under the prefix -> the variable app/settings.py reads.
+declare -A ENV_NAMES=(
+    [broker_url]=FLEET_BROKER_URL
+    [result_url]=FLEET_RESULT_URL
+    [queue]=FLEET_QUEUE
+    [queue_url]=FLEET_SQS_QUEUE_URL
+    [max_batch_seconds]=FLEET_MAX_BATCH_SECONDS
+    [result_ttl]=FLEET_RESULT_TTL
+)
 
 log() {
     echo "fleet-boot: $*" >&2
@@ -53,7 +62,7 @@ with_secret() {
 install_app() {
     if ! command -v "$PYTHON" >/dev/null; then
         log "installing $PYTHON"
-        dnf install -y --quiet "$PYTHON"
+        dnf install -y --quiet "$PYTHON" "$PYTHON-pip"
     fi
     log "fetching $FLEET_ARTIFACT"
     mkdir -p "$APP_DIR/wheels"
@@ -69,8 +78,8 @@ install_app() {
 }
 
 # Print FLEET_* lines for the worker's environment file from the String
-# parameters under the prefix; each <role>_password_parameter names the
-# SecureString that goes into <role>_url.
+# parameters under the prefix (see ENV_NAMES); each <role>_password_parameter
+# names the SecureString that goes into <role>_url.
 fetch_settings() {
     local -A settings=()
     local parameters name value key role secret
@@ -96,7 +105,9 @@ fetch_settings() {
         fi
     done
     for key in "${!settings[@]}"; do
-        printf 'FLEET_%s=%s\n' "${key^^}" "${settings[$key]}"
+        if [[ -n "${ENV_NAMES[$key]:-}" ]]; then
+            printf '%s=%s\n' "${ENV_NAMES[$key]}" "${settings[$key]}"
+        fi
     done
 }
 
@@ -111,6 +122,8 @@ write_environment() {
         {
             echo "$settings"
             echo "FLEET_CONCURRENCY=$cpus"
+            # The app's SQS transport reads the first, boto3's other clients the second.
+            echo "FLEET_AWS_REGION=$AWS_DEFAULT_REGION"
             echo "AWS_DEFAULT_REGION=$AWS_DEFAULT_REGION"
         } >"$ENV_FILE.new"
     )
@@ -126,8 +139,11 @@ write_stop_timeout() {
 }
 
 main() {
+    # Exported: the aws CLI needs AWS_DEFAULT_REGION.
+    set -a
     # shellcheck source=/dev/null
     source "$BOOT_ENV"
+    set +a
     install_app
     write_environment
     write_stop_timeout

@@ -26,7 +26,8 @@ def put(ssm, stack, **params):
 
 def test_sqs_stack(ssm):
     put(ssm, "prod", broker_url=("sqs://", "String"),
-        result_url=("s3://fleet-results-x/results", "String"), queue=("celery-fleet-prod", "String"),
+        result_url=("s3://fleet-results-x/results", "String"),
+        queue=("celery-fleet-prod", "String"),
         queue_url=("https://sqs.eu-west-1.amazonaws.com/1/celery-fleet-prod", "String"),
         max_batch_seconds=("600", "String"), result_ttl=("86400", "String"))
     s = settings_from_stack("prod")

@@ -1,0 +1,1 @@
+"""The celery-fleet Pulumi program: one ComponentResource per concern, wired in program.py."""

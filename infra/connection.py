@@ -1,0 +1,77 @@
+"""Connection settings in SSM Parameter Store, under /celery-fleet/<stack>/.
+
+The workers' boot script and the launcher (`fleet run --stack NAME`) read the
+same parameters, so neither needs the stack's outputs or secrets in plain
+text. Each parameter name is the FLEET_* variable of app/settings.py in lower
+case without the prefix:
+
+    broker_url, result_url, queue, max_batch_seconds, result_ttl   (String)
+    queue_url                                   (String, SQS broker only)
+    broker_password, result_password            (SecureString, RabbitMQ / Redis only)
+    broker_password_parameter, result_password_parameter
+                                                (String: the SecureString's name)
+
+The URLs never hold the secret: where it belongs they hold "user@" and the
+reader puts ":<secret>" before the "@" (see scripts/fleet-boot.sh).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+
+from infra.service import Service
+
+
+@dataclass
+class ConnectionArgs:
+    prefix: str
+    queue_name: pulumi.Input[str]
+    max_batch_seconds: int
+    result_ttl_seconds: int
+    broker: Service
+    results: Service
+
+
+class Connection(pulumi.ComponentResource):
+    def __init__(self, name: str, args: ConnectionArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("celery-fleet:infra:Connection", name, None, opts)
+        child = pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(parent=self))
+
+        plain: dict[str, pulumi.Input[str]] = {
+            "broker_url": args.broker.url,
+            "result_url": args.results.url,
+            "queue": args.queue_name,
+            "max_batch_seconds": str(args.max_batch_seconds),
+            "result_ttl": str(args.result_ttl_seconds),
+            **args.broker.parameters,
+            **args.results.parameters,
+        }
+        for role, service in (("broker", args.broker), ("result", args.results)):
+            if service.secret is None:
+                continue
+            secret = aws.ssm.Parameter(
+                f"{name}-{role}-password",
+                name=f"{args.prefix}{role}_password",
+                type="SecureString",
+                # Encrypted with the account's aws/ssm key; the value is a
+                # Pulumi secret, so it is encrypted in the state file too.
+                value=service.secret,
+                opts=child,
+            )
+            plain[f"{role}_password_parameter"] = secret.name
+
+        self.parameters = {
+            key: aws.ssm.Parameter(
+                f"{name}-{key.replace('_', '-')}",
+                name=f"{args.prefix}{key}",
+                type="String",
+                value=value,
+                opts=child,
+            )
+            for key, value in plain.items()
+        }
+        self.prefix = args.prefix
+        self.register_outputs({"prefix": self.prefix})

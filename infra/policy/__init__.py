@@ -1,0 +1,1 @@
+"""The celery-fleet policy pack (run by Pulumi from this directory; rules in rules.py)."""

@@ -1,0 +1,17 @@
+"""The celery-fleet policy pack; the rules themselves are in rules.py."""
+
+import sys
+from pathlib import Path
+
+from pulumi_policy import EnforcementLevel, PolicyPack
+
+# Pulumi runs this directory as a script; make rules.py importable by name.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from rules import POLICIES  # noqa: E402
+
+PolicyPack(
+    name="celery-fleet-security",
+    enforcement_level=EnforcementLevel.MANDATORY,
+    policies=POLICIES,
+)

@@ -1,0 +1,238 @@
+"""The stack, wired from its components; `build` is the whole program.
+
+`__main__.py` calls `build(load_config())`; the tests call it with a
+FleetConfig per combination and a fake artifact builder, under Pulumi mocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+
+from infra.artifact import REPO_ROOT, Artifact, ArtifactArgs, Builder, build_artifact
+from infra.broker import RabbitBroker, RabbitBrokerArgs, SqsBroker, SqsBrokerArgs
+from infra.config import FleetConfig
+from infra.connection import Connection, ConnectionArgs
+from infra.dashboard import Dashboard, DashboardArgs
+from infra.documents import AwsContext
+from infra.fleet import WARMUP_SECONDS, WorkerFleet, WorkerFleetArgs
+from infra.network import Network, NetworkArgs
+from infra.result_store import (
+    RedisResultStore,
+    RedisResultStoreArgs,
+    S3ResultStore,
+    S3ResultStoreArgs,
+)
+from infra.scaling import QueueScaling, QueueScalingArgs
+from infra.userdata import render_user_data
+
+# AWS APIs the workers call, reached through interface endpoints when there
+# is no NAT gateway. No "ec2": the workers never call the EC2 API (the Spot
+# notice and the lifecycle state come from instance metadata); no "kms": SSM
+# decrypts SecureStrings on the workers' behalf.
+WORKER_SERVICES = ["ssm", "ssmmessages", "ec2messages", "logs", "monitoring", "autoscaling"]
+
+
+@dataclass
+class Stack:
+    """What `build` made: the stack outputs, and the components for tests to inspect."""
+
+    outputs: dict[str, pulumi.Input]
+    network: Network
+    broker: SqsBroker | RabbitBroker
+    results: S3ResultStore | RedisResultStore
+    artifact: Artifact
+    connection: Connection
+    fleet: WorkerFleet
+    scaling: QueueScaling
+    user_data: pulumi.Output[str]
+
+
+def build(cfg: FleetConfig, builder: Builder = build_artifact) -> Stack:
+    # One explicit provider, so every resource carries the stack tag without
+    # each component repeating it.
+    provider = aws.Provider(
+        "aws",
+        region=aws.config.region,
+        default_tags={"tags": {"celery-fleet:stack": cfg.stack, **cfg.tags}},
+    )
+    opts = pulumi.ResourceOptions(providers={"aws": provider})
+
+    # Plain values, read now: the number of zones decides how many subnets
+    # exist. These synchronous lookups use the default provider (the same
+    # aws:region), so they never wait on the explicit provider's registration.
+    region = aws.get_region().region
+    ctx = AwsContext(
+        partition=aws.get_partition().partition,
+        region=region,
+        account=aws.get_caller_identity().account_id,
+    )
+    zones = aws.get_availability_zones(
+        state="available",
+        # Regular zones only: Local and Wavelength zones lack most instance types.
+        filters=[{"name": "opt-in-status", "values": ["opt-in-not-required"]}],
+    ).names
+    if len(zones) < cfg.az_count:
+        raise pulumi.RunError(
+            f"celery-fleet:azCount={cfg.az_count} but {region} offers {len(zones)} zones."
+        )
+
+    services = [*WORKER_SERVICES, *(["sqs"] if cfg.broker == "sqs" else [])]
+    network = Network(
+        "network",
+        NetworkArgs(
+            cidr=cfg.vpc_cidr,
+            availability_zones=sorted(zones)[: cfg.az_count],
+            nat=cfg.nat,
+            region=region,
+            endpoint_services=services,
+        ),
+        opts=opts,
+    )
+    subnets = network.private_subnet_ids
+
+    # Built now, while the program runs, so the digest is a plain string.
+    artifact = Artifact(
+        "artifacts", ArtifactArgs(built=builder(REPO_ROOT, cfg.offline_install, cfg.arch)), opts
+    )
+
+    queue_name = cfg.resource_prefix
+    broker: SqsBroker | RabbitBroker
+    if cfg.broker == "sqs":
+        broker = SqsBroker(
+            "broker",
+            SqsBrokerArgs(
+                queue_name=queue_name,
+                visibility_timeout=cfg.visibility_timeout,
+                max_receive_count=cfg.max_receive_count,
+            ),
+            opts,
+        )
+    else:
+        broker = RabbitBroker(
+            "broker",
+            RabbitBrokerArgs(
+                broker_name=cfg.resource_prefix,
+                queue_name=queue_name,
+                deployment_mode=cfg.broker_deployment_mode,
+                instance_type=cfg.resolved_broker_instance_type,
+                vpc_id=network.vpc_id,
+                subnet_ids=subnets,
+                worker_sg_id=network.worker_sg_id,
+            ),
+            opts,
+        )
+
+    results: S3ResultStore | RedisResultStore
+    if cfg.resolved_result_store == "s3":
+        results = S3ResultStore("results", S3ResultStoreArgs(ttl_days=cfg.result_ttl_days), opts)
+    else:
+        results = RedisResultStore(
+            "results",
+            RedisResultStoreArgs(
+                node_type=cfg.redis_node_type,
+                vpc_id=network.vpc_id,
+                subnet_ids=subnets,
+                worker_sg_id=network.worker_sg_id,
+            ),
+            opts,
+        )
+
+    connection = Connection(
+        "connection",
+        ConnectionArgs(
+            prefix=cfg.ssm_prefix,
+            queue_name=broker.queue_name,
+            max_batch_seconds=cfg.max_batch_seconds,
+            result_ttl_seconds=cfg.result_ttl_seconds,
+            broker=broker.service,
+            results=results.service,
+        ),
+        opts,
+    )
+
+    user_data = artifact.uri.apply(
+        lambda uri: render_user_data(
+            {
+                "FLEET_SSM_PREFIX": cfg.ssm_prefix,
+                "FLEET_ARTIFACT": uri,
+                "FLEET_OFFLINE_INSTALL": "1" if cfg.offline_install else "0",
+                "AWS_DEFAULT_REGION": region,
+            }
+        )
+    )
+    fleet = WorkerFleet(
+        "fleet",
+        WorkerFleetArgs(
+            stack=cfg.stack,
+            aws=ctx,
+            image_id=cfg.image_id,
+            instance_types=list(cfg.instance_types),
+            spot=cfg.spot,
+            on_demand_base_capacity=cfg.on_demand_base_capacity,
+            max_instances=cfg.max_instances,
+            root_volume_gb=cfg.root_volume_gb,
+            subnet_ids=subnets,
+            worker_sg_id=network.worker_sg_id,
+            user_data=user_data,
+            statements=[
+                *artifact.worker_statements,
+                *broker.service.worker_statements,
+                *results.service.worker_statements,
+            ],
+            ssm_prefix=cfg.ssm_prefix,
+            log_retention_days=cfg.log_retention_days,
+            lifecycle_heartbeat=cfg.lifecycle_heartbeat,
+        ),
+        # The first instance must find its settings in Parameter Store.
+        pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(depends_on=[connection])),
+    )
+
+    scaling = QueueScaling(
+        "scaling",
+        QueueScalingArgs(
+            group_name=fleet.group_name,
+            depth=broker.depth,
+            target_backlog_per_instance=cfg.target_backlog_per_instance,
+            idle_minutes=cfg.idle_minutes,
+            warmup_seconds=WARMUP_SECONDS,
+        ),
+        opts,
+    )
+    dashboard = Dashboard(
+        "dashboard",
+        DashboardArgs(
+            dashboard_name=cfg.resource_prefix,
+            region=region,
+            stack=cfg.stack,
+            group_name=fleet.group_name,
+            depth=broker.depth,
+        ),
+        opts,
+    )
+
+    outputs: dict[str, pulumi.Input] = {
+        "region": region,
+        "vpcId": network.vpc_id,
+        "asgName": fleet.group_name,
+        "artifactBucket": artifact.bucket.name,
+        "artifactPrefix": artifact.prefix,
+        "ssmPrefix": cfg.ssm_prefix,
+        "dashboardName": dashboard.name,
+        "logGroup": fleet.log_group.name,
+        **broker.service.outputs,
+        **results.service.outputs,
+    }
+    return Stack(
+        outputs=outputs,
+        network=network,
+        broker=broker,
+        results=results,
+        artifact=artifact,
+        connection=connection,
+        fleet=fleet,
+        scaling=scaling,
+        user_data=user_data,
+    )

@@ -1,0 +1,222 @@
+"""`fleet cost`: what a stack costs per hour while idle, and per worker instance-hour.
+
+Reads the stack's settings from Pulumi.<stack>.yaml (or --config FILE) and the
+list prices in scripts/prices.json. The idle figure is what the stack costs
+with no instance running: NAT gateways, VPC endpoints, a RabbitMQ broker or a
+Valkey node, the dashboard and the scaling alarms. SQS, S3, SSM and KMS cost
+nothing measurable while idle. Data transfer and requests are not counted.
+
+This module must not import the Pulumi program (infra/ is not installed with
+the wheel), so it repeats the few defaults it needs; tests/infra checks that
+they, and the resource counts below, match what the program builds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+
+PRICES = Path(__file__).with_name("prices.json")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HOURS_PER_MONTH = 730
+
+# Defaults of infra/config.py (FleetConfig) that change the bill.
+DEFAULT_INSTANCE_TYPES = ("c7i.xlarge", "c6i.xlarge", "c6a.xlarge", "c5.xlarge", "m7i.xlarge")
+# Interface endpoints per zone without NAT (infra/program.py WORKER_SERVICES, + sqs).
+ENDPOINT_SERVICES = 6
+# RabbitMQ cluster deployments run three brokers.
+CLUSTER_BROKERS = 3
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    region: str
+    broker: str = "sqs"
+    result_store: str | None = None
+    nat: str = "single"
+    az_count: int = 2
+    broker_deployment_mode: str = "SINGLE_INSTANCE"
+    broker_instance_type: str | None = None
+    redis_node_type: str = "cache.t4g.micro"
+    instance_types: tuple[str, ...] = DEFAULT_INSTANCE_TYPES
+    root_volume_gb: int = 16
+
+    @property
+    def resolved_result_store(self) -> str:
+        return self.result_store or ("s3" if self.broker == "sqs" else "redis")
+
+    @property
+    def resolved_broker_instance_type(self) -> str:
+        if self.broker_instance_type:
+            return self.broker_instance_type
+        return "mq.t3.micro" if self.broker_deployment_mode == "SINGLE_INSTANCE" else "mq.m5.large"
+
+    @classmethod
+    def from_stack_file(cls, path: Path) -> StackSettings:
+        import yaml  # only this command reads YAML; keep `fleet run` quick to start
+
+        config = (yaml.safe_load(path.read_text()) or {}).get("config") or {}
+        region = config.get("aws:region")
+        if not region:
+            raise click.UsageError(f"{path} sets no aws:region.")
+
+        def get(key: str, convert=str):
+            value = config.get(f"celery-fleet:{key}")
+            return None if value is None else convert(value)
+
+        values = {
+            "broker": get("broker"),
+            "result_store": get("resultStore"),
+            "nat": get("nat"),
+            "az_count": get("azCount", int),
+            "broker_deployment_mode": get("brokerDeploymentMode"),
+            "broker_instance_type": get("brokerInstanceType"),
+            "redis_node_type": get("redisNodeType"),
+            "instance_types": get("instanceTypes", _string_list),
+            "root_volume_gb": get("rootVolumeGb", int),
+        }
+        return cls(region=region, **{k: v for k, v in values.items() if v is not None})
+
+
+def _string_list(value) -> tuple[str, ...]:
+    # Pulumi writes objects set with --path as YAML, and with plain `config set` as JSON text.
+    return tuple(json.loads(value) if isinstance(value, str) else value)
+
+
+@dataclass(frozen=True)
+class LineItem:
+    item: str
+    count: int
+    hourly: float
+
+
+@dataclass(frozen=True)
+class InstancePrice:
+    instance_type: str
+    on_demand: float | None
+    spot: float | None
+
+
+@dataclass(frozen=True)
+class CostReport:
+    region: str
+    price_date: str
+    idle: list[LineItem]
+    instances: list[InstancePrice]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def idle_hourly(self) -> float:
+        return sum(item.hourly for item in self.idle)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "idle_hourly": round(self.idle_hourly, 5)}
+
+
+def estimate(settings: StackSettings, prices: dict) -> CostReport:
+    """The hourly cost of the idle stack and of each worker instance type, from `prices`."""
+    try:
+        table = prices["regions"][settings.region]
+    except KeyError:
+        known = ", ".join(sorted(prices["regions"]))
+        raise click.UsageError(
+            f"no prices for {settings.region} in {PRICES.name}; it has {known}."
+        ) from None
+    idle: list[LineItem] = []
+    notes: list[str] = []
+
+    def add(item: str, count: int, unit_hourly: float) -> None:
+        if count:
+            idle.append(LineItem(item, count, round(count * unit_hourly, 5)))
+
+    nat_gateways = {"none": 0, "single": 1, "per-az": settings.az_count}[settings.nat]
+    # A NAT gateway's Elastic IP is a public IPv4 address, billed on its own.
+    add("NAT gateway", nat_gateways, table["nat_gateway_hour"] + table["public_ipv4_hour"])
+    if settings.nat == "none":
+        services = ENDPOINT_SERVICES + (settings.broker == "sqs")
+        add(
+            "VPC interface endpoint (per zone)",
+            services * settings.az_count,
+            table["interface_endpoint_hour"],
+        )
+    if settings.broker == "rabbitmq":
+        brokers = 1 if settings.broker_deployment_mode == "SINGLE_INSTANCE" else CLUSTER_BROKERS
+        broker_type = settings.resolved_broker_instance_type
+        add(f"Amazon MQ {broker_type}", brokers, _price(table["mq"], broker_type, notes))
+    if settings.resolved_result_store == "redis":
+        node_type = settings.redis_node_type
+        add(f"ElastiCache Valkey {node_type}", 1, _price(table["valkey"], node_type, notes))
+    add("CloudWatch dashboard", 1, table["dashboard_month"] / HOURS_PER_MONTH)
+    # Scaling: two target-tracking alarms and the wake and idle alarms, each
+    # billed per metric it reads (queue depth metrics + one group metric).
+    depth_metrics = 2 if settings.broker == "sqs" else 1
+    add(
+        "CloudWatch alarm metric",
+        4 * (depth_metrics + 1),
+        table["alarm_metric_month"] / HOURS_PER_MONTH,
+    )
+
+    root_volume = settings.root_volume_gb * table["gp3_gb_month"] / HOURS_PER_MONTH
+    instances = []
+    for instance_type in settings.instance_types:
+        price = table["ec2"].get(instance_type)
+        if price is None:
+            notes.append(f"no price for {instance_type} in {PRICES.name}")
+            instances.append(InstancePrice(instance_type, None, None))
+            continue
+        instances.append(
+            InstancePrice(
+                instance_type,
+                round(price["on_demand"] + root_volume, 5),
+                round(price["spot"] + root_volume, 5),
+            )
+        )
+    return CostReport(settings.region, prices["date"], idle, instances, notes)
+
+
+def _price(table: dict, key: str, notes: list[str]) -> float:
+    if key not in table:
+        notes.append(f"no price for {key} in {PRICES.name}; counted as 0")
+    return table.get(key, 0.0)
+
+
+def render(report: CostReport) -> str:
+    lines = [f"Idle stack in {report.region} (list prices of {report.price_date}):"]
+    lines += [f"  {i.count:>3} x {i.item:<40} ${i.hourly:>8.4f}/h" for i in report.idle]
+    monthly = report.idle_hourly * HOURS_PER_MONTH
+    lines.append(f"  {'total':<46} ${report.idle_hourly:>8.4f}/h  (${monthly:.2f}/month)")
+    lines.append("Each worker instance-hour, with its root volume:")
+    for p in report.instances:
+        on_demand = "n/a" if p.on_demand is None else f"${p.on_demand:.4f}"
+        spot = "n/a" if p.spot is None else f"${p.spot:.4f}"
+        lines.append(f"  {p.instance_type:<16} on-demand {on_demand:>9}/h   spot ~{spot:>9}/h")
+    lines += [f"note: {n}" for n in report.notes]
+    return "\n".join(lines)
+
+
+@click.command("cost")
+@click.option(
+    "--stack", "stack", metavar="NAME", help="Read Pulumi.NAME.yaml from the repository root."
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Read this Pulumi stack file instead.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
+def cost(stack: str | None, config_file: Path | None, as_json: bool) -> None:
+    """Hourly cost of the stack while idle, and of each worker instance-hour."""
+    if config_file is None:
+        if stack is None:
+            raise click.UsageError("name a stack with --stack NAME or a file with --config FILE.")
+        config_file = REPO_ROOT / f"Pulumi.{stack}.yaml"
+        if not config_file.exists():
+            raise click.UsageError(
+                f"{config_file} does not exist; create the stack with `pulumi stack init {stack}`."
+            )
+    report = estimate(StackSettings.from_stack_file(config_file), json.loads(PRICES.read_text()))
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else render(report))
