@@ -34,7 +34,6 @@ from typing import IO, Any
 import kombu.exceptions
 import msgspec
 from kombu.utils.uuid import uuid
-from tqdm import tqdm
 
 from app.batch import pack
 from app.celery_config import make_app
@@ -236,11 +235,13 @@ class Launcher:
         committed_bits, written_bits, offset, items, errors = self.store.journal(job)
         out, out_path = self._open_output(opts.out, (offset or 0) if opts.resume else None)
         progress = _Progress(items, errors)
-        progress.bar = tqdm(
-            total=meta.get("total"), initial=progress.items, unit=" ids", unit_scale=True,
-            file=sys.stderr, disable=not opts.progress, mininterval=0.5, smoothing=0.05,
-            dynamic_ncols=True, desc=job,
-        )
+        if opts.progress:
+            from tqdm import tqdm  # imported only when shown: it costs start-up time
+
+            progress.bar = tqdm(
+                total=meta.get("total"), initial=progress.items, unit=" ids", unit_scale=True,
+                file=sys.stderr, mininterval=0.5, smoothing=0.05, dynamic_ncols=True, desc=job,
+            )
         run = _Run(self, job, task, opts, out, out_path, progress,
                    _batch_count(meta.get("total"), layout))
         try:
@@ -253,7 +254,8 @@ class Launcher:
             # Best effort: the entry lapses by itself if the store is gone.
             with contextlib.suppress(Exception):
                 self.advertise_backlog(job, 0)
-            progress.bar.close()
+            if progress.bar is not None:
+                progress.bar.close()
             if out is not sys.stdout.buffer:
                 out.close()
             else:
