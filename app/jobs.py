@@ -140,6 +140,7 @@ class Launcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = open_store(settings)
+        self._held_metric = HeldBatchesMetric(settings.stack or "", settings.aws_region)
         self.celery = make_app(settings)
         self._slots_cache = (0.0, 0)
         # A streamed source (stdin) is read once: calibration leaves the rest
@@ -215,6 +216,8 @@ class Launcher:
         """
         self.store.advertise_backlog(self.settings.queue, job, batches,
                                      max(5.0, 3 * self.settings.lease_seconds))
+        if self.settings.stack:
+            self._held_metric.publish(batches)
 
     # -- the job ----------------------------------------------------------
 
@@ -403,6 +406,44 @@ def _id_bytes(source: Source, sample: list[Any] | None = None) -> int:
         sample = next(source.batches(iter((1000,))), [])
     encoded = sum(len(str(i)) + 4 for i in sample)
     return max(8, math.ceil(encoded / max(len(sample), 1)))
+
+
+class HeldBatchesMetric:
+    """CeleryFleet/HeldBatches{Stack}: what the launcher holds back, for the stack's scaling.
+
+    The stack scales on (queue depth + held batches) per instance
+    (infra/scaling.py), so a long job grows the fleet at once instead of
+    doubling it once per boot. Published at most every PERIOD seconds, and at
+    once when it drops to zero; a failure to publish never stops a job.
+    """
+
+    PERIOD = 20.0
+
+    def __init__(self, stack: str, region: str | None) -> None:
+        self.stack = stack
+        self.region = region
+        self.client: Any = None
+        self.last: tuple[float, int] = (0.0, -1)
+
+    def publish(self, batches: int) -> None:
+        at, value = self.last
+        now = time.monotonic()
+        if now - at < self.PERIOD and (batches != 0 or value == 0):
+            return
+        try:
+            if self.client is None:
+                import boto3
+
+                self.client = boto3.client("cloudwatch", region_name=self.region)
+            self.client.put_metric_data(Namespace="CeleryFleet", MetricData=[{
+                "MetricName": "HeldBatches", "Value": float(batches), "Unit": "Count",
+                "Dimensions": [{"Name": "Stack", "Value": self.stack}],
+            }])
+            self.last = (now, batches)
+        except Exception as exc:  # noqa: BLE001 - scaling hint only
+            say(f"could not publish HeldBatches to CloudWatch ({exc}); the fleet scales on "
+                "queue depth alone")
+            self.last = (now, batches)
 
 
 def _check_writable(path: Path | None) -> None:

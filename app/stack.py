@@ -70,4 +70,5 @@ def settings_from_stack(stack: str, session: Any = None, **overrides: object) ->
             f"{ssm_prefix(stack)} in SSM Parameter Store. Check the stack name (`pulumi stack "
             f"ls`), AWS_REGION and your credentials."
         )
-    return Settings.from_env(env_from_parameters(params, session.region_name), **overrides)
+    env = dict(env_from_parameters(params, session.region_name), FLEET_STACK=stack)
+    return Settings.from_env(env, **overrides)

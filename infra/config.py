@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import pulumi
 
+from app.autoscale import Policy
+
 BROKERS = ("sqs", "rabbitmq")
 RESULT_STORES = ("s3", "redis")
 NAT_MODES = ("none", "single", "per-az")
@@ -96,7 +98,7 @@ class FleetConfig:
     max_batch_seconds: int = 900
     max_receive_count: int = 5
     result_ttl_days: int = 7
-    # None: 2 batches per vCPU (see target_backlog_per_instance).
+    # None: the shared policy, 1 batch per vCPU (see target_backlog_per_instance).
     target_backlog: float | None = None
     idle_minutes: int = 15
     # None: maxBatchSeconds, capped at the two hours AWS allows.
@@ -225,11 +227,13 @@ class FleetConfig:
 
     @property
     def target_backlog_per_instance(self) -> float:
-        # Two batches per worker slot: one running, one waiting, so a slot never
-        # idles between batches, while a backlog beyond that asks for more instances.
+        # The same policy as the local autoscaler and the simulator
+        # (app/autoscale.py): the launcher keeps two batches per slot on the
+        # broker, so a target of one per slot keeps growing a fleet that has
+        # work held back, and holds it steady once the held batches are gone.
         if self.target_backlog is not None:
             return self.target_backlog
-        return 2.0 * (self.vcpus_per_instance or 1)
+        return Policy().target_backlog_per_instance(self.vcpus_per_instance or 1)
 
     @property
     def lifecycle_heartbeat(self) -> int:

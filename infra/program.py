@@ -194,7 +194,7 @@ def build(cfg: FleetConfig, builder: Builder = build_artifact) -> Stack:
         "scaling",
         QueueScalingArgs(
             group_name=fleet.group_name,
-            depth=broker.depth,
+            depth=broker.depth.with_held_batches(cfg.stack),
             target_backlog_per_instance=cfg.target_backlog_per_instance,
             idle_minutes=cfg.idle_minutes,
             warmup_seconds=WARMUP_SECONDS,

@@ -85,3 +85,13 @@ class QueueDepth:
 
     metrics: list[MetricSpec]
     expression: str
+
+    def with_held_batches(self, stack: str) -> QueueDepth:
+        """The depth plus the batches launchers hold back (app/jobs.py HeldBatchesMetric).
+
+        The launcher keeps only a couple of batches per worker slot on the
+        broker, so the queue alone cannot show a long job: a fleet scaled on it
+        would double once per boot. FILL: no launcher running means none held.
+        """
+        held = MetricSpec("held", "CeleryFleet", "HeldBatches", {"Stack": stack}, "Maximum")
+        return QueueDepth([*self.metrics, held], f"{self.expression} + FILL(held, 0)")

@@ -151,11 +151,12 @@ def estimate(settings: StackSettings, prices: dict) -> CostReport:
         add(f"ElastiCache Valkey {node_type}", 1, _price(table["valkey"], node_type, notes))
     add("CloudWatch dashboard", 1, table["dashboard_month"] / HOURS_PER_MONTH)
     # Scaling: two target-tracking alarms and the wake and idle alarms, each
-    # billed per metric it reads (queue depth metrics + one group metric).
+    # billed per metric it reads: the queue depth metrics, the launchers' held
+    # batches and one group metric.
     depth_metrics = 2 if settings.broker == "sqs" else 1
     add(
         "CloudWatch alarm metric",
-        4 * (depth_metrics + 1),
+        4 * (depth_metrics + 2),
         table["alarm_metric_month"] / HOURS_PER_MONTH,
     )
 

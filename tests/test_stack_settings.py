@@ -61,3 +61,23 @@ def test_missing_stack_says_what_to_check(ssm):
 
 def test_with_password_keeps_the_rest_of_the_url():
     assert with_password("amqps://u@h:5671/v", "a b") == "amqps://u:a%20b@h:5671/v"
+
+
+def test_launcher_publishes_held_batches_for_the_stack(ssm):
+    from datetime import UTC, datetime, timedelta
+
+    from app.jobs import HeldBatchesMetric
+
+    metric = HeldBatchesMetric("prod", "eu-west-1")
+    metric.publish(120)
+    metric.publish(90)  # within the period: not sent
+    metric.publish(0)  # zero goes out at once, so the fleet does not wait on a stale value
+    cw = boto3.client("cloudwatch")
+    now = datetime.now(UTC)
+    stats = cw.get_metric_statistics(
+        Namespace="CeleryFleet", MetricName="HeldBatches",
+        Dimensions=[{"Name": "Stack", "Value": "prod"}],
+        StartTime=now - timedelta(minutes=5), EndTime=now + timedelta(minutes=1),
+        Period=60, Statistics=["Maximum", "SampleCount"])["Datapoints"]
+    assert sum(p["SampleCount"] for p in stats) == 2
+    assert max(p["Maximum"] for p in stats) == 120

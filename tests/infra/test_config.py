@@ -13,7 +13,7 @@ def test_defaults_give_a_working_stack():
     cfg = FleetConfig(stack="dev")
     assert (cfg.broker, cfg.resolved_result_store, cfg.nat) == ("sqs", "s3", "single")
     assert cfg.az_count == 2 and cfg.spot and cfg.max_instances == 10
-    assert cfg.vcpus_per_instance == 4 and cfg.target_backlog_per_instance == 8.0
+    assert cfg.vcpus_per_instance == 4 and cfg.target_backlog_per_instance == 4.0
     assert cfg.lifecycle_heartbeat == 900
     assert cfg.image_id.endswith("al2023-ami-kernel-default-x86_64")
     assert cfg.ssm_prefix == "/celery-fleet/dev/" and cfg.resource_prefix == "celery-fleet-dev"

@@ -42,7 +42,7 @@ def test_defaults_match_the_program():
 
 def test_default_stack_idles_on_one_nat_gateway():
     report = estimate(StackSettings(region="us-east-1"), PRICES)
-    expected = US["nat_gateway_hour"] + US["public_ipv4_hour"] + (3.0 + 12 * 0.1) / 730
+    expected = US["nat_gateway_hour"] + US["public_ipv4_hour"] + (3.0 + 16 * 0.1) / 730
     assert report.idle_hourly == pytest.approx(expected, abs=1e-4)
     assert [i.item for i in report.idle] == [
         "NAT gateway",

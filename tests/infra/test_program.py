@@ -177,9 +177,14 @@ def test_scaling_follows_queue_depth(run):
         } <= names
     else:
         assert "MessageCount" in names
+    # The batches launchers hold back count too (app/jobs.py HeldBatchesMetric).
+    (held,) = [m for m in metrics if m["id"] == "held"]
+    assert held["metricStat"]["metric"]["namespace"] == "CeleryFleet"
+    assert held["metricStat"]["metric"]["dimensions"] == [{"name": "Stack", "value": "test"}]
     (backlog,) = [m for m in metrics if m.get("returnData")]
+    assert "FILL(held, 0)" in backlog["expression"]
     assert backlog["expression"].endswith("/ instances")
-    assert tracking["targetValue"] == run.cfg.target_backlog_per_instance == 8.0
+    assert tracking["targetValue"] == run.cfg.target_backlog_per_instance == 4.0
 
     alarms = {a.name: a.props for a in run.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")}
     for alarm, capacity in (("scaling-wake", 1), ("scaling-idle", 0)):
