@@ -40,6 +40,8 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check app scripts tests infra
+	shellcheck scripts/fleet-boot.sh
+	cd ansible && ../$(BIN)/ansible-lint --profile production
 
 clean:
 	rm -rf $(VENV) .pytest_cache

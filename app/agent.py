@@ -21,11 +21,12 @@ It keeps three promises, polling every few seconds:
    (IMDSv2 spot/instance-action, two minutes ahead) the agent sends the
    worker a cold shutdown (SIGQUIT): Celery cancels its consumer at once,
    stops the running batches without acknowledging them, and hands every
-   unacknowledged message back as it closes the channel. RabbitMQ requeues
-   them on the spot; kombu's SQS transport (and its Redis one) re-publish
-   them, so they do not wait out the queue's visibility timeout (on SQS the
-   original copy reappears after it and is skipped as already committed).
-   If the instance vanishes before the worker got that far, the launcher
+   unacknowledged message back as it closes the channel: RabbitMQ requeues
+   them at once, kombu's Redis transport pushes them back on the queue, and
+   its SQS transport makes them visible again after `wait_time_seconds`
+   (1 s, see Settings.transport_options) with the receipt handles only the
+   worker holds, so nothing waits out the queue's visibility timeout. If
+   the instance vanishes before the worker got that far, the launcher
    re-sends any batch whose lease lapsed (`lease_seconds`, 10 s). At most
    one batch per slot loses the work it had done, about two seconds each.
 

@@ -1,9 +1,10 @@
-"""The workers' user-data: a cloud-config that installs the boot script and unit from scripts/.
+"""The workers' user-data: a cloud-config that installs the boot script from scripts/ and runs it.
 
 User-data is readable by anything on the instance and by anyone with
 ec2:DescribeInstanceAttribute, so it carries only where to find things (the
 SSM prefix, the artifact's S3 URI, the region); the boot script fetches
-settings and secrets from Parameter Store at boot.
+settings and secrets from Parameter Store at boot. The systemd units are
+written by the app itself (app/boot.py), the same way on every kind of host.
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ import yaml
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 BOOT_SCRIPT = SCRIPTS / "fleet-boot.sh"
-WORKER_UNIT = SCRIPTS / "fleet-worker.service"
 
 BOOT_ENV_PATH = "/etc/celery-fleet/boot.env"
 BOOT_SCRIPT_PATH = "/usr/local/sbin/fleet-boot"
-WORKER_UNIT_PATH = "/etc/systemd/system/celery-fleet-worker.service"
 # EC2 refuses user-data above 16 KiB (before base64).
 MAX_USER_DATA = 16 * 1024
 
@@ -44,7 +43,6 @@ def render_user_data(boot_env: Mapping[str, str]) -> str:
         "write_files": [
             {"path": BOOT_ENV_PATH, "permissions": "0644", "content": env_file},
             {"path": BOOT_SCRIPT_PATH, "permissions": "0755", "content": BOOT_SCRIPT.read_text()},
-            {"path": WORKER_UNIT_PATH, "permissions": "0644", "content": WORKER_UNIT.read_text()},
         ],
         "runcmd": [[BOOT_SCRIPT_PATH]],
     }

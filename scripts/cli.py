@@ -19,6 +19,8 @@ import click
 
 from app.settings import ConfigError, Settings
 from scripts.cost import cost
+from scripts.ops import ops
+from scripts.status import status
 
 
 def _fail(message: str, code: int) -> None:
@@ -149,7 +151,17 @@ def run(task, ids, column, field_, fmt, batch_size, target_seconds, max_in_fligh
 @click.option("--queue", default="fleet", show_default=True)
 @click.option("--env", "print_env", is_flag=True,
               help="Print `export` lines for the running local fleet and exit.")
-def local(instances, broker_kind, include, queue, print_env):
+@click.option("--autoscale", is_flag=True,
+              help="Start and drain instances on the queue depth (app/autoscale.py), between "
+                   "--min-instances and --max-instances; --instances is then not used.")
+@click.option("--max-instances", type=click.IntRange(min=1),
+              help="With --autoscale: the most instances (default: one per usable CPU).")
+@click.option("--min-instances", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --autoscale: instances kept with no work.")
+@click.option("--flower", is_flag=True,
+              help="Also start Flower (Celery's web monitor) on a free loopback port.")
+def local(instances, broker_kind, include, queue, print_env, autoscale, max_instances,
+          min_instances, flower):
     """Run a fleet on this machine until Ctrl-C.
 
     `fleet run` in another terminal finds it without flags; any Celery client
@@ -169,7 +181,10 @@ def local(instances, broker_kind, include, queue, print_env):
         return
     if read_state() is not None:
         _fail("a local fleet is already running (see `fleet local --env`).", 1)
-    fleet = LocalFleet(instances, broker_kind, tuple(include), queue, write_state=True)
+    fleet = LocalFleet(0 if autoscale else instances, broker_kind, tuple(include), queue,
+                       write_state=True)
+    scaler = None
+    flower_proc = None
     stopping = []
 
     def on_signal(signum, frame):
@@ -181,6 +196,23 @@ def local(instances, broker_kind, include, queue, print_env):
         click.echo("starting the local fleet...", err=True)
         fleet.start()
         click.echo(fleet.describe(), err=True)
+        if autoscale:
+            from app.autoscale import Policy
+            from scripts.autoscaler import local_autoscaler
+
+            try:
+                policy = Policy(min_instances=min_instances,
+                                max_instances=max_instances or len(fleet.cpus))
+            except ValueError as exc:
+                _fail(str(exc), 2)
+            scaler = local_autoscaler(fleet, policy, say=lambda m: click.echo(m, err=True))
+            click.echo(f"  autoscaling between {policy.min_instances} and "
+                       f"{policy.max_instances} instances", err=True)
+        if flower:
+            from scripts.flower import start_flower
+
+            flower_proc, url = start_flower(fleet.settings, fleet.workdir)
+            click.echo(f"  flower: {url}", err=True)
         click.echo("run a job from another terminal, e.g.\n"
                    "  fleet run process_id --ids range:0:100000 --out results.jsonl\n"
                    "plain Celery clients: eval \"$(fleet local --env)\"\n"
@@ -188,11 +220,17 @@ def local(instances, broker_kind, include, queue, print_env):
         while not stopping:
             for index in fleet.supervise():
                 click.echo(f"instance{index} died; restarted it", err=True)
+            if scaler is not None:
+                scaler.tick()
             time.sleep(0.5)
     except LocalFleetError as exc:
         _fail(str(exc), 1)
     finally:
         click.echo("stopping the local fleet...", err=True)
+        if flower_proc is not None:
+            from scripts.local import stop_process
+
+            stop_process(flower_proc, timeout=10)
         fleet.stop()
 
 
@@ -247,6 +285,67 @@ def demo(n_ids, instances, broker_kind, out):
 
 
 cli.add_command(cost)
+cli.add_command(ops)
+cli.add_command(status)
+
+
+@cli.command()
+@click.option("--items", type=click.IntRange(min=1), default=1_000_000, show_default=True)
+@click.option("--seconds-per-item", type=click.FloatRange(min=0, min_open=True), default=0.05,
+              show_default=True)
+@click.option("--cores", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Worker slots per instance.")
+@click.option("--boot", "boot_seconds", type=click.FloatRange(min=0), default=60.0,
+              show_default=True, help="Seconds from launch to a consuming worker.")
+@click.option("--spot-rate", type=click.FloatRange(min=0), default=0.05, show_default=True,
+              help="Spot interruptions per instance-hour.")
+@click.option("--no-agent", is_flag=True,
+              help="Spot without the drain agent: batches come back when their lease lapses.")
+@click.option("--broker-depth-only", is_flag=True,
+              help="The policy sees only the broker's queue, not the batches launchers hold back.")
+@click.option("--price", type=click.FloatRange(min=0), default=0.714, show_default=True,
+              help="Price per instance-hour (the default is only an example).")
+@click.option("--max-instances", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--min-instances", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--backlog-per-slot", type=click.FloatRange(min=0, min_open=True),
+              default=1.0, show_default=True, help="The policy's target.")
+@click.option("--scale-out-cooldown", type=click.FloatRange(min=0), default=5.0,
+              show_default=True)
+@click.option("--scale-in-delay", type=click.FloatRange(min=0), default=10.0, show_default=True)
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between policy decisions.")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--plot", "png", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a PNG of queue depth and instance count over time.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def simulate(items, seconds_per_item, cores, boot_seconds, spot_rate, no_agent,
+             broker_depth_only, price, max_instances, min_instances, backlog_per_slot,
+             scale_out_cooldown, scale_in_delay, interval, seed, png, as_json):
+    """Simulate a job on an autoscaled fleet against a static fleet and the ideal bound."""
+    from app.autoscale import Policy
+    from scripts.simulate import Scenario
+    from scripts.simulate import run as run_simulation
+
+    try:
+        policy = Policy(min_instances, max_instances, backlog_per_slot, scale_out_cooldown,
+                        scale_in_delay)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    scenario = Scenario(items=items, seconds_per_item=seconds_per_item, cores=cores,
+                        boot_seconds=boot_seconds, spot_rate=spot_rate, price=price,
+                        agent=not no_agent, held_visible=not broker_depth_only,
+                        interval=interval, seed=seed)
+    text, results = run_simulation(scenario, policy, png)
+    if as_json:
+        click.echo(json.dumps([
+            {"fleet": r.name, "makespan_seconds": round(r.makespan, 2),
+             "instance_hours": round(r.instance_hours, 4), "cost": round(r.cost, 4),
+             "peak_instances": r.peak_instances, "interruptions": r.interruptions,
+             "batches_rerun": r.resent} for r in results]))
+    else:
+        click.echo(text)
+    if png:
+        click.echo(f"plot written to {png}", err=True)
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.boot import worker_argv
 from app.cpus import available_cpus
 from app.settings import Settings, redact
 from app.store import open_store
@@ -201,6 +202,7 @@ class Instance:
     cpus: list[int]
     proc: subprocess.Popen | None = None
     restarts: int = 0
+    draining: bool = False  # being stopped on purpose (scale-in): not restarted
 
 
 class LocalFleet:
@@ -217,8 +219,10 @@ class LocalFleet:
             raise LocalFleetError(f"unknown broker {broker!r}: use redis or rabbitmq.")
         self.broker_kind = broker
         cpus = sorted(os.sched_getaffinity(0))[: available_cpus()]
-        self.n_instances = instances or 1
-        self.cpu_sets = instance_cpus(self.n_instances, cpus)
+        self.cpus = cpus
+        # 0: start with no worker (the autoscaler adds them).
+        self.n_instances = 1 if instances is None else instances
+        self.cpu_sets = instance_cpus(self.n_instances, cpus) if self.n_instances else []
         self.include = include
         self.queue = queue
         self._own_workdir = workdir is None
@@ -286,9 +290,9 @@ class LocalFleet:
 
     def start_instance(self, inst: Instance) -> None:
         cpus = inst.cpus
-        argv = [sys.executable, "-m", "celery", "-A", "app", "worker", "-O", "fair",
-                "-Q", self.queue, "-n", f"instance{inst.index}-{os.getpid()}@%h",
-                "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
+        # The command an EC2 instance runs (app/boot.py); the size comes from the pinning.
+        argv = worker_argv(sys.executable, self.queue, None,
+                           f"instance{inst.index}-{os.getpid()}@%h")
         log = open(self.workdir / f"instance{inst.index}.log", "ab")  # noqa: SIM115
         inst.proc = subprocess.Popen(
             argv, env=self.worker_env(), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
@@ -321,7 +325,7 @@ class LocalFleet:
         """Restart instances that died (as systemd's Restart=always would); their indexes."""
         restarted = []
         for inst in self.instances:
-            if inst.proc is not None and inst.proc.poll() is not None:
+            if inst.proc is not None and not inst.draining and inst.proc.poll() is not None:
                 _kill_group(inst.proc)
                 inst.restarts += 1
                 self.start_instance(inst)

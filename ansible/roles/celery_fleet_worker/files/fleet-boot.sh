@@ -1,0 +1,1 @@
+../../../../scripts/fleet-boot.sh

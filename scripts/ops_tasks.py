@@ -1,0 +1,108 @@
+"""Ops tasks on one worker host: plain functions of a Fabric `Connection`.
+
+Each runs `python -m app.boot ...` (app/boot.py) on the host: the commands the
+user-data and the Ansible role use, which drive the systemd unit where systemd
+runs and a pidfile elsewhere, so these tasks need not know which. A new wheel
+is installed by the host's own boot script (`fleet-boot install WHEEL`).
+scripts/ops.py assembles these into `fleet ops` over many hosts.
+
+Paths are the host's: its defaults, or FLEET_APP_DIR / FLEET_BOOT_SCRIPT in the
+login environment, expanded by the host's shell. A user other than root runs
+the commands with `sudo -n` (passwordless sudo, as ec2-user has).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # fabric is imported by whoever makes the Connection
+    from fabric import Connection
+    from invoke.runners import Result
+
+APP_DIR = '"${FLEET_APP_DIR:-/opt/celery-fleet}"'
+PYTHON = '"${FLEET_APP_DIR:-/opt/celery-fleet}/venv/bin/python"'
+BOOT_SCRIPT = '"${FLEET_BOOT_SCRIPT:-/usr/local/sbin/fleet-boot}"'
+
+
+def _sudo(c: Connection) -> str:
+    return "" if c.user == "root" else "sudo -n "
+
+
+def _quote(args: tuple[str, ...]) -> str:
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def boot(c: Connection, *args: str, **run: Any) -> Result:
+    """`python -m app.boot ARGS` on the host, from its app directory (no stray app/ shadows it)."""
+    run.setdefault("hide", True)
+    return c.run(f"cd {APP_DIR} && {_sudo(c)}{PYTHON} -m app.boot {_quote(args)}",
+                 in_stream=False, **run)
+
+
+def status(c: Connection) -> dict[str, Any]:
+    """The host's worker: cores, concurrency, running, active batches, app versions."""
+    return json.loads(boot(c, "status", "--json").stdout)
+
+
+def drain(c: Connection) -> None:
+    """Warm-stop the worker (no new batch; running ones finish) and wait until it has exited."""
+    boot(c, "drain")
+
+
+def start(c: Connection) -> None:
+    boot(c, "start")
+
+
+def restart(c: Connection, timeout: float = 120) -> dict[str, Any]:
+    """Warm restart, then wait until the new worker answers; its status."""
+    boot(c, "restart")
+    return wait(c, timeout)
+
+
+def wait(c: Connection, timeout: float = 120) -> dict[str, Any]:
+    """Wait until the worker's heartbeat is in the result store (fails if it dies first)."""
+    boot(c, "wait", "--timeout", str(timeout))
+    return status(c)
+
+
+def logs(c: Connection, lines: int = 50, follow: bool = False,
+         out_stream: IO[str] | None = None) -> str:
+    """The last `lines` of the worker's log (journald, or its log file); with `follow`, stream."""
+    args = ("logs", "--lines", str(lines), *(["--follow"] if follow else []))
+    return boot(c, *args, out_stream=out_stream).stdout
+
+
+def install(c: Connection, wheel: Path) -> str:
+    """Upload `wheel` and install it into the host's venv (the boot script's install); its word."""
+    tmp = c.run("mktemp -d", hide=True, in_stream=False).stdout.strip()
+    try:
+        remote = f"{tmp}/{wheel.name}"
+        c.put(str(wheel), remote)
+        result = c.run(f"{_sudo(c)}{BOOT_SCRIPT} install {shlex.quote(remote)}", hide=True,
+                       in_stream=False)
+        return result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+    finally:
+        c.run(f"rm -rf {shlex.quote(tmp)}", hide=True, warn=True, in_stream=False)
+
+
+def deploy(c: Connection, wheel: Path, timeout: float = 120,
+           step: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Drain, install `wheel`, start, and wait until the new worker answers; its status.
+
+    `step` is told each stage as it begins ("drain", "install", "start",
+    "wait") and "done" at the end, for a caller that logs or times them.
+    """
+    step("drain")
+    drain(c)
+    step("install")
+    install(c, wheel)
+    step("start")
+    start(c)
+    step("wait")
+    answer = wait(c, timeout)
+    step("done")
+    return answer

@@ -1,0 +1,193 @@
+"""`fleet status`: what a fleet is doing, from the APIs that know.
+
+- instances: the autoscaling group(s) tagged `celery-fleet:stack=<stack>`
+  (type, zone, lifecycle state) and EC2 (Spot or on-demand, private address);
+  for a local fleet, its instance processes;
+- workers online: the result store's worker registry (each worker's heartbeat
+  carries its concurrency, app version and the batches it holds);
+- queue depth: the broker (Redis list length and RabbitMQ message count through
+  a passive declare in kombu; SQS queue attributes through boto3);
+- in flight: the store's batch leases (running now, by job) and the batches
+  launchers hold back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import click
+
+from app.settings import Settings, redact
+
+# infra/fleet.py tags the group (and, propagated, its instances) with this.
+STACK_TAG = "celery-fleet:stack"
+
+
+def stack_instances(stack: str, session: Any = None) -> list[dict[str, Any]]:
+    """The instances of the stack's autoscaling group(s), found by tag, with EC2's details."""
+    import boto3
+
+    session = session or boto3.session.Session()
+    autoscaling, ec2 = session.client("autoscaling"), session.client("ec2")
+    members: list[dict[str, Any]] = []
+    for page in autoscaling.get_paginator("describe_auto_scaling_groups").paginate(
+            Filters=[{"Name": f"tag:{STACK_TAG}", "Values": [stack]}]):
+        for group in page["AutoScalingGroups"]:
+            members.extend(dict(i, group=group["AutoScalingGroupName"])
+                           for i in group["Instances"])
+    details: dict[str, dict[str, Any]] = {}
+    ids = [m["InstanceId"] for m in members]
+    for start in range(0, len(ids), 200):  # DescribeInstances takes at most 200 ids a call
+        for page in ec2.get_paginator("describe_instances").paginate(
+                InstanceIds=ids[start:start + 200]):
+            for reservation in page["Reservations"]:
+                details.update({i["InstanceId"]: i for i in reservation["Instances"]})
+    out = []
+    for m in members:
+        ec2_info = details.get(m["InstanceId"], {})
+        out.append({
+            "id": m["InstanceId"],
+            "group": m["group"],
+            "type": m.get("InstanceType") or ec2_info.get("InstanceType"),
+            "zone": m.get("AvailabilityZone"),
+            "state": m.get("LifecycleState"),
+            "health": m.get("HealthStatus"),
+            # EC2 says "spot" for Spot instances and nothing for on-demand ones.
+            "market": "spot" if ec2_info.get("InstanceLifecycle") == "spot" else "on-demand",
+            "private_ip": ec2_info.get("PrivateIpAddress"),
+        })
+    return sorted(out, key=lambda i: i["id"])
+
+
+def local_instances(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The instance processes of the local fleet in `state` (scripts/local.py's state file)."""
+    from app.boot import pid_alive
+
+    return [{"id": f"instance{n}", "pid": i.get("pid"), "cpus": len(i.get("cpus") or []),
+             "state": "running" if i.get("pid") and pid_alive(int(i["pid"])) else "stopped"}
+            for n, i in enumerate(state.get("instances") or [])]
+
+
+def queue_depth(settings: Settings) -> dict[str, Any]:
+    """Messages waiting on the broker for the fleet's queue (SQS: also those received)."""
+    if settings.broker_scheme == "sqs":
+        import boto3
+
+        sqs = boto3.client("sqs", region_name=settings.aws_region)
+        url = settings.sqs_queue_url or sqs.get_queue_url(QueueName=settings.queue)["QueueUrl"]
+        attrs = sqs.get_queue_attributes(
+            QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages",
+                                          "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+        return {"queue": settings.queue, "waiting": int(attrs["ApproximateNumberOfMessages"]),
+                "received": int(attrs["ApproximateNumberOfMessagesNotVisible"])}
+    from kombu import Connection
+    from kombu.exceptions import ChannelError
+
+    with Connection(settings.broker_url, transport_options=settings.transport_options,
+                    connect_timeout=5) as conn:
+        conn.ensure_connection(max_retries=2)
+        try:
+            # Passive: only asks, so it never creates the queue or changes its arguments.
+            waiting = conn.default_channel.queue_declare(settings.queue, passive=True)[1]
+        except ChannelError:  # no such queue yet (Redis: an empty queue has no key)
+            waiting = 0
+    return {"queue": settings.queue, "waiting": int(waiting), "received": None}
+
+
+def collect(settings: Settings, instances: list[dict[str, Any]] | None,
+            source: str) -> dict[str, Any]:
+    """The fleet's status; a part that cannot be read is reported in "errors", not raised."""
+    from app.store import open_store
+
+    status: dict[str, Any] = {
+        "source": source, "broker": redact(settings.broker_url),
+        "result_store": redact(settings.result_url), "instances": instances,
+        "workers": [], "slots": 0, "queue": None, "running_batches": None,
+        "jobs_in_flight": None, "held_back": None, "errors": [],
+    }
+    try:
+        store = open_store(settings)
+        store.ping()
+        workers = sorted(store.workers(), key=lambda w: str(w.get("hostname")))
+        status["workers"] = [
+            {"node": w.get("hostname"), "concurrency": w.get("concurrency"),
+             "version": w.get("version"), "queue": w.get("queue"),
+             "active": w.get("active"), "reserved": w.get("reserved")} for w in workers]
+        status["slots"] = sum(int(w.get("concurrency") or 0) for w in workers)
+        running = store.busy_slots()  # "job/batch" of each batch with a live lease
+        status["running_batches"] = len(running)
+        status["jobs_in_flight"] = sorted({m.rpartition("/")[0] for m in running})
+        status["held_back"] = store.backlog(settings.queue)
+    except Exception as exc:  # noqa: BLE001 - show what can be shown
+        status["errors"].append(f"result store: {exc}")
+    try:
+        status["queue"] = queue_depth(settings)
+    except Exception as exc:  # noqa: BLE001
+        status["errors"].append(f"broker: {exc}")
+    return status
+
+
+def render(status: dict[str, Any]) -> str:
+    lines = [f"fleet from {status['source']}"]
+    instances = status["instances"]
+    if instances is not None:
+        lines.append(f"instances: {len(instances)}")
+        for i in instances:
+            if "market" in i:
+                lines.append(f"  {i['id']}  {i['type'] or '?':<12} {i['zone'] or '?':<12} "
+                             f"{i['state']:<18} {i['market']:<9} {i['private_ip'] or ''}")
+            else:
+                lines.append(f"  {i['id']}  {i['cpus']} CPU  pid {i['pid']}  {i['state']}")
+    lines.append(f"workers online: {len(status['workers'])} ({status['slots']} slots)")
+    for w in status["workers"]:
+        lines.append(f"  {w['node']}  concurrency {w['concurrency']}  version {w['version']}  "
+                     f"running {w['active']}  holding {w['reserved']}")
+    queue = status["queue"]
+    if queue is not None:
+        received = f", {queue['received']} received" if queue["received"] is not None else ""
+        lines.append(f"queue {queue['queue']}: {queue['waiting']} waiting{received}")
+    if status["running_batches"] is not None:
+        jobs = status["jobs_in_flight"]
+        lines.append(f"in flight: {status['running_batches']} batches running in {len(jobs)} "
+                     f"job(s){': ' + ', '.join(jobs) if jobs else ''}; "
+                     f"{status['held_back']} batches held back by launchers")
+    lines.extend(f"error: {e}" for e in status["errors"])
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--stack", metavar="NAME",
+              help="A deployed stack: its instances (by the celery-fleet:stack tag) and "
+                   "its broker and result store (SSM Parameter Store).")
+@click.option("--region", help="AWS region of the stack (default: your AWS configuration).")
+@click.option("--broker", metavar="URL", help="Broker URL (default: FLEET_BROKER_URL or the "
+                                              "local fleet).")
+@click.option("--backend", metavar="URL", help="Result store URL.")
+@click.option("--queue", help="The fleet's queue (default: FLEET_QUEUE or 'fleet').")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(stack, region, broker, backend, queue, as_json):
+    """Instances, workers online, queue depth and jobs in flight of a stack or the local fleet."""
+    from scripts.cli import resolve_settings
+    from scripts.local import read_state
+
+    if stack:
+        import boto3
+
+        from app.stack import settings_from_stack
+
+        session = boto3.session.Session(region_name=region)
+        settings = settings_from_stack(stack, session, queue=queue)
+        instances = stack_instances(stack, session)
+        source = f"stack {stack} ({session.region_name})"
+    else:
+        settings = resolve_settings(broker, backend, queue=queue)
+        state = read_state()
+        local = state is not None and not (broker or os.environ.get("FLEET_BROKER_URL"))
+        instances = local_instances(state) if local else None
+        source = "the local fleet" if local else "the given broker and result store"
+    report = collect(settings, instances, source)
+    click.echo(json.dumps(report, indent=2) if as_json else render(report))
+    if report["errors"]:
+        raise SystemExit(3)
