@@ -248,4 +248,12 @@ class WorkerFleet(pulumi.ComponentResource):
                 [self.group.arn],
                 "DrainOnTermination",
             ),
+            # The drain agent (app/agent.py) finds its group and hook by asking:
+            # the hook's name is Pulumi's to choose. Read-only, and these Describe
+            # calls take no resource-level permissions.
+            allow(
+                ["autoscaling:DescribeAutoScalingInstances", "autoscaling:DescribeLifecycleHooks"],
+                ["*"],
+                "FindOwnGroupAndHook",
+            ),
         ]

@@ -131,6 +131,10 @@ def test_worker_role_names_its_resources(run):
     for stmt in policy_statements(run):
         if stmt["Effect"] != "Allow" or "*" not in stmt["Resource"]:
             continue
+        # Only read-only calls, and the metric namespace fenced by a condition,
+        # may go without a resource name.
+        if all(a.split(":")[1].startswith(("Describe", "List", "Get")) for a in stmt["Action"]):
+            continue
         assert stmt["Action"] == ["cloudwatch:PutMetricData"], f"wildcard resource: {stmt}"
         assert stmt["Condition"] == {"StringEquals": {"cloudwatch:namespace": "CeleryFleet"}}
     sids = {s["Sid"] for s in policy_statements(run)}
@@ -138,6 +142,7 @@ def test_worker_role_names_its_resources(run):
         "ReadArtifact",
         "ReadStackParameters",
         "DrainOnTermination",
+        "FindOwnGroupAndHook",
         "OnlyStackParameters",
     } <= sids
     if run.cfg.broker == "sqs":
