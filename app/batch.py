@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from app.registry import FleetTask
 
@@ -109,6 +108,10 @@ def _encode(records: list[_Ok | _Err]) -> tuple[bytes, int]:
 
 def _retry_transient(task: FleetTask, item: Any) -> tuple[Any, BaseException | None, int]:
     """Call the function again for a transient failure; (result, final error, attempts)."""
+    # Imported on the first transient failure: the launcher imports this module
+    # too, and never retries.
+    from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
     retrying = Retrying(
         retry=retry_if_exception_type(task.transient),
         stop=stop_after_attempt(task.retries),

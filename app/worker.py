@@ -19,7 +19,7 @@ from celery.worker import state as worker_state
 
 from app.batch import run_batch
 from app.celery_config import BASE_MODULES
-from app.registry import UnknownTask, resolve
+from app.registry import FleetTask, UnknownTask, resolve
 from app.settings import Settings
 from app.store import Done, Store, open_store, worker_name
 
@@ -137,6 +137,14 @@ class _Heartbeat:
 
 
 _heartbeat = _Heartbeat()
+
+
+@signals.worker_process_init.connect
+def _warm_up(**_: object) -> None:
+    # The first batch of a fresh pool process pays one-off costs (first
+    # encoder and class use) that would make a one-ID calibration probe look
+    # ten times slower than the work is.
+    run_batch(FleetTask(str, "warm-up"), [0])
 
 
 @signals.worker_ready.connect
