@@ -66,6 +66,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from app.boot import pid_alive
 from app.settings import Settings
 from app.store import Store, open_store
 
@@ -166,7 +167,7 @@ class CeleryWorker:
                                   check=False).returncode == 0
         if self.pid is None:
             self._info()
-        return self.pid is not None and _pid_running(self.pid)
+        return self.pid is not None and pid_alive(self.pid)
 
     def stop(self, cold: bool) -> None:
         sig = signal.SIGQUIT if cold else signal.SIGTERM
@@ -183,14 +184,6 @@ class CeleryWorker:
         if self.pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
-
-
-def _pid_running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"  # a zombie has exited
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 class Agent:

@@ -153,17 +153,22 @@ class S3Store:
 
     # -- launcher side ----------------------------------------------------
 
-    def workers(self) -> list[dict[str, Any]]:
+    def _live_records(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
+        """(key, record) of the JSON objects under prefix written within their own "lease"."""
         out = []
-        for obj in self._list(self._key("workers", "")):
+        for obj in self._list(prefix):
             raw = self._get(obj["Key"])
             if raw is None:
                 continue
             info = _decode(raw)
             age = datetime.now(UTC).timestamp() - obj["LastModified"].timestamp()
             if age <= float(info.get("lease", 10)) + CLOCK_SLACK:
-                out.append(dict(info, name=obj["Key"].rsplit("/", 1)[-1]))
+                out.append((obj["Key"], info))
         return out
+
+    def workers(self) -> list[dict[str, Any]]:
+        return [dict(info, name=key.rsplit("/", 1)[-1])
+                for key, info in self._live_records(self._key("workers", ""))]
 
     def busy_slots(self) -> set[str]:
         base = len(self._key("leases", ""))
@@ -179,16 +184,8 @@ class S3Store:
             self.s3.delete_object(Bucket=self.bucket, Key=key)
 
     def backlog(self, queue: str) -> int:
-        total = 0
-        for obj in self._list(self._key("backlog", queue, "")):
-            raw = self._get(obj["Key"])
-            if raw is None:
-                continue
-            info = _decode(raw)
-            age = datetime.now(UTC).timestamp() - obj["LastModified"].timestamp()
-            if age <= float(info.get("lease", 10)) + CLOCK_SLACK:
-                total += int(info.get("batches", 0))
-        return total
+        return sum(int(info.get("batches", 0))
+                   for _, info in self._live_records(self._key("backlog", queue, "")))
 
     def wait_done(self, job: str, timeout: float) -> list[Done]:
         """Batches committed since the last call (fetched, so `results` costs nothing more)."""

@@ -152,17 +152,23 @@ def test_busy_instance_drained_mid_job_loses_nothing(autoscaled, tmp_path):
     assert inst not in fleet.instances, "the drained instance was not removed"
 
 
+def wait_for_output(fleet, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in fleet.output() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert text in fleet.output(), fleet.output()
+
+
 def test_fleet_local_autoscale_command(local_fleet, tmp_path):  # noqa: F811
     fleet = local_fleet("--autoscale", "--max-instances", "2", "--include", "tests.fleet_tasks")
     fleet.wait_up()
-    assert "autoscaling between 0 and 2 instances" in fleet.output()
+    # The line follows "local fleet up", which wait_up returns on.
+    wait_for_output(fleet, "autoscaling between 0 and 2 instances", 10)
     out = tmp_path / "out.jsonl"
     ran = fleet.cmd("run", "double", "--ids", "range:0:1000", "--out", str(out))
     assert ran.returncode == 0, ran.stderr
     exactly_once(out, 1000)
-    deadline = time.monotonic() + 40
-    while "-> 0 instances" not in fleet.output() and time.monotonic() < deadline:
-        time.sleep(0.3)
+    wait_for_output(fleet, "-> 0 instances", 40)
     assert re.search(r"autoscaler: 0 -> [12] instances", fleet.output()), fleet.output()
     assert "-> 0 instances" in fleet.output(), fleet.output()
     fleet.snapshot()
