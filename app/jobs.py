@@ -34,7 +34,7 @@ import kombu.exceptions
 import msgspec
 from kombu.utils.uuid import uuid
 
-from app.batch import pack
+from app.batch import expand, pack
 from app.celery_config import make_app
 from app.settings import Settings, redact
 from app.sources import InputError, Source
@@ -62,15 +62,56 @@ class Unreachable(JobError):
 
 @dataclass(frozen=True)
 class Layout:
-    """How the ID stream is cut into batches: `probe` sizes first, then `size` each."""
+    """How the ID stream is cut into batches: `probe` sizes first, then `size` each.
+
+    With the total known and `tail` slots, the last wave (about `tail` x
+    `size` IDs) is cut finer, each batch a 1/(2 x tail) share of what is left
+    and no smaller than size/8 (guided self-scheduling): the slots then finish
+    within a small batch of each other, not a whole one apart. The layout is
+    kept with the job, so a resumed job cuts its IDs the same way.
+    """
 
     probe: tuple[int, ...]
     size: int
+    total: int | None = None
+    tail: int = 0
 
     def sizes(self) -> Iterator[int]:
         yield from self.probe
-        while True:
+        if self.total is not None and self.tail:
+            body, last = self._split()
+            yield from itertools.repeat(self.size, body)
+            yield from self._tail(last)
+        while True:  # streams of unknown length, and past the end
             yield self.size
+
+    def count(self) -> int | None:
+        """How many batches the total is cut into (None when the total is unknown)."""
+        if self.total is None:
+            return None
+        count, left = 0, self.total
+        for size in self.probe:
+            if left <= 0:
+                return count
+            count, left = count + 1, left - size
+        if not self.tail:
+            return count + max(0, math.ceil(left / self.size))
+        body, last = self._split()
+        return count + body + sum(1 for _ in self._tail(last))
+
+    def _split(self) -> tuple[int, int]:
+        """Whole batches before the last wave, and the IDs left for it."""
+        assert self.total is not None
+        left = max(0, self.total - sum(self.probe))
+        body = max(0, left - self.tail * self.size) // self.size
+        return body, left - body * self.size
+
+    def _tail(self, left: int) -> Iterator[int]:
+        floor = max(1, self.size // 8)
+        while left > 0:
+            n = min(left, max(floor, math.ceil(left / (2 * self.tail))))
+            left -= n
+            yield n
 
 
 @dataclass
@@ -233,7 +274,8 @@ class Launcher:
             self.check_connections()
             job, meta = self._new_job(opts, total)
         task, source = meta["task"], Source.from_meta(meta["source"])
-        layout = Layout(tuple(meta["layout"]["probe"]), meta["layout"]["size"])
+        layout = Layout(tuple(meta["layout"]["probe"]), meta["layout"]["size"],
+                        meta.get("total"), meta["layout"].get("tail", 0))
         committed_bits, written_bits, offset, items, errors = self.store.journal(job)
         out, out_path = self._open_output(opts.out, (offset or 0) if opts.resume else None)
         progress = _Progress(items, errors)
@@ -245,7 +287,7 @@ class Launcher:
                 file=sys.stderr, mininterval=0.5, smoothing=0.05, dynamic_ncols=True, desc=job,
             )
         run = _Run(self, job, task, opts, out, out_path, progress,
-                   _batch_count(meta.get("total"), layout))
+                   layout.count())
         try:
             with _interrupt_guard() as interrupted:
                 stream, self._stream = self._stream, None
@@ -378,14 +420,16 @@ class Launcher:
         # The fastest probe: a probe slowed by a busy neighbour or a cold
         # process says nothing about the work itself.
         per_item = max(min(timings), 1e-7)
-        sample = [i for _, p in payloads for i in p] if opts.source.streamed else None
+        sample = [i for _, p in payloads for i in expand(p)] if opts.source.streamed else None
         size = self.batch_size(per_item, opts.target_seconds, total, slots, opts.source,
                                sample)
         if opts.source.streamed:
             # stdin cannot be read again: go on from where the probes stopped.
             size_after.append(size)
             self._stream = itertools.chain((p for _, p in payloads), stream)
-        return {"probe": list(probe), "size": size}, per_item
+        # stdin's length is unknown: no finer last wave.
+        tail = 0 if opts.source.streamed else slots
+        return {"probe": list(probe), "size": size, "tail": tail}, per_item
 
     def batch_size(self, per_item: float, target: float, total: int | None, slots: int,
                    source: Source, sample: list[Any] | None = None) -> int:
@@ -404,7 +448,7 @@ class Launcher:
 def _id_bytes(source: Source, sample: list[Any] | None = None) -> int:
     """A generous size of one ID in a JSON message, from the first IDs (or `sample`)."""
     if sample is None:
-        sample = next(source.batches(iter((1000,))), [])
+        sample = list(expand(next(source.batches(iter((1000,))), [])))
     encoded = sum(len(str(i)) + 4 for i in sample)
     return max(8, math.ceil(encoded / max(len(sample), 1)))
 
@@ -458,18 +502,6 @@ def _check_writable(path: Path | None) -> None:
         raise BadInput(f"cannot write {path}: {exc.strerror}.") from None
     if not existed:
         path.unlink()
-
-
-def _batch_count(total: int | None, layout: Layout) -> int | None:
-    """How many batches `layout` cuts `total` IDs into (None when the total is unknown)."""
-    if total is None:
-        return None
-    count, left = 0, total
-    for size in layout.probe:
-        if left <= 0:
-            return count
-        count, left = count + 1, left - size
-    return count + max(0, math.ceil(left / layout.size))
 
 
 class _Run:

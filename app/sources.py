@@ -87,7 +87,11 @@ class Source:
         return n
 
     def batches(self, sizes: Iterator[int]) -> Iterator[list[Any] | dict[str, Any]]:
-        """Payloads of successive batches, the n-th of next(sizes) IDs (the last may be short)."""
+        """Payloads of successive batches, the n-th of next(sizes) IDs (the last may be short).
+
+        A payload is app.batch's wire form: {"range": [start, stop]} for a
+        range, {"lines": "id\\nid..."} for a text file, else a list of IDs.
+        """
         if self.fmt == "range":
             start, stop = _parse_range(self.spec)
             while start < stop:
@@ -95,7 +99,21 @@ class Source:
                 yield {"range": [start, end]}
                 start = end
             return
+        if self.fmt == "text":
+            # Lines travel as one string per batch (app.batch.pack's wire
+            # form): cut it from the checked text, never split into IDs here.
+            fobj = self._open()
+            try:
+                yield from _line_batches(_text_chunks(fobj, self._name), sizes)
+            finally:
+                if fobj is not sys.stdin.buffer:
+                    fobj.close()
+            return
         yield from _regroup(self._blocks(), sizes)
+
+    @property
+    def _name(self) -> str:
+        return "stdin" if self.spec == "-" else self.spec
 
     # -- readers ----------------------------------------------------------
 
@@ -110,14 +128,12 @@ class Source:
             raise InputError(f"cannot read {self.spec}: {exc.strerror}.") from None
 
     def _blocks(self) -> Iterator[list[Any]]:
-        name = "stdin" if self.spec == "-" else self.spec
+        """Lists of IDs, for the JSON lines and CSV formats."""
+        name = self._name
         fobj = self._open()
         try:
-            lines = _text_blocks(fobj, name)
-            if self.fmt == "text":
-                yield from (block for block, _ in lines)
-            elif self.fmt == "jsonl":
-                yield from _jsonl_blocks(lines, name, self.field or "")
+            if self.fmt == "jsonl":
+                yield from _jsonl_blocks(_text_blocks(fobj, name), name, self.field or "")
             else:
                 yield from _csv_blocks(fobj, name, self.column or "")
         finally:
@@ -158,6 +174,50 @@ def _regroup(blocks: Iterable[list[Any]], sizes: Iterator[int]) -> Iterator[list
                 need = next(sizes)
     if batch:
         yield batch
+
+
+def _line_batches(chunks: Iterable[tuple[str, int, int]],
+                  sizes: Iterator[int]) -> Iterator[dict[str, str]]:
+    """{"lines": ...} payloads of next(sizes) lines each, cut from checked text chunks."""
+    parts: list[str] = []
+    have, need = 0, next(sizes)
+    for text, _, n in chunks:
+        pos, left = 0, n  # the unread part of text, and its number of lines
+        while left:
+            take = need - have
+            if take >= left:
+                parts.append(text[pos:] if pos else text)
+                have, left = have + left, 0
+            else:
+                end = _nth_newline(text, pos, take)
+                parts.append(text[pos:end])
+                have, left, pos = need, left - take, end + 1
+            if have == need:
+                yield {"lines": "\n".join(parts)}
+                parts, have, need = [], 0, next(sizes)
+    if parts:
+        yield {"lines": "\n".join(parts)}
+
+
+def _nth_newline(text: str, pos: int, k: int) -> int:
+    """The index of the k-th "\\n" at or after `pos` (there are at least k).
+
+    Counting (C speed) over a stretch sized from the mean line length skips
+    most of the way; find() walks the last few lines.
+    """
+    sampled = text.count("\n", pos, pos + 4096)
+    mean = min(4096, len(text) - pos) / sampled if sampled else 4096.0
+    while k > 16:
+        probe = min(len(text), pos + max(1, int(k * mean * 0.9)))
+        seen = text.count("\n", pos, probe)
+        if seen >= k:  # the guess overshot: shorter lines here than sampled
+            mean /= 2
+            continue
+        pos, k = probe, k - seen
+    end = pos - 1
+    for _ in range(k):
+        end = text.index("\n", end + 1)
+    return end
 
 
 def _text_chunks(fobj: IO[bytes], name: str) -> Iterator[tuple[str, int, int]]:

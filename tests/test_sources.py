@@ -15,16 +15,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app import sources
+from app.batch import expand
 from app.jobs import Layout
 from app.sources import InputError, Source
 
 
-def read_all(src: Source, sizes=None) -> list[list]:
+def payloads(src: Source, sizes=None) -> list:
+    """The batches as they go on the wire."""
     return list(src.batches(iter(sizes) if sizes is not None else Layout((), 1000).sizes()))
 
 
+def read_all(src: Source, sizes=None) -> list[list]:
+    """Each batch's IDs, whatever its wire form."""
+    return [list(expand(b)) for b in payloads(src, sizes)]
+
+
 def flat(batches) -> list:
-    return [i for b in batches for i in b]
+    return [i for b in batches for i in expand(b)]
 
 
 def text_file(tmp_path: Path, data: bytes, name: str = "ids.txt") -> Path:
@@ -169,6 +176,12 @@ def test_meta_round_trip(tmp_path):
     path = text_file(tmp_path, b"id\n1\n", "x.csv")
     src = Source.parse(str(path), column="id")
     assert Source.from_meta(json.loads(json.dumps(src.as_meta()))) == src
+
+
+def test_text_batches_travel_as_one_string_each(tmp_path):
+    path = text_file(tmp_path, b"a\nb\r\nc\nd\n")
+    assert payloads(Source.parse(str(path)), [1, 2, 5]) == [
+        {"lines": "a"}, {"lines": "b\nc"}, {"lines": "d"}]
 
 
 def test_stdin(monkeypatch):
@@ -322,14 +335,14 @@ def test_range(spec, bounds):
     src = Source.parse(spec)
     assert src.fmt == "range"
     assert src.count() == bounds[1] - bounds[0]
-    batches = read_all(src, itertools.repeat(3))
+    batches = payloads(src, itertools.repeat(3))
     assert all(set(b) == {"range"} for b in batches)
     assert flat(range(*b["range"]) for b in batches) == list(range(*bounds))
 
 
 def test_range_batches_follow_the_sizes():
     src = Source.parse("range:0:10")
-    assert read_all(src, Layout((1, 1, 1), 4).sizes()) == [
+    assert payloads(src, Layout((1, 1, 1), 4).sizes()) == [
         {"range": [0, 1]}, {"range": [1, 2]}, {"range": [2, 3]}, {"range": [3, 7]},
         {"range": [7, 10]}]
 
@@ -369,8 +382,8 @@ def test_batches_across_block_boundaries(big_text, layout):
     batches = list(src.batches(layout.sizes()))
     sizes = layout.sizes()
     expected = [min(next(sizes), len(ids) - k) for k in itertools.accumulate(
-        [0] + [len(b) for b in batches[:-1]])]
-    assert [len(b) for b in batches] == expected
+        [0] + [len(list(expand(b))) for b in batches[:-1]])]
+    assert [len(list(expand(b))) for b in batches] == expected
     assert flat(batches) == ids
 
 
@@ -420,8 +433,8 @@ def _round_trip(path: Path, fmt_kw: dict, layout: Layout, block: int) -> list:
         sources.BLOCK = old
     sizes = layout.sizes()
     for b in batches[:-1]:
-        assert len(b) == next(sizes)
-    assert batches and 0 < len(batches[-1]) <= next(sizes)
+        assert len(list(expand(b))) == next(sizes)
+    assert batches and 0 < len(list(expand(batches[-1]))) <= next(sizes)
     out = flat(batches)
     assert n == len(out)
     return out
@@ -463,3 +476,45 @@ def test_range_round_trip(start, n, layout):
     assert src.count() == n
     batches = list(src.batches(layout.sizes()))
     assert flat(range(*b["range"]) for b in batches) == list(range(start, start + n))
+
+
+@_fast
+@given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=400), data=st.data())
+def test_nth_newline_finds_the_kth_line_end(lengths, data):
+    # Mixed short and long lines make the mean-length guess overshoot and undershoot.
+    text = "\n".join("x" * n for n in lengths) + "\n"
+    ends = [i for i, c in enumerate(text) if c == "\n"]
+    first = data.draw(st.integers(0, len(ends) - 1))
+    pos = ends[first - 1] + 1 if first else 0
+    k = data.draw(st.integers(1, len(ends) - first))
+    assert sources._nth_newline(text, pos, k) == ends[first + k - 1]
+
+
+@_fast
+@given(total=st.integers(1, 5000), probe=st.lists(st.integers(1, 3), max_size=4),
+       size=st.integers(1, 700), tail=st.integers(0, 6))
+def test_layout_counts_the_batches_it_cuts(total, probe, size, tail):
+    layout = Layout(tuple(probe), size, total, tail)
+    sizes = layout.sizes()
+    cut, left = [], total
+    while left > 0:
+        cut.append(min(next(sizes), left))
+        left -= cut[-1]
+    assert layout.count() == len(cut)
+    body = cut[len(probe):]
+    # Never larger than the batch size, and only the last wave is cut finer.
+    assert all(n <= size for n in body)
+    fine = [n for n in body if n < size]
+    if tail:
+        assert sum(fine) <= (tail + 1) * size
+        assert all(n >= max(1, size // 8) for n in fine[:-1])  # the last may be a remainder
+    else:
+        assert len(fine) <= 1
+
+
+def test_last_wave_is_cut_finer():
+    # 2 slots, batches of 500: the last wave shrinks instead of ending on two full batches.
+    layout = Layout((1, 1), 500, 4000, 2)
+    sizes = list(itertools.islice(layout.sizes(), layout.count()))
+    assert sum(sizes) >= 4000 and sizes[:7] == [1, 1, 500, 500, 500, 500, 500]
+    assert sizes[-1] < 500 // 4 + 1 and max(sizes[7:]) < 500

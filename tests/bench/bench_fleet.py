@@ -640,6 +640,7 @@ class Bench:
 
     def source_timing(self, ids_file: Path) -> None:
         """How long the launcher's input side takes alone for the ID file (no fleet)."""
+        from app.batch import expand
         from app.sources import Source
 
         with contextlib.suppress(Exception):
@@ -648,7 +649,7 @@ class Bench:
             n = src.count()
             t1 = time.perf_counter()
             sizes = iter(lambda: 50_000, 0)
-            m = sum(len(b) for b in src.batches(sizes))
+            m = sum(len(list(expand(b))) for b in src.batches(sizes))
             t2 = time.perf_counter()
             self.diag["id_file_count_s"] = round(t1 - t0, 4)
             self.diag["id_file_batches_s"] = round(t2 - t1, 4)
