@@ -305,11 +305,11 @@ class Launcher:
             else:
                 out.flush()
         status = "interrupted" if run.interrupted else ("errors" if progress.errors else "ok")
-        meta.update(status=status, batches=run.batches_total)
+        meta.update(status=status, batches=run.batches or 0)
         self.store.put_meta(job, meta)
         return JobSummary(
             job=job, status=status, items=progress.items, errors=progress.errors,
-            batches=run.batches_total, resent=run.resent,
+            batches=run.batches or 0, resent=run.resent,
             wall_seconds=time.monotonic() - started, out=out_path or "-",
             seconds_per_item=meta.get("seconds_per_item"),
         )
@@ -509,9 +509,11 @@ class _Run:
 
     def __init__(self, launcher: Launcher, job: str, task: str, opts: JobOptions,
                  out: IO[bytes], out_path: str | None, progress: _Progress,
-                 total_batches: int | None = None) -> None:
+                 batches: int | None = None) -> None:
         self.launcher = launcher
-        self.total_batches = total_batches  # None: a stream of unknown length
+        # How many batches the job is cut into: known from the layout, or
+        # counted when a stream of unknown length runs out.
+        self.batches = batches
         self.store = launcher.store
         self.job = job
         self.task = task
@@ -521,7 +523,6 @@ class _Run:
         self.progress = progress
         self.inflight: dict[int, _InFlight] = {}
         self.written: set[int] = set()
-        self.batches_total = 0
         self.resent = 0
         self.interrupted = False
         self.lease = launcher.settings.lease_seconds
@@ -542,7 +543,7 @@ class _Run:
                     payload = next(payloads)
                 except StopIteration:
                     exhausted = True
-                    self.batches_total = batch
+                    self.batches = batch
                     break
                 except InputError as exc:  # only a streamed source gets here
                     self.store.cancel(self.job)
@@ -581,9 +582,9 @@ class _Run:
         """Batches not sent yet; for a stream of unknown length, as many again as in flight."""
         if exhausted:
             return 0
-        if self.total_batches is None:
+        if self.batches is None:
             return len(self.inflight)
-        return max(0, self.total_batches - sent)
+        return max(0, self.batches - sent)
 
     def write(self, batches: list[int]) -> None:
         """Copy the committed lines of `batches` to the output and journal them."""
