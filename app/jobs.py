@@ -180,7 +180,7 @@ class Launcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = open_store(settings)
-        self._held_metric = HeldBatchesMetric(settings.stack or "", settings.aws_region)
+        self._metrics = StackMetrics(settings.stack or "", settings.aws_region)
         self.celery = make_app(settings)
         self._slots_cache = (0.0, 0)
         # A streamed source (stdin) is read once: calibration leaves the rest
@@ -247,17 +247,18 @@ class Launcher:
                 f"lost the broker at {redact(self.settings.broker_url)}: {exc}"
             ) from None
 
-    def advertise_backlog(self, job: str, batches: int) -> None:
+    def advertise_backlog(self, job: str, batches: int, completed: int = 0) -> None:
         """Tell the autoscaler how many batches this job still holds back from the broker.
 
         Only a few batches per slot are on the broker at a time, so its queue
         alone would hide a long job and a fleet scaled on it could grow no
-        faster than the slots it has (see app/autoscale.py).
+        faster than the slots it has (see app/autoscale.py). `completed`:
+        batches written since the last call, for the stack's dashboard.
         """
         self.store.advertise_backlog(self.settings.queue, job, batches,
                                      max(5.0, 3 * self.settings.lease_seconds))
         if self.settings.stack:
-            self._held_metric.publish(batches)
+            self._metrics.publish(batches, completed)
 
     # -- the job ----------------------------------------------------------
 
@@ -297,7 +298,7 @@ class Launcher:
         finally:
             # Best effort: the entry lapses by itself if the store is gone.
             with contextlib.suppress(Exception):
-                self.advertise_backlog(job, 0)
+                self.advertise_backlog(job, 0, run.unreported)
             if progress.bar is not None:
                 progress.bar.close()
             if out is not sys.stdout.buffer:
@@ -453,13 +454,16 @@ def _id_bytes(source: Source, sample: list[Any] | None = None) -> int:
     return max(8, math.ceil(encoded / max(len(sample), 1)))
 
 
-class HeldBatchesMetric:
-    """CeleryFleet/HeldBatches{Stack}: what the launcher holds back, for the stack's scaling.
+class StackMetrics:
+    """What a --stack job tells CloudWatch (namespace CeleryFleet, dimension Stack).
 
-    The stack scales on (queue depth + held batches) per instance
-    (infra/scaling.py), so a long job grows the fleet at once instead of
-    doubling it once per boot. Published at most every PERIOD seconds, and at
-    once when it drops to zero; a failure to publish never stops a job.
+    HeldBatches: what the launcher holds back. The stack scales on (queue
+    depth + held batches) per instance (infra/scaling.py), so a long job grows
+    the fleet at once instead of doubling it once per boot. BatchesCompleted:
+    batches written since the last call, for the stack's dashboard.
+
+    Published at most every PERIOD seconds, and at once when the held count
+    drops to zero; a failure to publish never stops a job.
     """
 
     PERIOD = 20.0
@@ -469,26 +473,31 @@ class HeldBatchesMetric:
         self.region = region
         self.client: Any = None
         self.last: tuple[float, int] = (0.0, -1)
+        self.completed = 0  # batches written, not published yet
 
-    def publish(self, batches: int) -> None:
+    def publish(self, held: int, completed: int = 0) -> None:
+        self.completed += completed
         at, value = self.last
         now = time.monotonic()
-        if now - at < self.PERIOD and (batches != 0 or value == 0):
+        if now - at < self.PERIOD and (held != 0 or value == 0):
             return
+        dimensions = [{"Name": "Stack", "Value": self.stack}]
+        data = [{"MetricName": "HeldBatches", "Value": float(held), "Unit": "Count",
+                 "Dimensions": dimensions}]
+        if self.completed:
+            data.append({"MetricName": "BatchesCompleted", "Value": float(self.completed),
+                         "Unit": "Count", "Dimensions": dimensions})
+        self.last = (now, held)
         try:
             if self.client is None:
                 import boto3
 
                 self.client = boto3.client("cloudwatch", region_name=self.region)
-            self.client.put_metric_data(Namespace="CeleryFleet", MetricData=[{
-                "MetricName": "HeldBatches", "Value": float(batches), "Unit": "Count",
-                "Dimensions": [{"Name": "Stack", "Value": self.stack}],
-            }])
-            self.last = (now, batches)
-        except Exception as exc:  # noqa: BLE001 - scaling hint only
+            self.client.put_metric_data(Namespace="CeleryFleet", MetricData=data)
+            self.completed = 0
+        except Exception as exc:  # noqa: BLE001 - scaling hint and dashboard only
             say(f"could not publish HeldBatches to CloudWatch ({exc}); the fleet scales on "
                 "queue depth alone")
-            self.last = (now, batches)
 
 
 def _check_writable(path: Path | None) -> None:
@@ -524,6 +533,7 @@ class _Run:
         self.inflight: dict[int, _InFlight] = {}
         self.written: set[int] = set()
         self.resent = 0
+        self.unreported = 0  # batches written since the last advertise_backlog
         self.interrupted = False
         self.lease = launcher.settings.lease_seconds
         self._idle_since: float | None = None
@@ -575,7 +585,9 @@ class _Run:
             now = time.monotonic()
             if now - last_check >= 1.0:
                 self.find_lost(now)
-                self.launcher.advertise_backlog(self.job, self.held(batch, exhausted))
+                self.launcher.advertise_backlog(self.job, self.held(batch, exhausted),
+                                                self.unreported)
+                self.unreported = 0
                 last_check = now
 
     def held(self, sent: int, exhausted: bool) -> int:
@@ -612,6 +624,7 @@ class _Run:
         for b in done_now:
             self.written.add(b)
             self.inflight.pop(b, None)
+        self.unreported += len(done_now)
         self.progress.add(items, errors)
 
     def find_lost(self, now: float) -> None:

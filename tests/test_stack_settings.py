@@ -66,12 +66,12 @@ def test_with_password_keeps_the_rest_of_the_url():
 def test_launcher_publishes_held_batches_for_the_stack(ssm):
     from datetime import UTC, datetime, timedelta
 
-    from app.jobs import HeldBatchesMetric
+    from app.jobs import StackMetrics
 
-    metric = HeldBatchesMetric("prod", "eu-west-1")
-    metric.publish(120)
-    metric.publish(90)  # within the period: not sent
-    metric.publish(0)  # zero goes out at once, so the fleet does not wait on a stale value
+    metric = StackMetrics("prod", "eu-west-1")
+    metric.publish(120, 3)
+    metric.publish(90, 4)  # within the period: not sent, the completed batches kept
+    metric.publish(0, 1)  # zero goes out at once, so the fleet does not wait on a stale value
     cw = boto3.client("cloudwatch")
     now = datetime.now(UTC)
     stats = cw.get_metric_statistics(
@@ -81,3 +81,10 @@ def test_launcher_publishes_held_batches_for_the_stack(ssm):
         Period=60, Statistics=["Maximum", "SampleCount"])["Datapoints"]
     assert sum(p["SampleCount"] for p in stats) == 2
     assert max(p["Maximum"] for p in stats) == 120
+    completed = cw.get_metric_statistics(
+        Namespace="CeleryFleet", MetricName="BatchesCompleted",
+        Dimensions=[{"Name": "Stack", "Value": "prod"}],
+        StartTime=now - timedelta(minutes=5), EndTime=now + timedelta(minutes=1),
+        Period=60, Statistics=["Sum"])["Datapoints"]
+    # 3 with the first call, 4 + 1 with the last: every batch counted once.
+    assert sum(p["Sum"] for p in completed) == 8
