@@ -47,6 +47,11 @@ Settings, all from the worker's environment file:
 
 Without a group or hook (a host outside an autoscaling group) the agent
 still hands batches back on a Spot notice.
+
+A worker that is up but has stopped consuming is not the agent's to find:
+the worker's own watchdog (app/watchdog.py) sees it from inside the process,
+exits, and the unit's Restart=always brings it back. A stop the agent asks
+for (`systemctl stop`) is not restarted, so the two never fight.
 """
 
 from __future__ import annotations

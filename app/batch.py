@@ -68,6 +68,75 @@ def expand(payload: list[Any] | dict[str, Any]) -> Iterable[Any]:
     return payload
 
 
+# The most IDs a worker takes in one batch: every ID's record is held until
+# the batch is encoded (about 100 bytes each), so this bounds a batch's memory
+# to about a gigabyte. The launcher's batches are far smaller.
+MAX_BATCH_ITEMS = 10_000_000
+# Batch numbers are bit offsets in the result store's bitmaps (Redis: < 2**32).
+MAX_BATCH_NUMBER = 2**32 - 1
+
+
+class BadPayload(ValueError):
+    """A batch message the workers refuse to run: not what the launcher builds, or too big."""
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text):,} characters)"
+
+
+def check_address(job: Any, batch: Any, task_name: Any) -> None:
+    """Refuse a batch message whose job, batch number or task name has the wrong shape."""
+    if not isinstance(job, str) or not job or len(job) > 200:
+        raise BadPayload(f"the job ID must be a non-empty string, not {_short(job)}")
+    if type(batch) is not int or not 0 <= batch <= MAX_BATCH_NUMBER:
+        raise BadPayload(f"the batch number must be a whole number from 0 to "
+                         f"{MAX_BATCH_NUMBER}, not {_short(batch)}")
+    if not isinstance(task_name, str) or not task_name or len(task_name) > 500:
+        raise BadPayload(f"the task name must be a non-empty string, not {_short(task_name)}")
+
+
+def check_payload(payload: Any, max_bytes: int) -> int:
+    """How many IDs `payload` holds; BadPayload if it is malformed or too big.
+
+    A payload is what the launcher builds (pack()): a list of IDs,
+    {"lines": "id\\nid..."} or {"range": [start, stop]}, of at most
+    MAX_BATCH_ITEMS IDs and `max_bytes` bytes (Settings.message_limit: the
+    launcher keeps whole messages under it).
+    """
+    size = 0
+    if isinstance(payload, list):
+        items = len(payload)
+        if items <= MAX_BATCH_ITEMS:
+            try:
+                size = len(_encoder.encode(payload))
+            except (TypeError, ValueError, RecursionError) as exc:  # not from JSON
+                raise BadPayload(f"the IDs cannot be encoded as JSON ({exc})") from None
+    elif isinstance(payload, dict) and payload.keys() == {"lines"}:
+        lines = payload["lines"]
+        if not isinstance(lines, str):
+            raise BadPayload(f'"lines" must be a string of IDs, not {_short(lines)}')
+        items = lines.count("\n") + 1
+        size = len(lines) if lines.isascii() else len(lines.encode("utf-8", "replace"))
+    elif isinstance(payload, dict) and payload.keys() == {"range"}:
+        bounds = payload["range"]
+        if (not isinstance(bounds, list) or len(bounds) != 2
+                or any(type(b) is not int for b in bounds)):
+            raise BadPayload(f'"range" must be [start, stop] in whole numbers, '
+                             f"not {_short(bounds)}")
+        items = max(0, bounds[1] - bounds[0])
+    else:
+        raise BadPayload('a batch payload is a list of IDs, {"lines": "..."} or '
+                         f'{{"range": [start, stop]}}, not {_short(payload)}')
+    if items > MAX_BATCH_ITEMS:
+        raise BadPayload(f"the batch holds {items:,} IDs, more than the {MAX_BATCH_ITEMS:,} a "
+                         "batch may hold; use a smaller --batch-size or --target-seconds")
+    if size > max_bytes:
+        raise BadPayload(f"the batch's IDs take {size:,} bytes, more than the {max_bytes:,} a "
+                         "batch message may hold; use a smaller --batch-size")
+    return items
+
+
 def _error(item: Any, exc: BaseException, attempts: int = 1) -> _Err:
     error: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)[:1000]}
     if attempts > 1:

@@ -284,6 +284,7 @@ KillSignal=SIGTERM
 KillMode=mixed
 # The longest batch (FLEET_MAX_BATCH_SECONDS) plus {STOP_MARGIN_SECONDS} s to hand back and exit.
 TimeoutStopSec={stop_timeout}
+# Also after the worker's liveness watchdog ends it (app/watchdog.py, exit code 70).
 Restart=always
 RestartSec=5
 NoNewPrivileges=yes

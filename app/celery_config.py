@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery
 
 from app.cpus import worker_concurrency
-from app.settings import Settings, query_options
+from app.settings import Settings, query_options, redis_tls_options
 
 # Modules every worker imports: the batch task and the user's tasks.
 BASE_MODULES = ("app.worker", "app.tasks")
@@ -33,11 +34,40 @@ def result_backend(settings: Settings) -> dict[str, Any]:
     return {"result_backend": settings.result_url}
 
 
+def tls_config(settings: Settings) -> dict[str, Any]:
+    """broker_use_ssl / redis_backend_use_ssl for amqps:// and rediss:// URLs.
+
+    The server's certificate must chain to FLEET_TLS_CA_FILE (default: the
+    system's CAs) and name the host of the URL: without these options kombu
+    checks no host name on amqps:// and nothing at all on rediss://.
+    """
+    conf: dict[str, Any] = {}
+    broker = urlsplit(settings.broker_url)
+    if broker.scheme == "amqps":
+        # py-amqp's wrap: a server_hostname turns the host name check on (and sends SNI).
+        conf["broker_use_ssl"] = {"cert_reqs": ssl.CERT_REQUIRED,
+                                  "ca_certs": settings.tls_ca_file,
+                                  "server_hostname": broker.hostname}
+    elif broker.scheme == "rediss":
+        conf["broker_use_ssl"] = redis_tls_options(settings.broker_url, settings.tls_ca_file)
+    if urlsplit(settings.result_url).scheme == "rediss":
+        # Celery's redis backend insists on ssl_cert_reqs for rediss://.
+        conf["redis_backend_use_ssl"] = redis_tls_options(settings.result_url,
+                                                          settings.tls_ca_file)
+    return conf
+
+
+def broker_ssl(settings: Settings) -> dict[str, Any] | bool:
+    """kombu.Connection(ssl=...) for the broker, for connections made without Celery."""
+    return tls_config(settings).get("broker_use_ssl", False)
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     transport = settings.transport_options
     return {
         "broker_url": settings.broker_url,
         **result_backend(settings),
+        **tls_config(settings),
         # JSON only: a pickled message on a reachable broker is code execution on every worker.
         "task_serializer": "json",
         "result_serializer": "json",
@@ -61,16 +91,29 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_max_retries": None,
         # Detect a dead AMQP peer (a half-open socket) within a minute.
         "broker_heartbeat": 30,
+        # A worker cut off from RabbitMQ reconnects as soon as its link is
+        # back, while the broker still holds its old connection (for up to
+        # two heartbeats). Celery's default exclusive mailbox queue
+        # (`NODE.celery.pidbox`) is then locked by that old connection: the
+        # declare fails with RESOURCE_LOCKED and the worker exits
+        # ("Unrecoverable error"; tests/test_partitions.py, cut off). Not
+        # exclusive, the new connection shares the queue until the old one
+        # is dropped; it is still deleted when unused (control_queue_expires).
+        "control_queue_exclusive": False,
         "task_time_limit": settings.max_batch_seconds,
         # Events feed Flower and `fleet status`.
         "worker_send_task_events": True,
         "task_send_sent_event": False,
         "worker_hijack_root_logger": False,
+        # A malformed message is logged and rejected, never the end of a worker (app/guard.py).
+        "worker_consumer": "app.guard:GuardedConsumer",
     }
 
 
 def make_app(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
-    app = Celery("fleet", include=[*BASE_MODULES, *settings.include, *include])
+    # GuardedTask: a malformed message is refused, never the end of the worker (app/guard.py).
+    app = Celery("fleet", include=[*BASE_MODULES, *settings.include, *include],
+                 task_cls="app.guard:GuardedTask")
     app.conf.update(celery_config(settings))
     # The batch task reads the store URL, lease and allowed modules from here.
     app.fleet_settings = settings  # type: ignore[attr-defined]

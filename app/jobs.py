@@ -34,7 +34,7 @@ import kombu.exceptions
 import msgspec
 from kombu.utils.uuid import uuid
 
-from app.batch import expand, pack
+from app.batch import MAX_BATCH_ITEMS, expand, pack
 from app.celery_config import make_app
 from app.settings import Settings, redact
 from app.sources import InputError, Source
@@ -434,7 +434,7 @@ class Launcher:
 
     def batch_size(self, per_item: float, target: float, total: int | None, slots: int,
                    source: Source, sample: list[Any] | None = None) -> int:
-        size = target / per_item
+        size = min(target / per_item, MAX_BATCH_ITEMS)  # workers refuse more (app/batch.py)
         # Never near the hard time limit of a batch.
         size = min(size, self.settings.max_batch_seconds / 4 / per_item)
         # Enough batches that every slot gets several and the tail stays short.
@@ -562,6 +562,13 @@ class _Run:
                     pass
                 else:
                     body = self.launcher.encode(self.job, batch, self.task, payload)
+                    if len(body) > self.launcher.settings.message_limit:
+                        # Workers refuse it (app/batch.py): say so before sending.
+                        self.store.cancel(self.job)
+                        raise BadInput(
+                            f"batch {batch} takes {len(body):,} bytes, more than the "
+                            f"{self.launcher.settings.message_limit:,} a batch message may "
+                            "hold on this broker; use a smaller --batch-size.")
                     self.inflight[batch] = _InFlight(body, time.monotonic())
                     if bit_is_set(committed_bits, batch):
                         backlog.append(batch)

@@ -9,6 +9,7 @@ and a password inside a URL is never printed.
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -19,6 +20,13 @@ RESULT_SCHEMES = ("redis", "rediss", "s3")
 # 256 KiB and kombu base64-encodes the body (x4/3), so stay well under that.
 MESSAGE_LIMITS = {"sqs": 160 * 1024}
 DEFAULT_MESSAGE_LIMIT = 1024 * 1024
+
+# A Redis broker that has not answered a command for this long is treated as
+# gone (see Settings.transport_options); well above any healthy reply time.
+REDIS_SOCKET_TIMEOUT = 15
+# kombu's check of its long-lived connections (an overdue BRPOP is dropped
+# after 1 s + this); 25 s by default.
+REDIS_HEALTH_CHECK_INTERVAL = 10
 
 
 class ConfigError(SystemExit):
@@ -79,6 +87,47 @@ def check_url(name: str, url: str, schemes: tuple[str, ...]) -> str:
     return url
 
 
+# TLS: rediss:// and amqps:// always check the server's certificate and host name.
+_VERIFY_OFF = {"ssl_cert_reqs": ("none", "optional", "cert_none", "cert_optional"),
+               "ssl_check_hostname": ("false", "0", "no", "off", "n", "f")}
+
+
+def check_tls_url(name: str, url: str) -> None:
+    """Refuse a rediss:// URL that turns certificate or host name checking off."""
+    if urlsplit(url).scheme != "rediss":
+        return
+    for key, value in query_options(url).items():
+        if value.strip().lower() in _VERIFY_OFF.get(key, ()):
+            raise ConfigError(
+                f"the {name} URL {redact(url)!r} turns TLS verification off ({key}={value}); "
+                "the fleet always checks the server's certificate and host name. For a private "
+                "CA, set FLEET_TLS_CA_FILE to its PEM file."
+            )
+
+
+def check_ca_file(path: str) -> None:
+    """Raise ConfigError unless `path` is a readable PEM file of CA certificates."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(
+            f"FLEET_TLS_CA_FILE={path!r} is not a readable PEM file of CA certificates "
+            f"({reason})."
+        ) from None
+
+
+def redis_tls_options(url: str, ca_file: str | None) -> dict[str, object]:
+    """redis-py (and kombu / Celery redis) keywords for a rediss:// URL; {} for redis://.
+
+    The certificate must chain to `ca_file` (None: the system's CAs) and name the host.
+    """
+    if urlsplit(url).scheme != "rediss":
+        return {}
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": ca_file,
+            "ssl_check_hostname": True}
+
+
 def _env_int(env: dict[str, str], name: str, default: int | None, minimum: int = 1) -> int | None:
     raw = env.get(name, "").strip()
     if not raw:
@@ -131,10 +180,18 @@ class Settings:
     # launcher then publishes its held-back batches to CloudWatch, where the
     # stack's scaling policy adds them to the queue depth.
     stack: str | None = None
+    # A PEM file of the CAs that sign the broker's and result store's TLS
+    # certificates (rediss://, amqps://). None: the system's CAs, which sign
+    # Amazon MQ's and ElastiCache's. The certificate and host name are always checked.
+    tls_ca_file: str | None = None
 
     def __post_init__(self) -> None:
         check_url("broker", self.broker_url, BROKER_SCHEMES)
         check_url("result store", self.result_url, RESULT_SCHEMES)
+        check_tls_url("broker", self.broker_url)
+        check_tls_url("result store", self.result_url)
+        if self.tls_ca_file is not None:
+            check_ca_file(self.tls_ca_file)
         if not self.queue or any(c.isspace() for c in self.queue):
             raise ConfigError(f"queue name {self.queue!r} must be non-empty with no spaces.")
 
@@ -171,6 +228,7 @@ class Settings:
             aws_region=env.get("FLEET_AWS_REGION", "").strip() or None,
             sqs_queue_url=env.get("FLEET_SQS_QUEUE_URL", "").strip() or None,
             stack=env.get("FLEET_STACK", "").strip() or None,
+            tls_ca_file=env.get("FLEET_TLS_CA_FILE", "").strip() or None,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
@@ -209,12 +267,26 @@ class Settings:
             env["FLEET_SQS_QUEUE_URL"] = self.sqs_queue_url
         if self.stack:
             env["FLEET_STACK"] = self.stack
+        if self.tls_ca_file:
+            env["FLEET_TLS_CA_FILE"] = self.tls_ca_file
         return env
 
     @property
     def transport_options(self) -> dict[str, object]:
         """kombu transport options for the broker (and Celery's Redis result backend)."""
         options: dict[str, object] = {"visibility_timeout": self.visibility_timeout}
+        if self.broker_scheme in ("redis", "rediss"):
+            # A broker that goes silent without closing the connection (a
+            # partition, a rebooted broker host, a NAT that lost its state)
+            # must not hang a worker. kombu sets no socket timeout, so a
+            # synchronous command (an ack, a task event) waited forever for
+            # its reply on the dead socket and the whole worker stopped
+            # consuming (celery#9705; tests/test_partitions.py, half-open).
+            # With a timeout the command fails and the worker reconnects.
+            # kombu drops an event-loop BRPOP (sent with a 1 s server-side
+            # timeout) once its reply is overdue by health_check_interval.
+            options.update(socket_timeout=REDIS_SOCKET_TIMEOUT, socket_connect_timeout=5,
+                           health_check_interval=REDIS_HEALTH_CHECK_INTERVAL)
         if self.broker_scheme == "sqs":
             # kombu hands a message back (a worker's cold shutdown on a Spot
             # notice, a requeue) by making it visible again after this many

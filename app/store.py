@@ -23,7 +23,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from app.settings import Settings, redact
+from app.settings import REDIS_SOCKET_TIMEOUT, Settings, redact, redis_tls_options
 
 WORKERS_KEY = "fleet:workers"  # sorted set: worker name -> expiry (Redis clock)
 LEASES_KEY = "fleet:leases"  # sorted set: "job/batch" -> expiry (Redis clock)
@@ -77,6 +77,26 @@ redis.call('EXPIRE', KEYS[3], ARGV[4])
 return 1
 """
 
+# Idempotent, so the client may retry it after a timeout: the counters move
+# only when some batch was not marked yet (a retry finds them all marked).
+# KEYS: stats, written, offset, then the batches' result keys.
+# ARGV: items, errors, ttl, offset ("" for none), then the batch numbers.
+_WRITTEN = """
+local fresh = 0
+for i = 5, #ARGV do
+  if redis.call('SETBIT', KEYS[2], ARGV[i], 1) == 0 then fresh = fresh + 1 end
+end
+if fresh > 0 then
+  redis.call('HINCRBY', KEYS[1], 'items', ARGV[1])
+  redis.call('HINCRBY', KEYS[1], 'errors', ARGV[2])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+if ARGV[4] ~= '' then redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[3]) end
+if #KEYS > 3 then redis.call('DEL', unpack(KEYS, 4)) end
+return fresh
+"""
+
 # Leases use the server's clock so that worker and launcher clocks need not agree.
 # KEYS: a sorted set. ARGV: member, seconds to live.
 _RENEW = """
@@ -94,14 +114,21 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 
 
 class RedisStore:
-    def __init__(self, url: str, ttl: int = 7 * 24 * 3600) -> None:
+    def __init__(self, url: str, ttl: int = 7 * 24 * 3600, tls_ca_file: str | None = None) -> None:
         self.url = url
         self.ttl = ttl
+        # rediss://: the certificate must chain to tls_ca_file (None: the
+        # system's CAs) and name the host.
+        self._tls = redis_tls_options(url, tls_ca_file)
         # Reconnect through a broker or store restart instead of failing the job.
         self.r = redis.Redis.from_url(
             url,
+            **self._tls,
             socket_connect_timeout=5,
-            socket_timeout=30,
+            # A store that goes silent (a half-open connection) is given up
+            # after this, and the call retried on a new connection; no store
+            # command blocks longer (wait_done's BLPOP: 1 s at most).
+            socket_timeout=REDIS_SOCKET_TIMEOUT,
             socket_keepalive=True,
             health_check_interval=15,
             retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=40),
@@ -110,17 +137,23 @@ class RedisStore:
         self._commit = self.r.register_script(_COMMIT)
         self._renew = self.r.register_script(_RENEW)
         self._live = self.r.register_script(_LIVE)
+        self._written = self.r.register_script(_WRITTEN)
 
     def ping(self) -> None:
         # A few quick tries only: the long retry of self.r rides out a restart
         # mid-job, but a store that is down at the start should be said at once
         # (with it, a refused connection took over a minute to report).
         quick = redis.Redis.from_url(
-            self.url, socket_connect_timeout=5, socket_timeout=10,
+            self.url, socket_connect_timeout=5, socket_timeout=10, **self._tls,
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), retries=3),
         )
         try:
             quick.ping()
+        except redis.AuthenticationError as exc:
+            raise StoreUnavailable(
+                f"cannot reach the result store at {redact(self.url)}: it refused the password "
+                f"(none given, or a wrong one): {exc}"
+            ) from None
         except redis.RedisError as exc:
             raise StoreUnavailable(
                 f"cannot reach the result store at {redact(self.url)}: {exc}"
@@ -254,19 +287,16 @@ class RedisStore:
 
     def mark_written(self, job: str, batches: list[int], offset: int | None,
                      items: int, errors: int) -> None:
-        """Journal that `batches` are in the output (ending at `offset`) and free their results."""
+        """Journal that `batches` are in the output (ending at `offset`) and free their results.
+
+        Safe to repeat: the client retries a call whose reply timed out, and
+        the counters must not count those batches twice.
+        """
         k = _keys(job)
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hincrby(k["stats"], "items", items)
-        pipe.hincrby(k["stats"], "errors", errors)
-        pipe.expire(k["stats"], self.ttl)
-        for b in batches:
-            pipe.setbit(k["written"], b, 1)
-        if offset is not None:
-            pipe.set(k["offset"], offset, ex=self.ttl)
-        pipe.expire(k["written"], self.ttl)
-        pipe.delete(*[k["result"] + str(b) for b in batches])
-        pipe.execute()
+        self._written(
+            keys=[k["stats"], k["written"], k["offset"], *(k["result"] + str(b) for b in batches)],
+            args=[items, errors, self.ttl, "" if offset is None else offset, *batches],
+        )
 
     def journal(self, job: str) -> tuple[bytes, bytes, int | None, int, int]:
         """Committed and written bitmaps, output offset, items and errors written."""
@@ -313,7 +343,7 @@ def open_store(settings: Settings) -> Store:
         from app.store_s3 import S3Store
 
         return S3Store(settings.result_url, settings.result_ttl, settings.lease_seconds)
-    return RedisStore(settings.result_url, settings.result_ttl)
+    return RedisStore(settings.result_url, settings.result_ttl, settings.tls_ca_file)
 
 
 def worker_name() -> str:

@@ -17,11 +17,12 @@ from importlib import metadata
 from celery import Task, shared_task, signals
 from celery.worker import state as worker_state
 
-from app.batch import run_batch
+from app.batch import BadPayload, check_address, check_payload, run_batch
 from app.celery_config import BASE_MODULES
 from app.registry import FleetTask, UnknownTask, resolve
 from app.settings import Settings
 from app.store import Done, Store, open_store, worker_name
+from app.watchdog import Liveness, Progress, grace_seconds
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +75,20 @@ def fleet_batch(self: Task, job: str, batch: int, task_name: str, payload) -> in
     settings: Settings = self.app.fleet_settings
     store = store_for(settings)
     me = self.request.hostname or ""
+    # Anyone who can publish to the broker can send any arguments: a message
+    # the launcher would not build is refused (and acknowledged), never run.
+    try:
+        check_address(job, batch, task_name)
+    except BadPayload as exc:
+        log.error("refused a batch message: %s", exc)
+        return 0
     if store.is_committed(job, batch) or store.is_cancelled(job):
         return 0  # a redelivery of a finished batch, or a cancelled job
     try:
+        check_payload(payload, settings.message_limit)
         task = resolve(task_name, (*BASE_MODULES, *settings.include))
-    except UnknownTask as exc:
+    except (BadPayload, UnknownTask) as exc:
+        # Announced: the job's launcher stops with this reason instead of re-sending.
         store.announce(job, Done(batch, 0, 0, 0.0, me, refused=str(exc)))
         log.error("refused batch %s/%s: %s", job, batch, exc)
         return 0
@@ -99,19 +109,40 @@ def held_batches() -> dict[str, int]:
             "active": len(worker_state.active_requests)}
 
 
+# Messages taken and event-loop turns of the main thread: the watchdog's proof it consumes.
+_progress = Progress()
+
+
+@signals.task_received.connect
+@signals.task_revoked.connect
+@signals.task_rejected.connect
+@signals.task_unknown.connect
+def _on_taken(**_: object) -> None:
+    _progress.took()
+
+
 class _Heartbeat:
-    """Advertises this worker and its slots in the result store while it consumes."""
+    """Advertises this worker and its slots in the result store while it consumes.
+
+    Beside it runs the liveness watchdog (app/watchdog.py): a worker that
+    stops consuming while work waits for it exits, to be restarted. Both are
+    threads, so they keep running when the main thread, the consumer, is
+    blocked; the watchdog has its own so that a broker that does not answer
+    its queue-depth reads never delays a heartbeat.
+    """
 
     def __init__(self) -> None:
         self.stop = threading.Event()
         self.name = worker_name()
         self.thread: threading.Thread | None = None
 
-    def start(self, app, hostname: str, concurrency: int) -> None:
+    def start(self, app, hostname: str, concurrency: int, controller: object = None) -> None:
         settings: Settings | None = getattr(app, "fleet_settings", None)
         if settings is None:
             return
         store = open_store(settings)
+        grace = grace_seconds(settings)
+        liveness = None if grace is None else Liveness(settings, concurrency, controller, grace)
         info = {"hostname": hostname, "concurrency": concurrency, "pid": os.getpid(),
                 "version": app_version(), "queue": settings.queue}
         period = settings.lease_seconds / 3
@@ -127,8 +158,18 @@ class _Heartbeat:
             with contextlib.suppress(Exception):
                 store.unregister_worker(self.name)
 
+        def watch(liveness: Liveness) -> None:
+            while not self.stop.wait(period):
+                stuck = liveness.check(_progress, held_batches()["reserved"])
+                if stuck and not self.stop.is_set():
+                    self.stop.set()  # the heartbeat unregisters the slots that are going
+                    liveness.restart(stuck)  # ends the process
+
         self.thread = threading.Thread(target=beat, name="fleet-heartbeat", daemon=True)
         self.thread.start()
+        if liveness is not None:
+            threading.Thread(target=watch, args=(liveness,), name="fleet-watchdog",
+                             daemon=True).start()
 
     def close(self) -> None:
         self.stop.set()
@@ -151,7 +192,8 @@ def _warm_up(**_: object) -> None:
 def _on_ready(sender=None, **_: object) -> None:
     controller = getattr(sender, "controller", None)
     concurrency = getattr(controller, "concurrency", None) or sender.app.conf.worker_concurrency
-    _heartbeat.start(sender.app, sender.hostname, int(concurrency))
+    _progress.watch_loop(getattr(sender, "hub", None))
+    _heartbeat.start(sender.app, sender.hostname, int(concurrency), controller)
 
 
 @signals.worker_shutting_down.connect

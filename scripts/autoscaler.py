@@ -32,10 +32,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
-from urllib.parse import urlsplit
 
 from app.autoscale import Decision, FleetState, Policy, desired_instances
-from app.settings import Settings
+from app.queue_depth import ReadyCount, ready_count
 from app.store import Store
 from scripts.local import Instance, LocalFleet, instance_cpus, stop_process
 
@@ -62,100 +61,6 @@ class Provider(Protocol):
     def launch(self, count: int) -> None: ...
     def drain(self, node_id: str) -> None: ...  # stop taking batches, finish, then go
 
-
-# -- queue depth ----------------------------------------------------------
-
-
-class QueueDepth(Protocol):
-    def ready(self) -> int:
-        """Batches waiting on the broker that no worker has taken yet."""
-
-    def close(self) -> None: ...
-
-
-class RedisQueueDepth:
-    # kombu keeps one list per priority step: "fleet", "fleet\x06\x163", ...
-    PRIORITY_STEPS = (0, 3, 6, 9)
-    SEP = "\x06\x16"
-
-    def __init__(self, url: str, queue: str) -> None:
-        import redis
-
-        self.r = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
-        self.keys = [queue if p == 0 else f"{queue}{self.SEP}{p}" for p in self.PRIORITY_STEPS]
-
-    def ready(self) -> int:
-        pipe = self.r.pipeline(transaction=False)
-        for key in self.keys:
-            pipe.llen(key)
-        return sum(pipe.execute())
-
-    def close(self) -> None:
-        self.r.close()
-
-
-class AmqpQueueDepth:
-    """Ready messages from a passive queue declare (RabbitMQ counts unacked ones apart)."""
-
-    def __init__(self, url: str, queue: str) -> None:
-        from kombu import Connection
-
-        self.queue = queue
-        self.conn = Connection(url, connect_timeout=5)
-        self.channel = None
-
-    def ready(self) -> int:
-        from amqp.exceptions import NotFound
-
-        if self.channel is None:
-            self.conn.ensure_connection(max_retries=3)
-            self.channel = self.conn.channel()
-        try:
-            return int(self.channel.queue_declare(self.queue, passive=True).message_count)
-        except NotFound:
-            # No worker and no publisher has declared the queue yet; the
-            # broker closed the channel over it.
-            self.channel = None
-            return 0
-        except Exception:
-            self.channel = None
-            raise
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.conn.release()
-
-
-class SqsQueueDepth:
-    """ApproximateNumberOfMessages (visible messages) of the settings' queue."""
-
-    def __init__(self, settings: Settings) -> None:
-        import boto3
-
-        if not settings.sqs_queue_url:
-            raise ValueError("the SQS queue depth needs FLEET_SQS_QUEUE_URL.")
-        parts = urlsplit(settings.sqs_queue_url)
-        endpoint = None if parts.hostname and parts.hostname.endswith("amazonaws.com") \
-            else f"{parts.scheme}://{parts.netloc}"
-        self.url = settings.sqs_queue_url
-        self.sqs = boto3.client("sqs", region_name=settings.aws_region, endpoint_url=endpoint)
-
-    def ready(self) -> int:
-        attrs = self.sqs.get_queue_attributes(
-            QueueUrl=self.url, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"]
-        return int(attrs["ApproximateNumberOfMessages"])
-
-    def close(self) -> None:
-        self.sqs.close()
-
-
-def queue_depth(settings: Settings) -> QueueDepth:
-    scheme = settings.broker_scheme
-    if scheme in ("redis", "rediss"):
-        return RedisQueueDepth(settings.broker_url, settings.queue)
-    if scheme in ("amqp", "amqps"):
-        return AmqpQueueDepth(settings.broker_url, settings.queue)
-    return SqsQueueDepth(settings)
 
 
 # -- the local provider ---------------------------------------------------
@@ -246,7 +151,7 @@ class LocalProvider:
 @dataclass
 class Autoscaler:
     provider: Provider
-    depth: QueueDepth
+    depth: ReadyCount
     store: Store
     queue: str
     policy: Policy
@@ -312,5 +217,5 @@ def local_autoscaler(fleet: LocalFleet, policy: Policy,
     assert fleet.settings is not None
     store = open_store(fleet.settings)
     provider = LocalProvider(fleet, store, policy.max_instances)
-    return Autoscaler(provider, queue_depth(fleet.settings), store, fleet.settings.queue, policy,
+    return Autoscaler(provider, ready_count(fleet.settings), store, fleet.settings.queue, policy,
                       say=say)

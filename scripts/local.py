@@ -2,9 +2,12 @@
 
 Each instance is a real `celery worker` pinned to its share of the CPUs, so it
 sizes itself exactly as an EC2 worker does. Servers listen on free loopback
-ports with random passwords; everything runs in its own process group and is
-stopped on exit, leaving nothing behind. The connection details go to a state
-file (mode 0600) that `fleet run` and `fleet local --env` read.
+ports with random passwords, kept in mode-0600 files and never on a command
+line; with `tls=True` they speak only TLS (rediss://, amqps://), with a
+certificate from a throwaway CA made for the fleet, as Amazon MQ and
+ElastiCache do. Everything runs in its own process group and is stopped on
+exit, leaving nothing behind. The connection details go to a state file (mode
+0600) that `fleet run` and `fleet local --env` read.
 """
 
 from __future__ import annotations
@@ -102,6 +105,68 @@ def _need(binary: str) -> str:
     return path
 
 
+def _private_file(path: Path, text: str) -> Path:
+    """Write `text` to a file only its owner can read (it holds a secret)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throwaway CA and a server certificate it signed, for 127.0.0.1 only."""
+
+    ca: Path  # what clients trust (FLEET_TLS_CA_FILE)
+    cert: Path
+    key: Path
+
+
+def make_tls_files(directory: Path, days: int = 30) -> TlsFiles:
+    """A CA and a server certificate for 127.0.0.1, made with openssl.
+
+    The CA's key is deleted once it signed the server's: nothing else can
+    ever be signed by it.
+    """
+    openssl = _need("openssl")
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    cert, key, csr = directory / "server.pem", directory / "server.key", directory / "server.csr"
+    ext = directory / "server.ext"
+    ext.write_text("basicConstraints = critical, CA:FALSE\n"
+                   "keyUsage = critical, digitalSignature, keyEncipherment\n"
+                   "extendedKeyUsage = serverAuth\n"
+                   "subjectAltName = IP:127.0.0.1\n"
+                   "subjectKeyIdentifier = hash\n"
+                   "authorityKeyIdentifier = keyid\n")
+    newkey = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    old_umask = os.umask(0o077)  # the keys are born private
+    try:
+        steps = [
+            [openssl, "req", "-x509", *newkey, "-keyout", str(ca_key), "-out", str(ca),
+             "-days", str(days), "-subj", "/CN=celery-fleet local CA",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+            [openssl, "req", *newkey, "-keyout", str(key), "-out", str(csr),
+             "-subj", "/CN=127.0.0.1"],
+            [openssl, "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+             "-CAcreateserial", "-out", str(cert), "-days", str(days), "-extfile", str(ext)],
+        ]
+        for argv in steps:
+            done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            if done.returncode != 0:
+                raise LocalFleetError(f"openssl failed making the fleet's TLS certificates: "
+                                      f"{done.stderr.strip()}")
+    finally:
+        os.umask(old_umask)
+        for leftover in (ca_key, csr, ext, directory / "ca.srl"):
+            leftover.unlink(missing_ok=True)
+    ca.chmod(0o644)
+    cert.chmod(0o644)
+    return TlsFiles(ca, cert, key)
+
+
 @dataclass
 class Server:
     """A broker or result store process with the URL that reaches it."""
@@ -137,34 +202,57 @@ class Server:
             stop_process(helper, timeout=5)
 
 
-def redis_server(name: str, workdir: Path, password: str) -> Server:
+def redis_server(name: str, workdir: Path, password: str, tls: TlsFiles | None = None) -> Server:
+    """redis-server on a free loopback port; with `tls`, a TLS port only (rediss://)."""
     port = free_port()
     data = workdir / name
     data.mkdir(parents=True, exist_ok=True)
-    argv = [_need("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-            "--dir", str(data), "--requirepass", password,
-            # An append-only file so a restart keeps queued batches and results.
-            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-            "--daemonize", "no", "--loglevel", "warning"]
-    return Server(name, port, f"redis://:{password}@127.0.0.1:{port}", argv,
-                  dict(os.environ), workdir)
+    listen = [f"port {port}"] if tls is None else [
+        # No plaintext port at all; clients need no certificate of their own,
+        # as with ElastiCache.
+        "port 0", f"tls-port {port}", f'tls-cert-file "{tls.cert}"',
+        f'tls-key-file "{tls.key}"', f'tls-ca-cert-file "{tls.ca}"', "tls-auth-clients no"]
+    # The password goes in a private config file: on the command line, any
+    # user on the machine would read it in `ps`.
+    config = _private_file(workdir / f"{name}.conf", "\n".join([
+        *listen, "bind 127.0.0.1", f'dir "{data}"', f"requirepass {password}",
+        # An append-only file so a restart keeps queued batches and results.
+        "appendonly yes", "appendfsync everysec", 'save ""',
+        "daemonize no", "loglevel warning", ""]))
+    scheme = "redis" if tls is None else "rediss"
+    return Server(name, port, f"{scheme}://:{password}@127.0.0.1:{port}",
+                  [_need("redis-server"), str(config)], dict(os.environ), workdir)
 
 
-def rabbitmq_server(workdir: Path, password: str) -> Server:
+def rabbitmq_server(workdir: Path, password: str, tls: TlsFiles | None = None) -> Server:
+    """rabbitmq-server on a free loopback port; with `tls`, an AMQPS listener only."""
     port, dist, epmd_port = free_port(), free_port(), free_port()
     home = workdir / "rabbitmq"
     home.mkdir(parents=True, exist_ok=True)
-    (home / "rabbitmq.conf").write_text(
-        f"listeners.tcp.default = 127.0.0.1:{port}\n"
-        f"default_user = fleet\ndefault_pass = {password}\n"
+    if tls is None:
+        listen = f"listeners.tcp.default = 127.0.0.1:{port}\n"
+        node_env = {"RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1", "RABBITMQ_NODE_PORT": str(port)}
+    else:
+        # AMQPS only, as Amazon MQ: no plaintext listener; no client certificates.
+        listen = ("listeners.tcp = none\n"
+                  f"listeners.ssl.default = 127.0.0.1:{port}\n"
+                  f"ssl_options.cacertfile = {tls.ca}\n"
+                  f"ssl_options.certfile = {tls.cert}\n"
+                  f"ssl_options.keyfile = {tls.key}\n"
+                  "ssl_options.verify = verify_none\n"
+                  "ssl_options.fail_if_no_peer_cert = false\n")
+        node_env = {}
+    _private_file(home / "rabbitmq.conf", (
+        listen
+        + f"default_user = fleet\ndefault_pass = {password}\n"
         "loopback_users = none\n"
         # Celery's long batches must not trip the consumer-ack timeout.
         "consumer_timeout = 86400000\n"
-    )
-    (home / "rabbitmq.conf").chmod(0o600)
+    ))
     env = dict(
-        os.environ, HOME=str(home), RABBITMQ_NODENAME=f"fleet{port}@localhost",
-        RABBITMQ_NODE_IP_ADDRESS="127.0.0.1", RABBITMQ_NODE_PORT=str(port),
+        {k: v for k, v in os.environ.items()
+         if k not in ("RABBITMQ_NODE_IP_ADDRESS", "RABBITMQ_NODE_PORT")},
+        **node_env, HOME=str(home), RABBITMQ_NODENAME=f"fleet{port}@localhost",
         RABBITMQ_DIST_PORT=str(dist), ERL_EPMD_PORT=str(epmd_port),
         ERL_EPMD_ADDRESS="127.0.0.1",
         RABBITMQ_MNESIA_BASE=str(home / "mnesia"), RABBITMQ_LOG_BASE=str(home / "log"),
@@ -177,7 +265,8 @@ def rabbitmq_server(workdir: Path, password: str) -> Server:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     wait_port(epmd_port, epmd, "epmd", timeout=10)
-    server = Server("rabbitmq", port, f"amqp://fleet:{password}@127.0.0.1:{port}//",
+    scheme = "amqp" if tls is None else "amqps"
+    server = Server("rabbitmq", port, f"{scheme}://fleet:{password}@127.0.0.1:{port}//",
                     [_need("rabbitmq-server")], env, workdir)
     server.helpers.append(epmd)
     return server
@@ -212,9 +301,10 @@ class LocalFleet:
                  include: tuple[str, ...] = (), queue: str = "fleet",
                  workdir: Path | None = None, env: dict[str, str] | None = None,
                  lease_seconds: float | None = None, write_state: bool = False,
-                 settings: Settings | None = None) -> None:
+                 settings: Settings | None = None, tls: bool = False) -> None:
         """`settings` given: no servers are started; the workers use that broker and store
-        (an SQS queue and S3 bucket, say)."""
+        (an SQS queue and S3 bucket, say). `tls`: broker and store speak TLS only, with a
+        certificate from a throwaway CA (FLEET_TLS_CA_FILE for the workers and `fleet run`)."""
         if settings is None and broker not in ("redis", "rabbitmq"):
             raise LocalFleetError(f"unknown broker {broker!r}: use redis or rabbitmq.")
         self.broker_kind = broker
@@ -231,6 +321,8 @@ class LocalFleet:
         self.extra_env = env or {}
         self.lease_seconds = lease_seconds
         self.write_state = write_state
+        self.tls = tls
+        self.tls_files: TlsFiles | None = None
         self.broker: Server | None = None
         self.results: Server | None = None
         self.instances: list[Instance] = []
@@ -265,18 +357,20 @@ class LocalFleet:
 
     def _start_servers(self) -> Settings:
         password = secrets.token_urlsafe(18)
-        self.results = redis_server("results", self.workdir, password)
+        tls = self.tls_files = make_tls_files(self.workdir / "tls") if self.tls else None
+        self.results = redis_server("results", self.workdir, password, tls)
         self.results.start()
         if self.broker_kind == "redis":
-            self.broker = redis_server("broker", self.workdir, password)
+            self.broker = redis_server("broker", self.workdir, password, tls)
         else:
-            self.broker = rabbitmq_server(self.workdir, password)
+            self.broker = rabbitmq_server(self.workdir, password, tls)
         self.broker.start()
         overrides = {"lease_seconds": self.lease_seconds} if self.lease_seconds else {}
         return Settings(
             broker_url=self.broker.url + ("/0" if self.broker_kind == "redis" else ""),
             result_url=self.results.url + "/1",
-            queue=self.queue, include=self.include, **overrides,
+            queue=self.queue, include=self.include,
+            tls_ca_file=str(tls.ca) if tls else None, **overrides,
         )
 
     def worker_env(self) -> dict[str, str]:
@@ -372,6 +466,8 @@ class LocalFleet:
     def describe(self) -> str:
         assert self.settings is not None
         per = ", ".join(f"instance{i.index}: {len(i.cpus)} CPU" for i in self.instances)
+        tls = (f"\n  TLS only, certificates from the throwaway CA {self.settings.tls_ca_file}"
+               if self.tls_files else "")
         return (f"local fleet up: broker {redact(self.settings.broker_url)}, "
-                f"results {redact(self.settings.result_url)}\n  {per}\n"
+                f"results {redact(self.settings.result_url)}\n  {per}{tls}\n"
                 f"  logs in {self.workdir}")

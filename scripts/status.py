@@ -85,8 +85,10 @@ def queue_depth(settings: Settings) -> dict[str, Any]:
     from kombu import Connection
     from kombu.exceptions import ChannelError
 
+    from app.celery_config import broker_ssl
+
     with Connection(settings.broker_url, transport_options=settings.transport_options,
-                    connect_timeout=5) as conn:
+                    connect_timeout=5, ssl=broker_ssl(settings)) as conn:
         conn.ensure_connection(max_retries=2)
         try:
             # Passive: only asks, so it never creates the queue or changes its arguments.

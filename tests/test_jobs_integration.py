@@ -262,3 +262,16 @@ def test_cli_refuses_an_unknown_task_with_exit_2(fleet, tmp_path):
     p = fleet_cli(fleet, "os:system", "--ids", "range:0:3", "--out", str(tmp_path / "o"))
     assert p.returncode == 2
     assert b"unknown task" in p.stderr
+
+
+def test_marking_batches_written_twice_counts_them_once(fleet):
+    # The store client retries a call whose reply timed out: the journal's
+    # counters (a resumed job's progress) must not count the batches again.
+    store = RedisStore(fleet.settings.result_url)
+    job = f"twice-{os.getpid()}-{time.time_ns()}"
+    for _ in range(2):
+        store.mark_written(job, [0, 3], 120, 50, 2)
+    store.mark_written(job, [1], 160, 25, 0)
+    committed, written, offset, items, errors = store.journal(job)
+    assert (offset, items, errors) == (160, 75, 2)
+    assert [i for i in range(4) if written[i // 8] >> (7 - i % 8) & 1] == [0, 1, 3]

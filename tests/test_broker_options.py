@@ -1,0 +1,63 @@
+"""Broker options that keep a worker alive through network faults.
+
+tests/test_partitions.py shows each fault on a fleet; these check the options
+themselves, fast:
+
+- kombu sets no socket timeout on its Redis connections: a command whose
+  reply never comes (a partition, a rebooted broker host, a NAT that lost its
+  state) waited forever (celery#9705);
+- a worker that reconnects to RabbitMQ before the broker dropped its old
+  connection found its exclusive mailbox queue locked, and exited.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import kombu
+import pytest
+from kombu.transport.redis import Channel
+
+import app.settings
+from app.celery_config import celery_config, make_app
+from app.settings import Settings
+
+STORE = "redis://127.0.0.1:6379/1"
+
+
+def test_redis_broker_options_are_kombu_options_with_a_socket_timeout():
+    options = celery_config(Settings("redis://127.0.0.1:6379/0", STORE))["broker_transport_options"]
+    assert set(options) <= set(Channel.from_transport_options)  # a typo would be ignored
+    # Above kombu's 1 s BRPOP, or every idle poll would time out.
+    assert options["socket_timeout"] > 1
+    assert options["health_check_interval"] > 0
+
+
+@pytest.mark.parametrize("broker", ["amqp://u:p@127.0.0.1:5672//", "sqs://"])
+def test_other_brokers_get_no_redis_options(broker):
+    assert "socket_timeout" not in Settings(broker, STORE).transport_options
+
+
+@pytest.mark.timeout(30)
+def test_a_silent_redis_broker_times_out_instead_of_hanging(monkeypatch):
+    monkeypatch.setattr(app.settings, "REDIS_SOCKET_TIMEOUT", 0.5)
+    # The kernel accepts the connection; nothing ever answers on it.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        settings = Settings(f"redis://127.0.0.1:{port}/0", STORE)
+        conn = kombu.Connection(settings.broker_url,
+                                transport_options=settings.transport_options)
+        started = time.monotonic()
+        with pytest.raises(conn.connection_errors):
+            conn.channel()  # its first command is a PING
+        assert time.monotonic() - started < 10
+        conn.release()
+
+
+def test_the_worker_mailbox_queue_is_not_exclusive():
+    """An old connection the broker has not dropped yet must not lock out the new one."""
+    app = make_app(Settings("amqp://u:p@127.0.0.1:5672//", STORE))
+    queue = app.control.mailbox.get_queue("w0@host")
+    assert not queue.exclusive
+    assert queue.auto_delete and queue.expires  # still removed when its worker is gone
