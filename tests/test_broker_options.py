@@ -12,6 +12,7 @@ themselves, fast:
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -21,6 +22,7 @@ from kombu.transport.redis import Channel
 
 import app.settings
 from app.celery_config import celery_config, make_app
+from app.jobs import Launcher
 from app.settings import Settings
 
 STORE = "redis://127.0.0.1:6379/1"
@@ -61,3 +63,22 @@ def test_the_worker_mailbox_queue_is_not_exclusive():
     queue = app.control.mailbox.get_queue("w0@host")
     assert not queue.exclusive
     assert queue.auto_delete and queue.expires  # still removed when its worker is gone
+
+
+def test_redis_batch_messages_carry_their_body_as_json_not_base64(make_fleet):
+    import redis as redis_py
+
+    # A Redis broker and no worker: the message stays to be looked at.
+    settings = make_fleet(instances=0, broker="redis").settings
+    launcher = Launcher(settings)
+    body = launcher.encode("j-look", 0, "double", {"lines": "1\n2"})
+    launcher.send("j-look", 0, body)
+    client = redis_py.Redis.from_url(settings.broker_url)
+    try:
+        (raw,) = client.lrange(settings.queue, 0, -1)
+        message = json.loads(raw)
+        assert message["properties"]["body_encoding"] == "utf-8"
+        # kombu's JSON form of bytes: the body itself, readable, not base64.
+        assert message["body"] == {"__type__": "bytes", "__value__": body.decode()}
+    finally:
+        client.delete(settings.queue)

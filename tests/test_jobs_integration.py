@@ -275,3 +275,4 @@ def test_marking_batches_written_twice_counts_them_once(fleet):
     committed, written, offset, items, errors = store.journal(job)
     assert (offset, items, errors) == (160, 75, 2)
     assert [i for i in range(4) if written[i // 8] >> (7 - i % 8) & 1] == [0, 1, 3]
+
