@@ -39,8 +39,9 @@ runs `fleet run bench_noop --ids range:0:10000000` for the launcher's peak RSS.
 
 Noise: every row is the best of --repeat runs (3; one for per-ID group/chord
 and the 10M run, and none repeated past --repeat-max-s). The CPU case's
-serial, Pool and fleet-API rows run interleaved, round by round, and the
-5%-of-Pool target is judged on the median of the per-round ratios: on a
+serial, Pool and fleet-API rows run interleaved, round by round
+(--cpu-rounds, 5), and the 5%-of-Pool target is judged on the median of the
+per-round ratios: on a
 shared VM the speed of a core drifts by tens of percent over minutes, which
 back-to-back blocks would misread as overhead. Before each run the benchmark
 waits (bounded, --quiet-wait / --quiet-budget) for other processes to leave
@@ -419,15 +420,15 @@ class Bench:
 
     @contextlib.contextmanager
     def interleaved(self, out: list[list[Row]]) -> Iterator[None]:
-        """Measurements declared in the block run round-robin, --repeat rounds, so that a
-        drift of the machine's speed hits each of them alike. `out` gets each one's trials;
-        the caller adds the best rows."""
+        """Measurements declared in the block run round-robin, --cpu-rounds rounds, so that
+        a drift of the machine's speed hits each of them alike. `out` gets each one's
+        trials; the caller adds the best rows."""
         self.collect = []
         try:
             yield
             specs, self.collect = self.collect, None
             trials: list[list[Row]] = [[] for _ in specs]
-            for _ in range(max(1, self.args.repeat)):
+            for _ in range(max(1, self.args.cpu_rounds)):
                 for i, (row, fn) in enumerate(specs):
                     if not (trials[i] and self.final(trials[i][-1])):
                         trials[i].append(self.trial(row, fn))
@@ -696,7 +697,7 @@ class Bench:
             # (a) CPU-heavy. Serial and Pool run in this process while the fleet is idle;
             # the three key rows alternate, round by round.
             n = sz.cpu_items
-            self.log(f"CPU-heavy: serial, Pool and the fleet API, {self.args.repeat} "
+            self.log(f"CPU-heavy: serial, Pool and the fleet API, {self.args.cpu_rounds} "
                      "interleaved rounds...")
             rounds: list[list[Row]] = []
             with self.interleaved(rounds):
@@ -847,7 +848,8 @@ class Bench:
             "the row is perturbed\n"
             "  wall: best of --repeat runs (lowest) where a run takes under --repeat-max-s;\n"
             "    per-ID group/chord and the 10M run: one run. CPU serial, Pool and fleet API\n"
-            "    run interleaved (serial, Pool, fleet, serial, Pool, fleet, ...)\n"
+            f"    run interleaved, {self.args.cpu_rounds} rounds (serial, Pool, fleet, serial, "
+            "...), best kept\n"
             "    Pool and fleet API include setup (pool start / Launcher connect + "
             "calibration);\n"
             "    CLI rows are the whole process, spawn to exit"
@@ -937,6 +939,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpu-items", type=int, help="CPU-heavy items (default 4000)")
     parser.add_argument("--repeat", type=int, help="runs per row, best kept (default 3; "
                         "1 with --quick)")
+    parser.add_argument("--cpu-rounds", type=int,
+                        help="interleaved rounds of serial, Pool and the fleet API on the "
+                             "CPU-heavy items; the fleet/Pool target is their median ratio "
+                             "(default 5: on a shared VM one round's ratio swings by 10-20%%; "
+                             "1 with --quick)")
     parser.add_argument("--repeat-max-s", type=float, default=12.0,
                         help="do not repeat a row whose run took longer than this")
     parser.add_argument("--quiet-wait", type=float, default=20.0,
@@ -949,6 +956,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
+    if args.cpu_rounds is None:
+        args.cpu_rounds = 1 if args.quick else 5
     bench = Bench(args)
     try:
         bench.run()
