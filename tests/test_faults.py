@@ -16,7 +16,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,11 +24,10 @@ import psutil
 import pytest
 
 from app.celery_config import make_app
-from app.jobs import JobOptions, JobSummary, Launcher
-from app.sources import Source
+from app.jobs import JobSummary
 from app.store import RedisStore, _keys
 from scripts.local import LocalFleet
-from tests.conftest import TASKS, read_output
+from tests.conftest import TASKS, Background, read_output, wait_until
 
 ITEM_MS = 2
 N = 2000  # 4 s of CPU over the fleet's 2 slots
@@ -101,72 +99,11 @@ def restore(fleet: LocalFleet, timeout: float = 60) -> None:
 # -- helpers -------------------------------------------------------------------
 
 
-class Recording(Launcher):
-    """A launcher that tells the test its job's ID as soon as the job exists."""
-
-    def __init__(self, settings, sends: int = 1) -> None:
-        super().__init__(settings)
-        self.job: str | None = None
-        self.known = threading.Event()
-        self.sends = sends
-
-    def _new_job(self, *args, **kwargs):
-        job, meta = super()._new_job(*args, **kwargs)
-        self.job = job
-        self.known.set()
-        return job, meta
-
-    def send(self, *args, **kwargs) -> None:
-        for _ in range(self.sends):  # sends > 1: every batch is published that many times
-            super().send(*args, **kwargs)
-
-
-class Background:
-    """A job run by the launcher in a thread while the test injects a fault."""
-
-    def __init__(self, fleet: LocalFleet, out: Path, n: int = N, batch: int = BATCH,
-                 sends: int = 1, task: str = "slow") -> None:
-        self.launcher = Recording(fleet.settings, sends)
-        self.opts = JobOptions(task=task, source=Source.parse(f"range:0:{n}"),
-                               batch_size=batch, out=out, progress=False)
-        self.summary: JobSummary | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.launcher.known.wait(0.05) and self.thread.is_alive():
-            assert time.monotonic() < deadline, "the job did not start within 30 s"
-        if self.error is not None:
-            raise self.error
-        self.job = self.launcher.job
-
-    def _run(self) -> None:
-        try:
-            self.summary = self.launcher.run(self.opts)
-        except BaseException as exc:  # noqa: BLE001 - reported by result()
-            self.error = exc
-
-    def result(self, timeout: float) -> JobSummary:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), f"job {self.job} did not finish within {timeout} s"
-        if self.error is not None:
-            raise self.error
-        assert self.summary is not None
-        return self.summary
-
-
 def running(store: RedisStore, job: str) -> set[int]:
     prefix = f"{job}/"
     return {int(m[len(prefix):]) for m in store.busy_slots() if m.startswith(prefix)}
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def wait_all_slots_busy(fleet: LocalFleet, job: str) -> None:
@@ -219,7 +156,7 @@ def test_kill_9_of_a_pool_process_mid_batch(fleet, tmp_path):
     out = tmp_path / "out.jsonl"
     inst = fleet.instances[0]
     before = log_text(fleet, 0).count("WorkerLostError")
-    job = Background(fleet, out)
+    job = Background(fleet, out, N, BATCH)
     wait_all_slots_busy(fleet, job.job)
     victims = pool_children(inst.proc)
     assert victims, "the instance has no pool process"
@@ -244,7 +181,7 @@ def test_kill_9_of_a_whole_worker_mid_batch(fleet, tmp_path, supervised):
     visibility timeout (half an hour): the launcher's lease check re-sends it."""
     out = tmp_path / "out.jsonl"
     inst = fleet.instances[0]
-    job = Background(fleet, out)
+    job = Background(fleet, out, N, BATCH)
     wait_all_slots_busy(fleet, job.job)
     victims = [*pool_children(inst.proc), psutil.Process(inst.proc.pid)]
     for p in victims:
@@ -268,7 +205,7 @@ def test_kill_9_of_a_whole_worker_mid_batch(fleet, tmp_path, supervised):
 def test_sigterm_of_a_worker_mid_batch_drains_it(fleet, tmp_path):
     out = tmp_path / "out.jsonl"
     inst = fleet.instances[0]
-    job = Background(fleet, out)
+    job = Background(fleet, out, N, BATCH)
     wait_all_slots_busy(fleet, job.job)
     before = len(log_text(fleet, 0))
     inst.proc.send_signal(signal.SIGTERM)
@@ -290,14 +227,14 @@ def test_sigterm_of_a_worker_mid_batch_drains_it(fleet, tmp_path):
 
 def test_broker_restart_mid_job(fleet, tmp_path):
     out = tmp_path / "out.jsonl"
-    job = Background(fleet, out, n=N)
+    job = Background(fleet, out, N, BATCH)
     wait_all_slots_busy(fleet, job.job)
     fleet.broker.restart()
     assert job.thread.is_alive(), "the job ended before the broker came back"
     summary = job.result(120)
     assert_job_complete(fleet, summary, out)
     # The workers reconnected: a fresh job runs on the restarted broker.
-    again = Background(fleet, tmp_path / "again.jsonl", n=200, batch=50)
+    again = Background(fleet, tmp_path / "again.jsonl", 200, 50)
     assert_job_complete(fleet, again.result(60), tmp_path / "again.jsonl", 200, 50)
 
 
@@ -375,7 +312,7 @@ def test_launcher_stopped_mid_job_then_resumed(fleet, tmp_path, how):
 
 def test_every_batch_published_twice_is_written_once(fleet, tmp_path):
     out = tmp_path / "out.jsonl"
-    job = Background(fleet, out, n=1000, batch=125, sends=2)
+    job = Background(fleet, out, 1000, 125, sends=2)
     summary = job.result(60)
     assert_job_complete(fleet, summary, out, n=1000, batch=125)
 

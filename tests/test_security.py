@@ -48,7 +48,7 @@ from app.sources import Source
 from app.store import RedisStore, _keys
 from scripts.local import LocalFleet, free_port, stop_process
 from scripts.status import queue_depth as status_queue_depth
-from tests.conftest import TASKS, read_output
+from tests.conftest import TASKS, read_output, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 FLEET = str(Path(sys.executable).with_name("fleet"))
@@ -97,13 +97,6 @@ def instance_log(fleet: LocalFleet) -> str:
     return (fleet.workdir / "instance0.log").read_text(errors="replace")
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def error_text(call) -> str:
@@ -212,7 +205,7 @@ def assert_nothing_held(fleet: LocalFleet) -> None:
         return bool(workers) and all(w.get("reserved") == 0 and w.get("active") == 0
                                      for w in workers)
 
-    wait_for(idle, 15, "the worker to hold no message")
+    wait_until(idle, 15, "the worker to hold no message")
     with kombu.Connection(s.broker_url, ssl=broker_ssl(s),
                           transport_options=s.transport_options) as conn:
         if fleet.broker_kind == "redis":
@@ -418,7 +411,7 @@ def test_a_worker_with_a_wrong_password_says_so_without_it(fleet, tmp_path):
     try:
         # Redis: "consumer: Cannot connect to ...", retried for ever; RabbitMQ: the
         # refused login is an "Unrecoverable error" that ends the worker.
-        wait_for(lambda: refusal in log_path.read_text(errors="replace"), 30,
+        wait_until(lambda: refusal in log_path.read_text(errors="replace"), 30,
                  "the worker to report the refused login")
     finally:
         stop_process(proc, timeout=15)  # then its whole process group
@@ -455,7 +448,7 @@ def test_a_pickled_message_is_refused_and_never_unpickled(fleet, tmp_path):
     pids = pool_pids(fleet)
     before = instance_log(fleet).count("Refusing to deserialize untrusted content of type pickle")
     publish(fleet, [(body(marker), "application/x-python-serialize", task_headers())])
-    wait_for(lambda: instance_log(fleet).count(
+    wait_until(lambda: instance_log(fleet).count(
         "Refusing to deserialize untrusted content of type pickle") > before, 20,
         "the worker to refuse the pickled message")
     assert normal_job(fleet, tmp_path / "after.jsonl") < 20
@@ -519,12 +512,12 @@ def test_unknown_malformed_and_oversized_messages_are_refused_and_the_worker_goe
     def new_log() -> str:
         return instance_log(fleet)[log_before:]
 
-    wait_for(lambda: all(line in new_log() for line in expected_log), 20,
+    wait_until(lambda: all(line in new_log() for line in expected_log), 20,
              f"the worker to log every refusal: missing "
              f"{[line for line in expected_log if line not in new_log()]}")
     store = RedisStore(s.result_url, tls_ca_file=s.tls_ca_file)
     announced: dict[int, str] = {}
-    wait_for(lambda: announced.update({d.batch: d.refused for d in store.wait_done(job, 0.5)})
+    wait_until(lambda: announced.update({d.batch: d.refused for d in store.wait_done(job, 0.5)})
              or set(announced) >= set(refused_batches), 20, "every refusal to be announced")
     assert set(announced) == set(refused_batches), announced
     assert all(announced.values()), announced
@@ -601,7 +594,7 @@ def test_fleet_local_tls_end_to_end(tmp_path):
     state_file = tmp_path / "state" / "local.json"
     started: list[psutil.Process] = []
     try:
-        wait_for(lambda: state_file.exists() and "local fleet up" in log_path.read_text(), 60,
+        wait_until(lambda: state_file.exists() and "local fleet up" in log_path.read_text(), 60,
                  "fleet local --tls to come up")
         started = psutil.Process(proc.pid).children(recursive=True)
         assert state_file.stat().st_mode & 0o777 == 0o600

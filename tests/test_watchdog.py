@@ -40,14 +40,13 @@ import boto3
 import pytest
 
 from app.celery_config import make_app
-from app.jobs import JobOptions, JobSummary, Launcher
+from app.jobs import JobSummary
 from app.queue_depth import SqsReady, ready_count
 from app.settings import Settings
-from app.sources import Source
 from app.store import RedisStore, _keys
 from app.watchdog import WATCHDOG_EXIT_CODE, Watchdog, grace_seconds
 from scripts.local import LocalFleet
-from tests.conftest import TASKS, read_output
+from tests.conftest import TASKS, Background, read_output, wait_until
 from tests.test_sqs_s3 import aws, sqs_settings  # noqa: F401 - the moto server fixture
 
 GRACE = 3.0  # FLEET_WATCHDOG_SECONDS
@@ -132,35 +131,6 @@ def settle(fleet: LocalFleet, timeout: float = 30) -> None:
 # -- helpers ---------------------------------------------------------------------
 
 
-class Background:
-    """A job run by the real launcher in a thread while the test breaks a worker."""
-
-    def __init__(self, fleet: LocalFleet, out: Path, n: int = N, batch: int = 250) -> None:
-        self.out = out
-        self.n = n
-        self.summary: JobSummary | None = None
-        self.error: BaseException | None = None
-        launcher = Launcher(fleet.settings)
-        opts = JobOptions(task="slow", source=Source.parse(f"range:0:{n}"), batch_size=batch,
-                          out=out, progress=False)
-        self.thread = threading.Thread(target=self._run, args=(launcher, opts), daemon=True)
-        self.thread.start()
-
-    def _run(self, launcher: Launcher, opts: JobOptions) -> None:
-        try:
-            self.summary = launcher.run(opts)
-        except BaseException as exc:  # noqa: BLE001 - reported by result()
-            self.error = exc
-
-    def result(self, timeout: float) -> JobSummary:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), f"the job did not finish within {timeout} s"
-        if self.error is not None:
-            raise self.error
-        assert self.summary is not None
-        return self.summary
-
-
 def assert_exactly_once(summary: JobSummary, out: Path, n: int) -> None:
     assert (summary.status, summary.items, summary.errors) == ("ok", n, 0)
     records = read_output(out)
@@ -170,14 +140,6 @@ def assert_exactly_once(summary: JobSummary, out: Path, n: int) -> None:
     assert all(r["result"] == 2 * r["id"] for r in records)
 
 
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def log_path(fleet: LocalFleet, index: int) -> Path:
@@ -231,7 +193,7 @@ def wait_restarted(fleet: LocalFleet, index: int, old_pid: int, timeout: float) 
 def assert_consumes_again(fleet: LocalFleet, tmp_path: Path) -> None:
     """A fresh job: every restarted worker takes part in it."""
     offsets = [log_size(fleet, i.index) for i in fleet.instances]
-    job = Background(fleet, tmp_path / "again.jsonl", n=1600, batch=100)
+    job = Background(fleet, tmp_path / "again.jsonl", 1600, 100)
     assert_exactly_once(job.result(60), tmp_path / "again.jsonl", 1600)
     for inst, offset in zip(fleet.instances, offsets, strict=True):
         done = len(re.findall(r"Task fleet\.batch\[[^]]+\] succeeded",
@@ -372,7 +334,7 @@ def test_workers_that_stop_consuming_are_restarted_and_the_job_completes(fleet, 
     nodes = [node_of(fleet, i.index) for i in fleet.instances]
     offsets = [log_size(fleet, i.index) for i in fleet.instances]
     out = tmp_path / "out.jsonl"
-    job = Background(fleet, out)
+    job = Background(fleet, out, N, 250)
     wait_until(lambda: running(fleet) == 2, 30, "both slots to run a batch")
     client = make_app(fleet.settings)
     queue = fleet.settings.queue
