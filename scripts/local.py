@@ -202,9 +202,11 @@ class Server:
             stop_process(helper, timeout=5)
 
 
-def redis_server(name: str, workdir: Path, password: str, tls: TlsFiles | None = None) -> Server:
-    """redis-server on a free loopback port; with `tls`, a TLS port only (rediss://)."""
-    port = free_port()
+def redis_server(name: str, workdir: Path, password: str, tls: TlsFiles | None = None,
+                 bind: str = "127.0.0.1", port: int | None = None) -> Server:
+    """redis-server on `bind`:`port` (a free loopback port by default); with `tls`, a TLS
+    port only (rediss://)."""
+    port = port or free_port()
     data = workdir / name
     data.mkdir(parents=True, exist_ok=True)
     listen = [f"port {port}"] if tls is None else [
@@ -215,12 +217,12 @@ def redis_server(name: str, workdir: Path, password: str, tls: TlsFiles | None =
     # The password goes in a private config file: on the command line, any
     # user on the machine would read it in `ps`.
     config = _private_file(workdir / f"{name}.conf", "\n".join([
-        *listen, "bind 127.0.0.1", f'dir "{data}"', f"requirepass {password}",
+        *listen, f"bind {bind}", f'dir "{data}"', f"requirepass {password}",
         # An append-only file so a restart keeps queued batches and results.
         "appendonly yes", "appendfsync everysec", 'save ""',
         "daemonize no", "loglevel warning", ""]))
     scheme = "redis" if tls is None else "rediss"
-    return Server(name, port, f"{scheme}://:{password}@127.0.0.1:{port}",
+    return Server(name, port, f"{scheme}://:{password}@{bind}:{port}",
                   [_need("redis-server"), str(config)], dict(os.environ), workdir)
 
 

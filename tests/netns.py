@@ -42,7 +42,7 @@ import psutil
 from app.boot import worker_argv
 from app.settings import Settings
 from app.store import RedisStore
-from scripts.local import _need, stop_process
+from scripts.local import _need, redis_server, stop_process
 
 PREFIX = "cfp"
 STATE_DIR = Path("/run/celery-fleet-netns")
@@ -311,14 +311,9 @@ class NsServer:
 
 def redis_in_ns(name: str, ns: str, addr: str, port: int, workdir: Path,
                 password: str) -> NsServer:
-    data = workdir / name
-    data.mkdir(parents=True, exist_ok=True)
-    argv = [_need("redis-server"), "--port", str(port), "--bind", addr,
-            "--dir", str(data), "--requirepass", password,
-            # Append-only, as in production: a restart keeps queued batches and results.
-            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-            "--daemonize", "no", "--loglevel", "warning"]
-    return NsServer(name, ns, addr, port, argv, dict(os.environ), workdir)
+    """The local fleet's redis-server (scripts/local.py), bound to the namespace's address."""
+    server = redis_server(name, workdir, password, bind=addr, port=port)
+    return NsServer(name, ns, addr, port, server.argv, server.env, workdir)
 
 
 def rabbitmq_in_ns(ns: str, addr: str, workdir: Path, password: str) -> NsServer:
