@@ -101,8 +101,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # is dropped; it is still deleted when unused (control_queue_expires).
         "control_queue_exclusive": False,
         "task_time_limit": settings.max_batch_seconds,
-        # Events feed Flower and `fleet status`.
-        "worker_send_task_events": True,
+        # No task events unless asked: three broker messages per batch from the
+        # worker's main process, CPU taken from the batches on the same cores.
+        # Flower asks for them itself (its enable_events, every minute) while
+        # it runs; `fleet status` does not use them.
+        "worker_send_task_events": False,
         "task_send_sent_event": False,
         "worker_hijack_root_logger": False,
         # A malformed message is logged and rejected, never the end of a worker (app/guard.py).

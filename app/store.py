@@ -12,6 +12,7 @@ slot.
 
 from __future__ import annotations
 
+import functools
 import socket
 import time
 from collections.abc import Iterable
@@ -20,10 +21,17 @@ from typing import Any, Protocol
 
 import msgspec
 import redis
+import redis.utils
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from app.settings import REDIS_SOCKET_TIMEOUT, Settings, redact, redis_tls_options
+
+# redis-py 8 reads its own version from the installed packages' metadata for
+# every new connection, about 5 ms each time: the launcher opens several (its
+# store, kombu's broker connections) and so does every worker process. The
+# answer cannot change within a process, so it is read once.
+redis.utils.get_lib_version = functools.cache(redis.utils.get_lib_version)
 
 WORKERS_KEY = "fleet:workers"  # sorted set: worker name -> expiry (Redis clock)
 LEASES_KEY = "fleet:leases"  # sorted set: "job/batch" -> expiry (Redis clock)

@@ -6,11 +6,14 @@ the right result or an error record, and a summary that counts what happened.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,7 +24,7 @@ from app.celery_config import make_app
 from app.jobs import BadInput, JobOptions, Launcher
 from app.sources import Source
 from app.store import RedisStore
-from tests.conftest import read_output
+from tests.conftest import read_output, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -276,3 +279,54 @@ def test_marking_batches_written_twice_counts_them_once(fleet):
     assert (offset, items, errors) == (160, 75, 2)
     assert [i for i in range(4) if written[i // 8] >> (7 - i % 8) & 1] == [0, 1, 3]
 
+
+
+# -- monitoring --------------------------------------------------------------------
+
+
+def test_task_events_only_while_asked_for(fleet, tmp_path):
+    """Workers send no task events by default: each batch's three would cost the
+    worker's cores broker messages. Asked as Flower asks (enable_events), they do."""
+    client = make_app(fleet.settings)
+    events: list[dict] = []
+    stop = threading.Event()
+
+    def capture() -> None:
+        with client.connection_for_read() as conn:
+            recv = client.events.Receiver(conn, handlers={"*": events.append})
+            while not stop.is_set():
+                with contextlib.suppress(socket.timeout, TimeoutError):
+                    recv.capture(limit=None, timeout=0.5)
+
+    def seen(kind: str, since: int = 0) -> list[dict]:
+        return [e for e in events[since:] if e["type"] == kind]
+
+    thread = threading.Thread(target=capture, daemon=True)
+    thread.start()
+    try:
+        # The receiver is listening once it hears an event of this test's own.
+        with client.connection_for_write() as conn:
+            dispatcher = client.events.Dispatcher(conn, enabled=True)
+            wait_until(lambda: dispatcher.send("fleet-probe") or seen("fleet-probe"), 20,
+                       "the event receiver to listen")
+        summary = run_job(fleet, "double", "range:0:200", tmp_path / "quiet.jsonl",
+                          batch_size=20)
+        assert summary.items == 200 and summary.batches == 10
+        time.sleep(1)  # the workers' event buffers flush within a second
+        assert not [e for e in events if e["type"].startswith("task-")]
+
+        mark = len(events)
+        client.control.enable_events()
+        summary = run_job(fleet, "double", "range:0:200", tmp_path / "watched.jsonl",
+                          batch_size=20)
+        assert summary.items == 200
+        received = wait_until(lambda: len(seen("task-received", mark)) >= 10 and
+                              seen("task-received", mark), 20, "task-received events")
+        assert {e["name"] for e in received} == {"fleet.batch"}
+        wait_until(lambda: len(seen("task-succeeded", mark)) >= 10, 20,
+                   "task-succeeded events")
+    finally:
+        client.control.disable_events()
+        stop.set()
+        thread.join(timeout=5)
+        client.close()

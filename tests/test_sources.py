@@ -507,7 +507,7 @@ def test_layout_counts_the_batches_it_cuts(total, probe, size, tail):
     fine = [n for n in body if n < size]
     if tail:
         assert sum(fine) <= (tail + 1) * size
-        assert all(n >= max(1, size // 8) for n in fine[:-1])  # the last may be a remainder
+        assert all(n >= layout._floor() for n in fine[:-1])  # the last may be a remainder
     else:
         assert len(fine) <= 1
 
@@ -516,5 +516,20 @@ def test_last_wave_is_cut_finer():
     # 2 slots, batches of 500: the last wave shrinks instead of ending on two full batches.
     layout = Layout((1, 1), 500, 4000, 2)
     sizes = list(itertools.islice(layout.sizes(), layout.count()))
-    assert sum(sizes) >= 4000 and sizes[:7] == [1, 1, 500, 500, 500, 500, 500]
-    assert sizes[-1] < 500 // 4 + 1 and max(sizes[7:]) < 500
+    assert sum(sizes) == 4000 and sizes[:7] == [1, 1, 500, 500, 500, 500, 500]
+    wave = sizes[7:]
+    assert wave == sorted(wave, reverse=True) and wave[-1] <= 500 // 8
+    # The two slots' last batches together are far less than one full batch.
+    assert sum(wave[-2:]) < 500 // 4
+
+
+def test_layout_kept_with_a_job_cuts_the_same_way_on_resume():
+    layout = Layout((1, 1), 500, 4000, 2)
+    again = Layout.from_meta(layout.as_meta(), 4000)
+    n = layout.count()
+    assert list(itertools.islice(again.sizes(), n)) == list(itertools.islice(layout.sizes(), n))
+    # A job stored before the layout kept its share and floor was cut with 1/(2 x tail)
+    # shares of no less than size/8: resumed, it is cut that way still.
+    legacy = Layout.from_meta({"probe": [1, 1], "size": 500, "tail": 2}, 4000)
+    cut = list(itertools.islice(legacy.sizes(), legacy.count()))
+    assert cut[7:11] == [375, 281, 211, 158] and min(cut[7:-1]) == 500 // 8

@@ -40,8 +40,8 @@ runs `fleet run bench_noop --ids range:0:10000000` for the launcher's peak RSS.
 Noise: every row is the best of --repeat runs (3; one for per-ID group/chord
 and the 10M run, and none repeated past --repeat-max-s). The CPU case's
 serial, Pool and fleet-API rows run interleaved, round by round
-(--cpu-rounds, 5), and the 5%-of-Pool target is judged on the median of the
-per-round ratios: on a
+(--cpu-rounds, 5; every other round in reverse order), and the 5%-of-Pool
+target is judged on the median of the per-round ratios: on a
 shared VM the speed of a core drifts by tens of percent over minutes, which
 back-to-back blocks would misread as overhead. Before each run the benchmark
 waits (bounded, --quiet-wait / --quiet-budget) for other processes to leave
@@ -421,15 +421,18 @@ class Bench:
     @contextlib.contextmanager
     def interleaved(self, out: list[list[Row]]) -> Iterator[None]:
         """Measurements declared in the block run round-robin, --cpu-rounds rounds, so that
-        a drift of the machine's speed hits each of them alike. `out` gets each one's
-        trials; the caller adds the best rows."""
+        a drift of the machine's speed hits each of them alike. Every other round runs
+        them in reverse order (A B C, C B A, ...): neither of two neighbours always runs
+        second, on a machine still warm from the first. `out` gets each one's trials;
+        the caller adds the best rows."""
         self.collect = []
         try:
             yield
             specs, self.collect = self.collect, None
             trials: list[list[Row]] = [[] for _ in specs]
-            for _ in range(max(1, self.args.cpu_rounds)):
-                for i, (row, fn) in enumerate(specs):
+            for r in range(max(1, self.args.cpu_rounds)):
+                order = list(enumerate(specs))
+                for i, (row, fn) in (reversed(order) if r % 2 else order):
                     if not (trials[i] and self.final(trials[i][-1])):
                         trials[i].append(self.trial(row, fn))
             out.extend(trials)
@@ -848,8 +851,8 @@ class Bench:
             "the row is perturbed\n"
             "  wall: best of --repeat runs (lowest) where a run takes under --repeat-max-s;\n"
             "    per-ID group/chord and the 10M run: one run. CPU serial, Pool and fleet API\n"
-            f"    run interleaved, {self.args.cpu_rounds} rounds (serial, Pool, fleet, serial, "
-            "...), best kept\n"
+            f"    run interleaved, {self.args.cpu_rounds} rounds (serial, Pool, fleet, then "
+            "fleet, Pool, serial, ...), best kept\n"
             "    Pool and fleet API include setup (pool start / Launcher connect + "
             "calibration);\n"
             "    CLI rows are the whole process, spawn to exit"
@@ -948,7 +951,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="do not repeat a row whose run took longer than this")
     parser.add_argument("--quiet-wait", type=float, default=20.0,
                         help="before each run, wait up to this long for other processes to "
-                             f"use under {NOISY:.0%} of the machine (0: do not wait)")
+                             f"use under {NOISY * 100:.0f}%% of the machine (0: do not wait)")
     parser.add_argument("--quiet-budget", type=float, default=120.0,
                         help="total seconds the whole benchmark may spend waiting so")
     parser.add_argument("--timeout", type=float, default=600, help="per measurement, seconds")
