@@ -1,12 +1,12 @@
 """Ready messages on the broker: what no consumer holds yet.
 
-Read by the worker's liveness watchdog (app/watchdog.py) and the local
-autoscaler (scripts/autoscaler.py). Redis: LLEN of the queue's lists (kombu
-moves a delivered message out of them into its unacked hash). RabbitMQ: the
-message_count of a passive queue declare (ready messages, the unacknowledged
-ones apart). SQS: ApproximateNumberOfMessages (visible messages, in-flight
-ones apart). Every read has a timeout: a broker that stops answering must not
-hang the thread that asks.
+Read by the worker's liveness watchdog (app/watchdog.py), the local
+autoscaler (scripts/autoscaler.py) and `fleet status` (scripts/status.py).
+Redis: LLEN of the queue's lists (kombu moves a delivered message out of
+them into its unacked hash). RabbitMQ: the message_count of a passive queue
+declare (ready messages, the unacknowledged ones apart). SQS:
+ApproximateNumberOfMessages (visible messages, in-flight ones apart). Every
+read has a timeout: a broker that stops answering must not hang the thread that asks.
 """
 
 from __future__ import annotations
@@ -103,9 +103,16 @@ class SqsReady:
         self.url = url or self.sqs.get_queue_url(QueueName=settings.queue)["QueueUrl"]
 
     def ready(self) -> int:
+        return self.counts()[0]
+
+    def counts(self) -> tuple[int, int]:
+        """(visible, in flight): messages waiting, and messages received and not yet deleted."""
         attrs = self.sqs.get_queue_attributes(
-            QueueUrl=self.url, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"]
-        return int(attrs["ApproximateNumberOfMessages"])
+            QueueUrl=self.url, AttributeNames=["ApproximateNumberOfMessages",
+                                               "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return (int(attrs["ApproximateNumberOfMessages"]),
+                int(attrs["ApproximateNumberOfMessagesNotVisible"]))
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -72,30 +72,17 @@ def local_instances(state: dict[str, Any]) -> list[dict[str, Any]]:
 
 def queue_depth(settings: Settings) -> dict[str, Any]:
     """Messages waiting on the broker for the fleet's queue (SQS: also those received)."""
-    if settings.broker_scheme == "sqs":
-        import boto3
+    from app.queue_depth import SqsReady, ready_count
 
-        sqs = boto3.client("sqs", region_name=settings.aws_region)
-        url = settings.sqs_queue_url or sqs.get_queue_url(QueueName=settings.queue)["QueueUrl"]
-        attrs = sqs.get_queue_attributes(
-            QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages",
-                                          "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
-        return {"queue": settings.queue, "waiting": int(attrs["ApproximateNumberOfMessages"]),
-                "received": int(attrs["ApproximateNumberOfMessagesNotVisible"])}
-    from kombu import Connection
-    from kombu.exceptions import ChannelError
-
-    from app.celery_config import broker_ssl
-
-    with Connection(settings.broker_url, transport_options=settings.transport_options,
-                    connect_timeout=5, ssl=broker_ssl(settings)) as conn:
-        conn.ensure_connection(max_retries=2)
-        try:
-            # Passive: only asks, so it never creates the queue or changes its arguments.
-            waiting = conn.default_channel.queue_declare(settings.queue, passive=True)[1]
-        except ChannelError:  # no such queue yet (Redis: an empty queue has no key)
-            waiting = 0
-    return {"queue": settings.queue, "waiting": int(waiting), "received": None}
+    reader = ready_count(settings)
+    try:
+        if isinstance(reader, SqsReady):
+            waiting, received = reader.counts()
+        else:
+            waiting, received = reader.ready(), None
+    finally:
+        reader.close()
+    return {"queue": settings.queue, "waiting": waiting, "received": received}
 
 
 def collect(settings: Settings, instances: list[dict[str, Any]] | None,

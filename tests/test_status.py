@@ -28,8 +28,9 @@ from moto import mock_aws
 from app.jobs import JobOptions, Launcher
 from app.sources import Source
 from scripts.cli import cli
-from scripts.status import STACK_TAG, render
+from scripts.status import STACK_TAG, queue_depth, render
 from tests.conftest import TASKS
+from tests.test_sqs_s3 import aws, sqs_settings  # noqa: F401 - the moto server fixture
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -39,6 +40,15 @@ FLEET_BIN = Path(sys.executable).with_name("fleet")
 def test_stack_tag_is_the_one_infra_sets():
     fleet_module = pytest.importorskip("infra.fleet")
     assert STACK_TAG == fleet_module.STACK_TAG
+
+
+def test_queue_depth_on_sqs_counts_waiting_and_received_messages(aws):  # noqa: F811
+    settings = sqs_settings(aws, "fleet-status")
+    sqs = boto3.client("sqs", endpoint_url=aws[1])
+    for i in range(3):
+        sqs.send_message(QueueUrl=settings.sqs_queue_url, MessageBody=str(i))
+    sqs.receive_message(QueueUrl=settings.sqs_queue_url, MaxNumberOfMessages=1)
+    assert queue_depth(settings) == {"queue": settings.queue, "waiting": 2, "received": 1}
 
 
 def make_stack(settings, stack: str = "dev") -> None:
