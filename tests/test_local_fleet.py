@@ -241,3 +241,25 @@ def test_local_fleet_on_rabbitmq_leaves_nothing_behind(local_fleet, tmp_path):
 
     rc = f.stop(signal.SIGTERM)
     assert_nothing_left(f, state, started, rc, signal.SIGTERM)
+
+
+def test_fleet_demo_runs_the_example_task_and_leaves_nothing_behind(tmp_path):
+    """`make demo`'s command, smaller: every ID's result once, the report, no process left."""
+    from app.tasks import process_id
+
+    marker = f"demo-test-{os.getpid()}-{time.time_ns()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "CELERY_"))}
+    env.update(DEMO_TEST_MARK=marker, FLEET_STATE_DIR=str(tmp_path / "state"))
+    out = tmp_path / "results.jsonl"
+    proc = subprocess.run([FLEET, "demo", "--ids", "5000", "--instances", "2", "--out", str(out)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == list(range(5000))
+    assert all(r["result"] == process_id(r["id"]) for r in records)
+    assert "5,000 IDs in " in proc.stderr and "0 errors" in proc.stderr, proc.stderr
+    assert "parallel efficiency" in proc.stderr and f"results in {out}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # The fleet's servers and workers inherited the marker: none may outlive the demo.
+    left = psutil.wait_procs(processes_mentioning(marker), timeout=10)[1]
+    assert not [p for p in left if alive(p)], names(left)
