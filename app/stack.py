@@ -9,10 +9,47 @@ in here, in memory only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from app.settings import ConfigError, Settings
+
+# Same vCPU count on purpose: the scaling target is "backlog per instance", so
+# every instance the group may launch must offer the same number of worker slots.
+DEFAULT_INSTANCE_TYPES = ("c7i.xlarge", "c6i.xlarge", "c6a.xlarge", "c5.xlarge", "m7i.xlarge")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StackChoices:
+    """The stack settings that decide what it builds and so what it costs, with their
+    defaults (a working stack with only aws:region set). Shared by the Pulumi program
+    (infra/config.py FleetConfig, which checks them) and `fleet cost` (scripts/cost.py),
+    which is installed without the program."""
+
+    broker: str = "sqs"
+    # None: S3 with SQS (both are pay-per-request, nothing idles), Redis with RabbitMQ.
+    result_store: str | None = None
+    nat: str = "single"
+    az_count: int = 2
+    instance_types: tuple[str, ...] = DEFAULT_INSTANCE_TYPES
+    root_volume_gb: int = 16
+    broker_deployment_mode: str = "SINGLE_INSTANCE"
+    # None: mq.t3.micro for a single instance, mq.m5.large for a cluster.
+    broker_instance_type: str | None = None
+    redis_node_type: str = "cache.t4g.micro"
+
+    @property
+    def resolved_result_store(self) -> str:
+        if self.result_store is not None:
+            return self.result_store
+        return "s3" if self.broker == "sqs" else "redis"
+
+    @property
+    def resolved_broker_instance_type(self) -> str:
+        if self.broker_instance_type is not None:
+            return self.broker_instance_type
+        return "mq.t3.micro" if self.broker_deployment_mode == "SINGLE_INSTANCE" else "mq.m5.large"
 
 
 def ssm_prefix(stack: str) -> str:

@@ -16,15 +16,12 @@ from dataclasses import dataclass, field
 import pulumi
 
 from app.autoscale import Policy
+from app.stack import StackChoices
 
 BROKERS = ("sqs", "rabbitmq")
 RESULT_STORES = ("s3", "redis")
 NAT_MODES = ("none", "single", "per-az")
 BROKER_DEPLOYMENT_MODES = ("SINGLE_INSTANCE", "CLUSTER_MULTI_AZ")
-
-# Same vCPU count on purpose: the scaling target is "backlog per instance", so
-# every instance the group may launch must offer the same number of worker slots.
-DEFAULT_INSTANCE_TYPES = ("c7i.xlarge", "c6i.xlarge", "c6a.xlarge", "c5.xlarge", "m7i.xlarge")
 
 # vCPUs by size for the common families; "Nxlarge" is N * 4. Sizes outside
 # this table (metal, u-*) have no fixed count, so they need an explicit
@@ -77,22 +74,20 @@ def instance_arch(instance_type: str) -> str:
     return "arm64" if "g" in match["attrs"] else "x86_64"
 
 
-@dataclass(frozen=True)
-class FleetConfig:
-    """The stack's settings. Defaults give a working stack with only aws:region set."""
+@dataclass(frozen=True, kw_only=True)
+class FleetConfig(StackChoices):
+    """The stack's settings. Defaults give a working stack with only aws:region set.
+
+    The choices that decide the bill (broker, result store, NAT, zones, instance
+    types, ...) and their defaults are in app.stack.StackChoices, which `fleet
+    cost` reads too.
+    """
 
     stack: str
-    broker: str = "sqs"
-    # None: S3 with SQS (both are pay-per-request, nothing idles), Redis with RabbitMQ.
-    result_store: str | None = None
-    nat: str = "single"
-    az_count: int = 2
     vpc_cidr: str = "10.40.0.0/16"
-    instance_types: tuple[str, ...] = DEFAULT_INSTANCE_TYPES
     spot: bool = True
     on_demand_base_capacity: int = 0
     max_instances: int = 10
-    root_volume_gb: int = 16
     # None: the latest Amazon Linux 2023 for the instance types' architecture.
     ami: str | None = None
     max_batch_seconds: int = 900
@@ -103,10 +98,6 @@ class FleetConfig:
     idle_minutes: int = 15
     # None: maxBatchSeconds, capped at the two hours AWS allows.
     lifecycle_heartbeat_seconds: int | None = None
-    broker_deployment_mode: str = "SINGLE_INSTANCE"
-    # None: mq.t3.micro for a single instance, mq.m5.large for a cluster.
-    broker_instance_type: str | None = None
-    redis_node_type: str = "cache.t4g.micro"
     log_retention_days: int = 14
     tags: dict[str, str] = field(default_factory=dict)
 
@@ -194,18 +185,6 @@ class FleetConfig:
             raise ConfigError(
                 f"celery-fleet:lifecycleHeartbeatSeconds={heartbeat}: AWS accepts 30 to 7200."
             )
-
-    @property
-    def resolved_result_store(self) -> str:
-        if self.result_store is not None:
-            return self.result_store
-        return "s3" if self.broker == "sqs" else "redis"
-
-    @property
-    def resolved_broker_instance_type(self) -> str:
-        if self.broker_instance_type is not None:
-            return self.broker_instance_type
-        return "mq.t3.micro" if self.broker_deployment_mode == "SINGLE_INSTANCE" else "mq.m5.large"
 
     @property
     def visibility_timeout(self) -> int:

@@ -7,8 +7,9 @@ Valkey node, the dashboard and the scaling alarms. SQS, S3, SSM and KMS cost
 nothing measurable while idle. Data transfer and requests are not counted.
 
 This module must not import the Pulumi program (infra/ is not installed with
-the wheel), so it repeats the few defaults it needs; tests/infra checks that
-they, and the resource counts below, match what the program builds.
+the wheel): the stack's choices and their defaults come from
+app.stack.StackChoices, which the program's FleetConfig extends; tests/infra
+checks that the resource counts below match what the program builds.
 """
 
 from __future__ import annotations
@@ -19,40 +20,23 @@ from pathlib import Path
 
 import click
 
+from app.stack import StackChoices
+
 PRICES = Path(__file__).with_name("prices.json")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOURS_PER_MONTH = 730
 
-# Defaults of infra/config.py (FleetConfig) that change the bill.
-DEFAULT_INSTANCE_TYPES = ("c7i.xlarge", "c6i.xlarge", "c6a.xlarge", "c5.xlarge", "m7i.xlarge")
 # Interface endpoints per zone without NAT (infra/program.py WORKER_SERVICES, + sqs).
 ENDPOINT_SERVICES = 6
 # RabbitMQ cluster deployments run three brokers.
 CLUSTER_BROKERS = 3
 
 
-@dataclass(frozen=True)
-class StackSettings:
+@dataclass(frozen=True, kw_only=True)
+class StackSettings(StackChoices):
+    """A stack's choices, read from its Pulumi.<stack>.yaml, and its region."""
+
     region: str
-    broker: str = "sqs"
-    result_store: str | None = None
-    nat: str = "single"
-    az_count: int = 2
-    broker_deployment_mode: str = "SINGLE_INSTANCE"
-    broker_instance_type: str | None = None
-    redis_node_type: str = "cache.t4g.micro"
-    instance_types: tuple[str, ...] = DEFAULT_INSTANCE_TYPES
-    root_volume_gb: int = 16
-
-    @property
-    def resolved_result_store(self) -> str:
-        return self.result_store or ("s3" if self.broker == "sqs" else "redis")
-
-    @property
-    def resolved_broker_instance_type(self) -> str:
-        if self.broker_instance_type:
-            return self.broker_instance_type
-        return "mq.t3.micro" if self.broker_deployment_mode == "SINGLE_INSTANCE" else "mq.m5.large"
 
     @classmethod
     def from_stack_file(cls, path: Path) -> StackSettings:
