@@ -226,18 +226,24 @@ def redis_server(name: str, workdir: Path, password: str, tls: TlsFiles | None =
                   [_need("redis-server"), str(config)], dict(os.environ), workdir)
 
 
-def rabbitmq_server(workdir: Path, password: str, tls: TlsFiles | None = None) -> Server:
-    """rabbitmq-server on a free loopback port; with `tls`, an AMQPS listener only."""
-    port, dist, epmd_port = free_port(), free_port(), free_port()
+def rabbitmq_server(workdir: Path, password: str, tls: TlsFiles | None = None,
+                    bind: str = "127.0.0.1", port: int | None = None,
+                    dist_port: int | None = None, epmd_port: int | None = None,
+                    start_epmd: bool = True) -> Server:
+    """rabbitmq-server on `bind`:`port` (a free loopback port by default); with `tls`, an
+    AMQPS listener only. Its epmd runs on `epmd_port`: started here in the foreground, or
+    by the caller when not `start_epmd` (inside a network namespace, say)."""
+    port, dist = port or free_port(), dist_port or free_port()
+    epmd_port = epmd_port or free_port()
     home = workdir / "rabbitmq"
     home.mkdir(parents=True, exist_ok=True)
     if tls is None:
-        listen = f"listeners.tcp.default = 127.0.0.1:{port}\n"
-        node_env = {"RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1", "RABBITMQ_NODE_PORT": str(port)}
+        listen = f"listeners.tcp.default = {bind}:{port}\n"
+        node_env = {"RABBITMQ_NODE_IP_ADDRESS": bind, "RABBITMQ_NODE_PORT": str(port)}
     else:
         # AMQPS only, as Amazon MQ: no plaintext listener; no client certificates.
         listen = ("listeners.tcp = none\n"
-                  f"listeners.ssl.default = 127.0.0.1:{port}\n"
+                  f"listeners.ssl.default = {bind}:{port}\n"
                   f"ssl_options.cacertfile = {tls.ca}\n"
                   f"ssl_options.certfile = {tls.cert}\n"
                   f"ssl_options.keyfile = {tls.key}\n"
@@ -262,15 +268,17 @@ def rabbitmq_server(workdir: Path, password: str, tls: TlsFiles | None = None) -
         RABBITMQ_ENABLED_PLUGINS_FILE=str(home / "enabled_plugins"),
         RABBITMQ_PID_FILE=str(home / "pid"),
     )
-    # Our own epmd in the foreground: the one Erlang starts daemonises and would outlive us.
-    epmd = subprocess.Popen([_need("epmd"), "-port", str(epmd_port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    wait_port(epmd_port, epmd, "epmd", timeout=10)
     scheme = "amqp" if tls is None else "amqps"
-    server = Server("rabbitmq", port, f"{scheme}://fleet:{password}@127.0.0.1:{port}//",
+    server = Server("rabbitmq", port, f"{scheme}://fleet:{password}@{bind}:{port}//",
                     [_need("rabbitmq-server")], env, workdir)
-    server.helpers.append(epmd)
+    if start_epmd:
+        # Our own epmd in the foreground: the one Erlang starts daemonises and would
+        # outlive us.
+        epmd = subprocess.Popen([_need("epmd"), "-port", str(epmd_port)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        wait_port(epmd_port, epmd, "epmd", timeout=10)
+        server.helpers.append(epmd)
     return server
 
 

@@ -42,7 +42,7 @@ import psutil
 from app.boot import worker_argv
 from app.settings import Settings
 from app.store import RedisStore
-from scripts.local import _need, redis_server, stop_process
+from scripts.local import _need, rabbitmq_server, redis_server, stop_process
 
 PREFIX = "cfp"
 STATE_DIR = Path("/run/celery-fleet-netns")
@@ -319,36 +319,19 @@ def redis_in_ns(name: str, ns: str, addr: str, port: int, workdir: Path,
 def rabbitmq_in_ns(ns: str, addr: str, workdir: Path, password: str) -> NsServer:
     """RabbitMQ on the namespace's address; its epmd on the namespace's own loopback.
 
-    Each namespace has its own ports, so the standard ones are free; the node
-    name fleet@localhost resolves to the namespace's 127.0.0.1 (lo is up).
+    The local fleet's rabbitmq_server, on the standard ports: each namespace has
+    its own, so they are free; the node name resolves to the namespace's
+    127.0.0.1 (lo is up).
     """
-    home = workdir / "rabbitmq"
-    home.mkdir(parents=True, exist_ok=True)
-    conf = home / "rabbitmq.conf"
-    conf.write_text(
-        f"listeners.tcp.default = {addr}:{AMQP_PORT}\n"
-        f"default_user = fleet\ndefault_pass = {password}\n"
-        "loopback_users = none\n"
-        "consumer_timeout = 86400000\n"
-    )
-    conf.chmod(0o600)
-    env = dict(
-        os.environ, HOME=str(home), RABBITMQ_NODENAME="fleet@localhost",
-        RABBITMQ_NODE_IP_ADDRESS=addr, RABBITMQ_NODE_PORT=str(AMQP_PORT),
-        RABBITMQ_DIST_PORT="25672", ERL_EPMD_PORT="4369", ERL_EPMD_ADDRESS="127.0.0.1",
-        RABBITMQ_MNESIA_BASE=str(home / "mnesia"), RABBITMQ_LOG_BASE=str(home / "log"),
-        RABBITMQ_CONFIG_FILE=str(home / "rabbitmq"),
-        RABBITMQ_ENABLED_PLUGINS_FILE=str(home / "enabled_plugins"),
-        RABBITMQ_PID_FILE=str(home / "pid"),
-    )
+    server = rabbitmq_server(workdir, password, bind=addr, port=AMQP_PORT, dist_port=25672,
+                             epmd_port=4369, start_epmd=False)
     # Our own epmd in the foreground, so it dies with the test, not after it.
     epmd = subprocess.Popen(["ip", "netns", "exec", ns, _need("epmd"), "-port", "4369"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    server = NsServer("rabbitmq", ns, addr, AMQP_PORT, [_need("rabbitmq-server")], env,
-                      workdir)
-    server.helpers.append(epmd)
-    return server
+                            env=server.env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    ns_server = NsServer("rabbitmq", ns, addr, AMQP_PORT, server.argv, server.env, workdir)
+    ns_server.helpers.append(epmd)
+    return ns_server
 
 
 # -- worker hosts and the launcher ------------------------------------------------------
