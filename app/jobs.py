@@ -70,11 +70,12 @@ class Layout:
     finish within a small batch of each other, not a whole one apart. The
     layout is kept with the job, so a resumed job cuts its IDs the same way.
 
-    share 1 and floor size/16 keep the wave to about two batches per slot:
-    each batch costs its worker a few milliseconds (the broker's round trip,
-    the store's commit), which finer cuts would pay more often than they
-    save on the finish. Jobs stored without these fields were cut with
-    share 2 and floor size/8.
+    share 1 and floor size/16 cut the wave into fewer batches than share 2
+    and floor size/8 did (a 4,000-ID job on two slots: 14 batches, not 18).
+    Each batch costs its worker a few milliseconds (the broker's round trip,
+    the store's commit), which finer cuts pay more often than they save on
+    the finish. Jobs stored without these fields were cut with share 2 and
+    floor size/8.
     """
 
     probe: tuple[int, ...]
