@@ -83,7 +83,8 @@ class BadPayload(ValueError):
     """A batch message the workers refuse to run: not what the launcher builds, or too big."""
 
 
-def _short(value: Any) -> str:
+def short_repr(value: Any) -> str:
+    """repr(value), cut to about 80 characters: for error messages about untrusted input."""
     text = repr(value)
     return text if len(text) <= 80 else f"{text[:60]}... ({len(text):,} characters)"
 
@@ -91,12 +92,12 @@ def _short(value: Any) -> str:
 def check_address(job: Any, batch: Any, task_name: Any) -> None:
     """Refuse a batch message whose job, batch number or task name has the wrong shape."""
     if not isinstance(job, str) or not job or len(job) > 200:
-        raise BadPayload(f"the job ID must be a non-empty string, not {_short(job)}")
+        raise BadPayload(f"the job ID must be a non-empty string, not {short_repr(job)}")
     if type(batch) is not int or not 0 <= batch <= MAX_BATCH_NUMBER:
         raise BadPayload(f"the batch number must be a whole number from 0 to "
-                         f"{MAX_BATCH_NUMBER}, not {_short(batch)}")
+                         f"{MAX_BATCH_NUMBER}, not {short_repr(batch)}")
     if not isinstance(task_name, str) or not task_name or len(task_name) > 500:
-        raise BadPayload(f"the task name must be a non-empty string, not {_short(task_name)}")
+        raise BadPayload(f"the task name must be a non-empty string, not {short_repr(task_name)}")
 
 
 def check_payload(payload: Any, max_bytes: int) -> int:
@@ -118,7 +119,7 @@ def check_payload(payload: Any, max_bytes: int) -> int:
     elif isinstance(payload, dict) and payload.keys() == {"lines"}:
         lines = payload["lines"]
         if not isinstance(lines, str):
-            raise BadPayload(f'"lines" must be a string of IDs, not {_short(lines)}')
+            raise BadPayload(f'"lines" must be a string of IDs, not {short_repr(lines)}')
         items = lines.count("\n") + 1
         size = len(lines) if lines.isascii() else len(lines.encode("utf-8", "replace"))
     elif isinstance(payload, dict) and payload.keys() == {"range"}:
@@ -126,11 +127,11 @@ def check_payload(payload: Any, max_bytes: int) -> int:
         if (not isinstance(bounds, list) or len(bounds) != 2
                 or any(type(b) is not int for b in bounds)):
             raise BadPayload(f'"range" must be [start, stop] in whole numbers, '
-                             f"not {_short(bounds)}")
+                             f"not {short_repr(bounds)}")
         items = max(0, bounds[1] - bounds[0])
     else:
         raise BadPayload('a batch payload is a list of IDs, {"lines": "..."} or '
-                         f'{{"range": [start, stop]}}, not {_short(payload)}')
+                         f'{{"range": [start, stop]}}, not {short_repr(payload)}')
     if items > MAX_BATCH_ITEMS:
         raise BadPayload(f"the batch holds {items:,} IDs, more than the {MAX_BATCH_ITEMS:,} a "
                          "batch may hold; use a smaller --batch-size or --target-seconds")

@@ -28,30 +28,27 @@ from celery.exceptions import InvalidTaskError
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 
+from app.batch import short_repr
+
 log = logging.getLogger(__name__)
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:60]}... ({len(text):,} characters)"
 
 
 def _problem(request: Request, payload: object) -> str | None:
     """What is wrong with a decoded request that the main process would trip on later."""
     if not isinstance(request.id, str):
-        return f"the task id must be a string, not {_short(request.id)}"
+        return f"the task id must be a string, not {short_repr(request.id)}"
     if not isinstance(request.args, list | tuple):
-        return f"the arguments must be a list, not {_short(request.args)}"
+        return f"the arguments must be a list, not {short_repr(request.args)}"
     if not isinstance(request.kwargs, dict):
-        return f"the keyword arguments must be an object, not {_short(request.kwargs)}"
+        return f"the keyword arguments must be an object, not {short_repr(request.kwargs)}"
     options = payload[2] if isinstance(payload, list | tuple) and len(payload) == 3 else None
     if options is not None and not isinstance(options, dict):
-        return f"the message options must be an object, not {_short(options)}"
+        return f"the message options must be an object, not {short_repr(options)}"
     limits = request.time_limits
     if (not isinstance(limits, list | tuple) or len(limits) != 2
             or not all(x is None or (isinstance(x, Real) and not isinstance(x, bool))
                        for x in limits)):
-        return f"timelimit must be [hard, soft] in seconds, not {_short(limits)}"
+        return f"timelimit must be [hard, soft] in seconds, not {short_repr(limits)}"
     return None
 
 
@@ -87,14 +84,14 @@ class GuardedConsumer(Consumer):
                 if not isinstance(task, str) or not isinstance(task_id, str):
                     return self.on_invalid_task(None, message, InvalidTaskError(
                         f"malformed task message: the task name and id must be strings, "
-                        f"not {_short(task)} and {_short(task_id)}"))
+                        f"not {short_repr(task)} and {short_repr(task_id)}"))
             try:
                 return on_task_received(message)
             except passed_on:
                 raise
             except Exception as exc:  # noqa: BLE001 - a bad message must not end the worker
                 log.error("refused a malformed task message (headers %s): %r",
-                          _short(headers), exc, exc_info=True)
+                          short_repr(headers), exc, exc_info=True)
                 if not message.acknowledged:
                     message.reject_log_error(log, self.connection_errors)
                 return None
