@@ -389,30 +389,26 @@ def test_broker_frozen_then_resumed(fleet, tmp_path, exec_dir, report_file, requ
     run_fault(fleet, tmp_path, exec_dir, report_file, request, fault)
 
 
+def restart(fleet, server) -> dict:
+    """SIGTERM to a server, then the same server started again on its data."""
+    began = time.monotonic()
+    server.stop()
+    server.start(fleet.view)
+    return {"down_s": round(time.monotonic() - began, 1)}
+
+
 @ALL
 def test_broker_restarted(fleet, tmp_path, exec_dir, report_file, request):
     """SIGTERM to the broker, then the same server started again on its data."""
-
-    def fault() -> dict:
-        began = time.monotonic()
-        fleet.broker.stop()
-        fleet.broker.start(fleet.view)
-        return {"down_s": round(time.monotonic() - began, 1)}
-
-    run_fault(fleet, tmp_path, exec_dir, report_file, request, fault)
+    run_fault(fleet, tmp_path, exec_dir, report_file, request,
+              lambda: restart(fleet, fleet.broker))
 
 
 @REDIS
 def test_result_store_restarted(fleet, tmp_path, exec_dir, report_file, request):
     """SIGTERM to the result store, then started again on its append-only file."""
-
-    def fault() -> dict:
-        began = time.monotonic()
-        fleet.results.stop()
-        fleet.results.start(fleet.view)
-        return {"down_s": round(time.monotonic() - began, 1)}
-
-    run_fault(fleet, tmp_path, exec_dir, report_file, request, fault)
+    run_fault(fleet, tmp_path, exec_dir, report_file, request,
+              lambda: restart(fleet, fleet.results))
 
 
 # -- the launcher ------------------------------------------------------------------------------
@@ -448,8 +444,8 @@ def test_soak_several_faults_in_one_job(fleet, tmp_path, exec_dir, report_file, 
         ("kill w0", lambda: (fleet.kill_host(w0), fleet.restart_host(w0))),
         ("cut w1", lambda: (fleet.net.link(w1.role, up=False), time.sleep(CUT_SECONDS),
                             fleet.net.link(w1.role, up=True))),
-        ("restart broker", lambda: (fleet.broker.stop(), fleet.broker.start(fleet.view))),
-        ("restart results", lambda: (fleet.results.stop(), fleet.results.start(fleet.view))),
+        ("restart broker", lambda: restart(fleet, fleet.broker)),
+        ("restart results", lambda: restart(fleet, fleet.results)),
     ]
     done = []
     for at, (name, step) in zip(points, steps, strict=True):
