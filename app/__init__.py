@@ -15,7 +15,7 @@ __all__ = ["celery_app", "fleet_task"]
 def __getattr__(name: str):
     # `celery -A app` looks for `app.app` or `app.celery`; Python code uses `celery_app`.
     if name in ("celery_app", "celery", "app"):
-        from app.celery_app import celery_app
+        from app.worker.celery_app import celery_app
 
         return celery_app
     raise AttributeError(f"module 'app' has no attribute {name!r}")

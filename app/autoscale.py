@@ -2,10 +2,10 @@
 
 As in Ray's autoscaler v2, deciding *how many* instances is kept apart from
 deciding *which* ones: `desired_instances` turns demand into a count, and a
-provider carries it out. The local autoscaler (scripts/autoscaler.py) starts
+provider carries it out. The local autoscaler (scripts/local/autoscaler.py) starts
 and drains worker processes; on AWS the autoscaling group does it, steered by
 target tracking on `Policy.target_backlog_per_instance(cores)` and kept off
-busy instances by the drain agent (app/agent.py); the simulator
+busy instances by the drain agent (app/host/agent.py); the simulator
 (scripts/simulate.py) runs this same function to choose the defaults.
 
 Demand is counted in batches: those waiting (on the broker, reserved by a

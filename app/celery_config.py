@@ -1,4 +1,9 @@
-"""Celery configuration for the fleet: one readable block of production defaults."""
+"""Celery configuration for the fleet: one readable block of production defaults.
+
+Shared by every Celery client of a fleet: the workers (app/worker/celery_app.py),
+the launcher, which publishes its batches through a Celery app configured the
+same way, and plain Celery clients.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,11 @@ from celery import Celery
 from app.cpus import worker_concurrency
 from app.settings import Settings, query_options, redis_tls_options
 
-# Modules every worker imports: the batch task and the user's tasks.
-BASE_MODULES = ("app.worker", "app.tasks")
+# Modules every worker imports: the batch task (with the heartbeat) and the example tasks.
+WORKER_MODULES = ("app.worker.task",)
+# The modules whose functions a job may name as module:function (app/registry.py),
+# besides FLEET_INCLUDE's. The worker's own modules are not among them.
+TASK_MODULES = ("app.tasks",)
 
 
 def result_backend(settings: Settings) -> dict[str, Any]:
@@ -108,15 +116,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": False,
         "task_send_sent_event": False,
         "worker_hijack_root_logger": False,
-        # A malformed message is logged and rejected, never the end of a worker (app/guard.py).
-        "worker_consumer": "app.guard:GuardedConsumer",
+        # A malformed message is logged and rejected, never the end of a worker
+        # (app/worker/guard.py).
+        "worker_consumer": "app.worker.guard:GuardedConsumer",
     }
 
 
 def make_app(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
-    # GuardedTask: a malformed message is refused, never the end of the worker (app/guard.py).
-    app = Celery("fleet", include=[*BASE_MODULES, *settings.include, *include],
-                 task_cls="app.guard:GuardedTask")
+    # GuardedTask: a malformed message is refused, never the end of the worker
+    # (app/worker/guard.py).
+    app = Celery("fleet", include=[*WORKER_MODULES, *TASK_MODULES, *settings.include, *include],
+                 task_cls="app.worker.guard:GuardedTask")
     app.conf.update(celery_config(settings))
     # The batch task reads the store URL, lease and allowed modules from here.
     app.fleet_settings = settings  # type: ignore[attr-defined]

@@ -1,7 +1,7 @@
 """Ready messages on the broker: what no consumer holds yet.
 
-Read by the worker's liveness watchdog (app/watchdog.py), the local
-autoscaler (scripts/autoscaler.py) and `fleet status` (scripts/status.py).
+Read by the worker's liveness watchdog (app/worker/watchdog.py), the local
+autoscaler (scripts/local/autoscaler.py) and `fleet status` (scripts/status.py).
 Redis: LLEN of the queue's lists (kombu moves a delivered message out of
 them into its unacked hash). RabbitMQ: the message_count of a passive queue
 declare (ready messages, the unacknowledged ones apart). SQS:

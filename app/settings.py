@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "sqs")
@@ -128,23 +130,24 @@ def redis_tls_options(url: str, ca_file: str | None) -> dict[str, object]:
             "ssl_check_hostname": True}
 
 
-def _env_int(env: dict[str, str], name: str, default: int | None, minimum: int = 1) -> int | None:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
+# -- the FLEET_* variables, described once ---------------------------------------
+
+
+def _text(raw: str, name: str) -> str:
+    return raw
+
+
+def _whole(raw: str, name: str) -> int:
     try:
         value = int(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a whole number.") from None
-    if value < minimum:
-        raise ConfigError(f"{name}={value} must be at least {minimum}.")
+    if value < 1:
+        raise ConfigError(f"{name}={value} must be at least 1.")
     return value
 
 
-def _env_float(env: dict[str, str], name: str, default: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
+def _seconds(raw: str, name: str) -> float:
     try:
         value = float(raw)
     except ValueError:
@@ -152,6 +155,115 @@ def _env_float(env: dict[str, str], name: str, default: float) -> float:
     if not value > 0 or value == float("inf"):  # also refuses nan and inf
         raise ConfigError(f"{name}={raw!r} must be a finite number greater than zero.")
     return value
+
+
+def _modules(raw: str, name: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in raw.replace(" ", ",").split(",") if m.strip())
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One FLEET_* variable: what `Settings.from_env` reads, `as_env` writes, the stack
+    stores in SSM Parameter Store and the README's settings table shows."""
+
+    name: str
+    # The Settings field it sets; None: read by the one process that uses it (named in `meaning`).
+    attr: str | None
+    default: Any
+    shown: str  # the default as the README shows it
+    meaning: str
+    parse: Callable[[str, str], Any] = _text
+    # The stack's parameter under /celery-fleet/<stack>/, for those the stack writes.
+    ssm: str | None = None
+
+    def read(self, env: Mapping[str, str]) -> Any:
+        raw = env.get(self.name, "").strip()
+        return self.parse(raw, self.name) if raw else self.default
+
+    def write(self, value: Any) -> str | None:
+        """The variable's text for `value`, or None when it is unset."""
+        if value is None or value == ():
+            return None
+        if isinstance(value, tuple):
+            return ",".join(value)
+        return str(value)
+
+
+MAX_BATCH_SECONDS = 900
+RESULT_TTL = 7 * 24 * 3600
+LEASE_SECONDS = 10.0
+# A stopping worker may finish its longest batch, then needs a moment to hand
+# back what it had not started and exit.
+STOP_MARGIN_SECONDS = 60
+
+VARIABLES = (
+    Variable("FLEET_BROKER_URL", "broker_url", "", "(required)",
+             "`redis://`, `rediss://`, `amqp://`, `amqps://` or `sqs://`", ssm="broker_url"),
+    Variable("FLEET_RESULT_URL", "result_url", "", "(required)",
+             "`redis://`, `rediss://` or `s3://BUCKET/PREFIX[?region=R&endpoint_url=U]` "
+             "(result store and Celery result backend)", ssm="result_url"),
+    Variable("FLEET_QUEUE", "queue", "fleet", "`fleet`", "the queue", ssm="queue"),
+    Variable("FLEET_INCLUDE", "include", (), "", "extra task modules, comma-separated",
+             _modules),
+    Variable("FLEET_CONCURRENCY", "concurrency", None, "the CPUs this process may use",
+             "worker processes per instance", _whole),
+    Variable("FLEET_MAX_BATCH_SECONDS", "max_batch_seconds", MAX_BATCH_SECONDS,
+             f"`{MAX_BATCH_SECONDS}`",
+             "the longest a batch may run: its hard time limit; the visibility timeout is "
+             "twice this plus a minute", _whole, ssm="max_batch_seconds"),
+    Variable("FLEET_RESULT_TTL", "result_ttl", RESULT_TTL, f"`{RESULT_TTL}` (7 days)",
+             "how long results and job state are kept for `--resume`", _whole,
+             ssm="result_ttl"),
+    Variable("FLEET_LEASE_SECONDS", "lease_seconds", LEASE_SECONDS, f"`{LEASE_SECONDS:g}`",
+             "how often (÷3) a running batch renews its lease; a batch whose lease lapses is "
+             "sent again", _seconds),
+    Variable("FLEET_AWS_REGION", "aws_region", None, "boto3's default",
+             "the region of an SQS broker / S3 store"),
+    Variable("FLEET_SQS_QUEUE_URL", "sqs_queue_url", None, "",
+             "the stack's queue: workers use it as is (its visibility timeout and dead-letter "
+             "queue) and need no right to list or create queues", ssm="queue_url"),
+    Variable("FLEET_STACK", "stack", None, "", "the stack the settings came from; set by "
+             "`--stack`"),
+    Variable("FLEET_WATCHDOG_SECONDS", None, None, "max(3 × lease, 30)",
+             "how long work may wait on the queue while a worker with a free slot takes none "
+             "before it restarts itself; `0` turns the watchdog off (read by the worker's "
+             "watchdog; see Operating a fleet)"),
+    Variable("FLEET_TLS_CA_FILE", "tls_ca_file", None, "the system's CAs",
+             "a PEM file of the CAs that sign the broker's and result store's certificates "
+             "(`rediss://`, `amqps://`); the certificate and the host name are always "
+             "checked, and a URL that turns that off (`ssl_cert_reqs=none`) is refused"),
+)
+_BY_ATTR = {v.attr: v for v in VARIABLES if v.attr}
+
+
+def parameter_name(attr: str) -> str:
+    """The SSM parameter (under the stack's prefix) that holds Settings field `attr`."""
+    ssm = _BY_ATTR[attr].ssm
+    if ssm is None:
+        raise KeyError(f"the stack keeps no parameter for {attr}")
+    return ssm
+
+
+def settings_table() -> str:
+    """The README's table of FLEET_* variables."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{v.name}` | {v.shown} | {v.meaning} |" for v in VARIABLES]
+    return "\n".join(rows) + "\n"
+
+
+def stop_seconds(env: Mapping[str, str]) -> int:
+    """How long a stopping worker of these FLEET_* variables may take: its longest batch,
+    then a margin to hand back what it had not started and exit.
+
+    Lenient on purpose: stopping a worker must work even when its environment
+    file is broken (the worker then refuses to start, and says why).
+    """
+    raw = env.get("FLEET_MAX_BATCH_SECONDS", "").strip()
+    try:
+        longest = int(raw) if raw else MAX_BATCH_SECONDS
+    except ValueError:
+        longest = MAX_BATCH_SECONDS
+    return max(0, longest) + STOP_MARGIN_SECONDS
 
 
 @dataclass(frozen=True)
@@ -166,11 +278,11 @@ class Settings:
     concurrency: int | None = None
     # The longest a batch may run. The hard time limit of a batch and the
     # Redis visibility timeout are derived from it.
-    max_batch_seconds: int = 900
+    max_batch_seconds: int = MAX_BATCH_SECONDS
     # How long batch results and job state are kept in the result store.
-    result_ttl: int = 7 * 24 * 3600
+    result_ttl: int = RESULT_TTL
     # A running batch renews its lease this often (x3 = time to notice a dead worker).
-    lease_seconds: float = 10.0
+    lease_seconds: float = LEASE_SECONDS
     # SQS: the region, and the queue's URL. With the URL, workers use the
     # queue the stack made (with its visibility timeout and dead-letter
     # queue) and need no permission to list or create queues.
@@ -196,42 +308,23 @@ class Settings:
             raise ConfigError(f"queue name {self.queue!r} must be non-empty with no spaces.")
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Settings:
-        """Settings from FLEET_* variables; `overrides` (e.g. from CLI flags) win when not None."""
-        env = dict(os.environ if env is None else env)
-        broker = overrides.pop("broker_url", None) or env.get("FLEET_BROKER_URL", "").strip()
-        result = overrides.pop("result_url", None) or env.get("FLEET_RESULT_URL", "").strip()
-        if not broker:
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Settings from FLEET_* variables (VARIABLES); `overrides` (e.g. from CLI flags) win
+        when not None."""
+        env = os.environ if env is None else env
+        values = {v.attr: v.read(env) for v in VARIABLES if v.attr}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if not values["broker_url"]:
             raise ConfigError(
                 "no broker URL. Start a local fleet with `fleet local`, pass --broker URL, "
                 "or set FLEET_BROKER_URL (e.g. redis://127.0.0.1:6379/0)."
             )
-        if not result:
+        if not values["result_url"]:
             raise ConfigError(
                 "no result store URL. Start a local fleet with `fleet local`, pass --backend URL, "
                 "or set FLEET_RESULT_URL (e.g. redis://127.0.0.1:6379/1)."
             )
-        include = tuple(
-            m.strip()
-            for m in env.get("FLEET_INCLUDE", "").replace(" ", ",").split(",")
-            if m.strip()
-        )
-        values: dict[str, object] = dict(
-            broker_url=broker,
-            result_url=result,
-            queue=env.get("FLEET_QUEUE", "").strip() or "fleet",
-            include=include,
-            concurrency=_env_int(env, "FLEET_CONCURRENCY", None),
-            max_batch_seconds=_env_int(env, "FLEET_MAX_BATCH_SECONDS", 900),
-            result_ttl=_env_int(env, "FLEET_RESULT_TTL", 7 * 24 * 3600),
-            lease_seconds=_env_float(env, "FLEET_LEASE_SECONDS", 10.0),
-            aws_region=env.get("FLEET_AWS_REGION", "").strip() or None,
-            sqs_queue_url=env.get("FLEET_SQS_QUEUE_URL", "").strip() or None,
-            stack=env.get("FLEET_STACK", "").strip() or None,
-            tls_ca_file=env.get("FLEET_TLS_CA_FILE", "").strip() or None,
-        )
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)  # type: ignore[arg-type]
+        return cls(**values)
 
     @property
     def broker_scheme(self) -> str:
@@ -249,26 +342,11 @@ class Settings:
 
     def as_env(self) -> dict[str, str]:
         """The FLEET_* variables that reproduce these settings in another process."""
-        env = {
-            "FLEET_BROKER_URL": self.broker_url,
-            "FLEET_RESULT_URL": self.result_url,
-            "FLEET_QUEUE": self.queue,
-            "FLEET_MAX_BATCH_SECONDS": str(self.max_batch_seconds),
-            "FLEET_RESULT_TTL": str(self.result_ttl),
-            "FLEET_LEASE_SECONDS": str(self.lease_seconds),
-        }
-        if self.include:
-            env["FLEET_INCLUDE"] = ",".join(self.include)
-        if self.concurrency:
-            env["FLEET_CONCURRENCY"] = str(self.concurrency)
-        if self.aws_region:
-            env["FLEET_AWS_REGION"] = self.aws_region
-        if self.sqs_queue_url:
-            env["FLEET_SQS_QUEUE_URL"] = self.sqs_queue_url
-        if self.stack:
-            env["FLEET_STACK"] = self.stack
-        if self.tls_ca_file:
-            env["FLEET_TLS_CA_FILE"] = self.tls_ca_file
+        env = {}
+        for var in VARIABLES:
+            text = None if var.attr is None else var.write(getattr(self, var.attr))
+            if text is not None:
+                env[var.name] = text
         return env
 
     @property

@@ -1,6 +1,6 @@
 """Connection settings of a deployed stack, from SSM Parameter Store.
 
-The stack writes them under /celery-fleet/<stack>/ (infra/connection.py), so
+The stack writes them under /celery-fleet/<stack>/ (infra/parameters.py), so
 the launcher and the workers' boot need AWS credentials and nothing else: no
 Pulumi CLI, no secrets in stack outputs or user-data. A URL that needs a
 password holds "user@"; the password is in a SecureString parameter and goes
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from app.settings import ConfigError, Settings
+from app.names import ssm_prefix
+from app.settings import VARIABLES, ConfigError, Settings
 
 # Same vCPU count on purpose: the scaling target is "backlog per instance", so
 # every instance the group may launch must offer the same number of worker slots.
@@ -24,7 +25,7 @@ DEFAULT_INSTANCE_TYPES = ("c7i.xlarge", "c6i.xlarge", "c6a.xlarge", "c5.xlarge",
 class StackChoices:
     """The stack settings that decide what it builds and so what it costs, with their
     defaults (a working stack with only aws:region set). Shared by the Pulumi program
-    (infra/config.py FleetConfig, which checks them) and `fleet cost` (scripts/cost.py),
+    (infra/config.py StackConfig, which checks them) and `fleet cost` (scripts/cost.py),
     which is installed without the program."""
 
     broker: str = "sqs"
@@ -52,10 +53,6 @@ class StackChoices:
         return "mq.t3.micro" if self.broker_deployment_mode == "SINGLE_INSTANCE" else "mq.m5.large"
 
 
-def ssm_prefix(stack: str) -> str:
-    return f"/celery-fleet/{stack}/"
-
-
 def with_password(url: str, password: str) -> str:
     parts = urlsplit(url)
     user = parts.username or ""
@@ -75,15 +72,8 @@ def read_parameters(stack: str, ssm: Any) -> dict[str, str]:
 
 def env_from_parameters(params: dict[str, str], region: str | None) -> dict[str, str]:
     """FLEET_* variables from the stack's parameters (secrets put into the URLs)."""
-    env = {
-        "FLEET_BROKER_URL": params["broker_url"],
-        "FLEET_RESULT_URL": params["result_url"],
-        "FLEET_QUEUE": params.get("queue", "fleet"),
-        "FLEET_MAX_BATCH_SECONDS": params.get("max_batch_seconds", ""),
-        "FLEET_RESULT_TTL": params.get("result_ttl", ""),
-        "FLEET_SQS_QUEUE_URL": params.get("queue_url", ""),
-        "FLEET_AWS_REGION": region or "",
-    }
+    env = {v.name: params.get(v.ssm, "") for v in VARIABLES if v.ssm}
+    env["FLEET_AWS_REGION"] = region or ""
     for role, key in (("broker", "FLEET_BROKER_URL"), ("result", "FLEET_RESULT_URL")):
         if f"{role}_password" in params:
             env[key] = with_password(env[key], params[f"{role}_password"])

@@ -15,9 +15,10 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_random as random
 
+from app.settings import parameter_name
 from infra.documents import allow, deny_insecure_transport, to_json
+from infra.endpoint import Endpoint, MetricSpec, QueueDepth
 from infra.network import allow_tcp
-from infra.service import MetricSpec, QueueDepth, Service
 
 # Messages that fail this long are kept for inspection in the dead-letter queue.
 DEAD_LETTER_RETENTION = 14 * 24 * 3600
@@ -73,7 +74,7 @@ class SqsBroker(pulumi.ComponentResource):
         # sqs:ListQueues (on "*") and may create queues. The queue's URL is
         # published (queue_url; FLEET_SQS_QUEUE_URL for app/settings.py, which
         # sets predefined_queues from it), so the workers get neither permission.
-        self.service = Service(
+        self.service = Endpoint(
             url=pulumi.Output.from_input("sqs://"),
             worker_statements=[
                 allow(
@@ -89,7 +90,7 @@ class SqsBroker(pulumi.ComponentResource):
                     "UseWorkQueue",
                 )
             ],
-            parameters={"queue_url": self.queue.url},
+            parameters={parameter_name("sqs_queue_url"): self.queue.url},
             outputs={"queueName": self.queue.name, "queueUrl": self.queue.url},
         )
         # Waiting and in-flight messages: a running batch is still work for the fleet.
@@ -161,7 +162,7 @@ class RabbitBroker(pulumi.ComponentResource):
         )
 
         endpoint = self.broker.instances.apply(lambda instances: instances[0].endpoints[0])
-        self.service = Service(
+        self.service = Endpoint(
             # vhost "/" is the trailing "//"; the boot script puts the password after "fleet".
             url=endpoint.apply(lambda e: f"amqps://{BROKER_USER}@{urlsplit(e).netloc}//"),
             secret=self.password,

@@ -2,7 +2,7 @@
 
 All `pulumi.Config` reads live here so that a newcomer finds every knob in one
 file, the components receive plain typed values, and the tests can build a
-`FleetConfig` directly without a Pulumi engine. A bad value stops `pulumi up`
+`StackConfig` directly without a Pulumi engine. A bad value stops `pulumi up`
 before anything is created, with a message naming the key and what to do.
 The table of keys for operators is in infra/README.md.
 """
@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import pulumi
 
 from app.autoscale import Policy
+from app.names import ssm_prefix
+from app.settings import MAX_BATCH_SECONDS
 from app.stack import StackChoices
 
 BROKERS = ("sqs", "rabbitmq")
@@ -35,19 +37,19 @@ _INSTANCE_TYPE = re.compile(
 MAX_LIFECYCLE_HEARTBEAT = 7200
 
 
-class ConfigError(ValueError):
+class StackConfigError(ValueError):
     """A stack setting that cannot work; the message says which and why."""
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
-        raise ConfigError(f"celery-fleet:{key}={value!r}: use one of {', '.join(allowed)}.")
+        raise StackConfigError(f"celery-fleet:{key}={value!r}: use one of {', '.join(allowed)}.")
     return value
 
 
 def _at_least(key: str, value: int, minimum: int) -> int:
     if value < minimum:
-        raise ConfigError(f"celery-fleet:{key}={value}: must be at least {minimum}.")
+        raise StackConfigError(f"celery-fleet:{key}={value}: must be at least {minimum}.")
     return value
 
 
@@ -67,7 +69,7 @@ def instance_arch(instance_type: str) -> str:
     """'arm64' for Graviton types (a 'g' among the attribute letters: c7g, m6gd), else 'x86_64'."""
     match = _INSTANCE_TYPE.match(instance_type)
     if not match:
-        raise ConfigError(
+        raise StackConfigError(
             f"celery-fleet:instanceTypes: {instance_type!r} is not an EC2 instance type "
             "(expected something like c7i.xlarge)."
         )
@@ -75,7 +77,7 @@ def instance_arch(instance_type: str) -> str:
 
 
 @dataclass(frozen=True, kw_only=True)
-class FleetConfig(StackChoices):
+class StackConfig(StackChoices):
     """The stack's settings. Defaults give a working stack with only aws:region set.
 
     The choices that decide the bill (broker, result store, NAT, zones, instance
@@ -90,7 +92,7 @@ class FleetConfig(StackChoices):
     max_instances: int = 10
     # None: the latest Amazon Linux 2023 for the instance types' architecture.
     ami: str | None = None
-    max_batch_seconds: int = 900
+    max_batch_seconds: int = MAX_BATCH_SECONDS
     max_receive_count: int = 5
     result_ttl_days: int = 7
     # None: the shared policy, 1 batch per vCPU (see target_backlog_per_instance).
@@ -116,17 +118,17 @@ class FleetConfig(StackChoices):
         _at_least("rootVolumeGb", self.root_volume_gb, 8)
         _at_least("logRetentionDays", self.log_retention_days, 1)
         if not 1 <= self.max_receive_count <= 1000:
-            raise ConfigError(
+            raise StackConfigError(
                 f"celery-fleet:maxReceiveCount={self.max_receive_count}: SQS accepts 1 to 1000."
             )
         if self.on_demand_base_capacity > self.max_instances:
-            raise ConfigError(
+            raise StackConfigError(
                 f"celery-fleet:onDemandBaseCapacity={self.on_demand_base_capacity} exceeds "
                 f"maxInstances={self.max_instances}."
             )
         # SQS redelivers after the visibility timeout and caps it at 12 hours.
         if self.broker == "sqs" and self.visibility_timeout > 12 * 3600:
-            raise ConfigError(
+            raise StackConfigError(
                 f"celery-fleet:maxBatchSeconds={self.max_batch_seconds} gives a visibility "
                 f"timeout of {self.visibility_timeout}s, over the 43200s SQS allows; "
                 "split the work into shorter batches."
@@ -136,7 +138,7 @@ class FleetConfig(StackChoices):
         self._check_scaling()
         cluster = self.broker_deployment_mode == "CLUSTER_MULTI_AZ"
         if cluster and self.resolved_broker_instance_type == "mq.t3.micro":
-            raise ConfigError(
+            raise StackConfigError(
                 "celery-fleet:brokerInstanceType=mq.t3.micro only runs SINGLE_INSTANCE brokers; "
                 "use mq.m5.large or larger for CLUSTER_MULTI_AZ."
             )
@@ -145,44 +147,46 @@ class FleetConfig(StackChoices):
         try:
             network = ipaddress.ip_network(self.vpc_cidr)
         except ValueError as exc:
-            raise ConfigError(f"celery-fleet:vpcCidr={self.vpc_cidr!r}: {exc}.") from None
+            raise StackConfigError(f"celery-fleet:vpcCidr={self.vpc_cidr!r}: {exc}.") from None
         # Sixteen equal blocks: private subnets take the first half, public the second.
         if network.version != 4 or not 16 <= network.prefixlen <= 24:
-            raise ConfigError(
+            raise StackConfigError(
                 f"celery-fleet:vpcCidr={self.vpc_cidr}: use an IPv4 block from /16 to /24."
             )
         if self.az_count > 8:
-            raise ConfigError(f"celery-fleet:azCount={self.az_count}: at most 8 zones are used.")
+            raise StackConfigError(
+                f"celery-fleet:azCount={self.az_count}: at most 8 zones are used."
+            )
 
     def _check_instance_types(self) -> None:
         if not self.instance_types:
-            raise ConfigError("celery-fleet:instanceTypes is empty; list at least one type.")
+            raise StackConfigError("celery-fleet:instanceTypes is empty; list at least one type.")
         arches = {instance_arch(t) for t in self.instance_types}
         if len(arches) > 1:
-            raise ConfigError(
+            raise StackConfigError(
                 "celery-fleet:instanceTypes mixes Graviton (arm64) and x86_64 types; one launch "
                 "template boots one AMI, so pick types of one architecture."
             )
         vcpus = {instance_vcpus(t) for t in self.instance_types}
         if len(vcpus) > 1:
-            raise ConfigError(
+            raise StackConfigError(
                 f"celery-fleet:instanceTypes {list(self.instance_types)} differ in vCPU count; "
                 "scaling counts backlog per instance, so list types of one size (e.g. all .xlarge)."
             )
         if vcpus == {None} and self.target_backlog is None:
-            raise ConfigError(
+            raise StackConfigError(
                 f"celery-fleet:instanceTypes {list(self.instance_types)}: the size does not tell "
                 "the vCPU count; set celery-fleet:targetBacklogPerInstance."
             )
 
     def _check_scaling(self) -> None:
         if self.target_backlog is not None and self.target_backlog <= 0:
-            raise ConfigError(
+            raise StackConfigError(
                 f"celery-fleet:targetBacklogPerInstance={self.target_backlog}: must be above 0."
             )
         heartbeat = self.lifecycle_heartbeat
         if not 30 <= heartbeat <= MAX_LIFECYCLE_HEARTBEAT:
-            raise ConfigError(
+            raise StackConfigError(
                 f"celery-fleet:lifecycleHeartbeatSeconds={heartbeat}: AWS accepts 30 to 7200."
             )
 
@@ -237,7 +241,7 @@ class FleetConfig(StackChoices):
 
     @property
     def ssm_prefix(self) -> str:
-        return f"/celery-fleet/{self.stack}/"
+        return ssm_prefix(self.stack)
 
     @property
     def resource_prefix(self) -> str:
@@ -247,7 +251,7 @@ class FleetConfig(StackChoices):
         return name[:46].strip("-")
 
 
-# Stack config key -> (FleetConfig field, how to read it). Unset keys keep the
+# Stack config key -> (StackConfig field, how to read it). Unset keys keep the
 # dataclass default, so each default is written once, above.
 _KEYS: dict[str, tuple[str, str]] = {
     "broker": ("broker", "str"),
@@ -275,7 +279,7 @@ _KEYS: dict[str, tuple[str, str]] = {
 }
 
 
-def load_config() -> FleetConfig:
+def load_config() -> StackConfig:
     """Read the stack's `celery-fleet:*` settings."""
     cfg = pulumi.Config()
     readers = {
@@ -292,8 +296,8 @@ def load_config() -> FleetConfig:
         if value is not None:
             values[field_name] = value
     try:
-        return FleetConfig(stack=pulumi.get_stack(), **values)
-    except ConfigError as exc:
+        return StackConfig(stack=pulumi.get_stack(), **values)
+    except StackConfigError as exc:
         # pulumi prints a RunError as the message alone, without a traceback.
         raise pulumi.RunError(str(exc)) from None
 

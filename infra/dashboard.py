@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-from infra.fleet import METRIC_NAMESPACE
+from app.names import BATCHES_COMPLETED_METRIC, METRIC_DIMENSION, METRIC_NAMESPACE
+from infra.endpoint import PERIOD, MetricSpec, QueueDepth
 from infra.scaling import group_metric
-from infra.service import PERIOD, MetricSpec, QueueDepth
 
 
 @dataclass
@@ -51,7 +51,11 @@ class Dashboard(pulumi.ComponentResource):
         )
         # Published by the workers, one per finished batch, dimension Stack.
         batches = MetricSpec(
-            "batches", METRIC_NAMESPACE, "BatchesCompleted", {"Stack": args.stack}, "Sum"
+            "batches",
+            METRIC_NAMESPACE,
+            BATCHES_COMPLETED_METRIC,
+            {METRIC_DIMENSION: args.stack},
+            "Sum",
         )
         depth = [
             *(m.for_dashboard() for m in args.depth.metrics),

@@ -13,12 +13,9 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
+from app.names import METRIC_NAMESPACE, STACK_TAG, log_group
 from infra.documents import AwsContext, allow, to_json
 
-# Namespace of the metrics the workers publish (BatchesCompleted, ...); the
-# only one their role may write to.
-METRIC_NAMESPACE = "CeleryFleet"
-STACK_TAG = "celery-fleet:stack"
 # Root device of Amazon Linux 2023 AMIs.
 ROOT_DEVICE = "/dev/xvda"
 # Seconds before a new instance's numbers count for scaling: boot, install, start.
@@ -63,7 +60,7 @@ class WorkerFleet(pulumi.ComponentResource):
 
         self.log_group = aws.cloudwatch.LogGroup(
             f"{name}-logs",
-            name=f"/celery-fleet/{args.stack}/worker",
+            name=log_group(args.stack),
             retention_in_days=args.log_retention_days,
             opts=child,
         )
@@ -231,6 +228,7 @@ class WorkerFleet(pulumi.ComponentResource):
                 ["cloudwatch:PutMetricData"],
                 ["*"],
                 "PublishFleetMetrics",
+                # The launchers' namespace (app/names.py) is the only one the role may write to.
                 StringEquals={"cloudwatch:namespace": METRIC_NAMESPACE},
             ),
             allow(
@@ -248,7 +246,7 @@ class WorkerFleet(pulumi.ComponentResource):
                 [self.group.arn],
                 "DrainOnTermination",
             ),
-            # The drain agent (app/agent.py) finds its group and hook by asking:
+            # The drain agent (app/host/agent.py) finds its group and hook by asking:
             # the hook's name is Pulumi's to choose. Read-only, and these Describe
             # calls take no resource-level permissions.
             allow(

@@ -1,7 +1,7 @@
 """The stack, wired from its components; `build` is the whole program.
 
 `__main__.py` calls `build(load_config())`; the tests call it with a
-FleetConfig per combination and a fake artifact builder, under Pulumi mocks.
+StackConfig per combination and a fake artifact builder, under Pulumi mocks.
 """
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
+from app.names import STACK_TAG
 from infra.artifact import REPO_ROOT, Artifact, ArtifactArgs, Builder, build_artifact
 from infra.broker import RabbitBroker, RabbitBrokerArgs, SqsBroker, SqsBrokerArgs
-from infra.config import FleetConfig
-from infra.connection import Connection, ConnectionArgs
+from infra.config import StackConfig
 from infra.dashboard import Dashboard, DashboardArgs
 from infra.documents import AwsContext
 from infra.fleet import WARMUP_SECONDS, WorkerFleet, WorkerFleetArgs
 from infra.network import Network, NetworkArgs
+from infra.parameters import SsmParameters, SsmParametersArgs
 from infra.result_store import (
     RedisResultStore,
     RedisResultStoreArgs,
@@ -44,19 +45,19 @@ class Stack:
     broker: SqsBroker | RabbitBroker
     results: S3ResultStore | RedisResultStore
     artifact: Artifact
-    connection: Connection
+    parameters: SsmParameters
     fleet: WorkerFleet
     scaling: QueueScaling
     user_data: pulumi.Output[str]
 
 
-def build(cfg: FleetConfig, builder: Builder = build_artifact) -> Stack:
+def build(cfg: StackConfig, builder: Builder = build_artifact) -> Stack:
     # One explicit provider, so every resource carries the stack tag without
     # each component repeating it.
     provider = aws.Provider(
         "aws",
         region=aws.config.region,
-        default_tags={"tags": {"celery-fleet:stack": cfg.stack, **cfg.tags}},
+        default_tags={"tags": {STACK_TAG: cfg.stack, **cfg.tags}},
     )
     opts = pulumi.ResourceOptions(providers={"aws": provider})
 
@@ -140,9 +141,9 @@ def build(cfg: FleetConfig, builder: Builder = build_artifact) -> Stack:
             opts,
         )
 
-    connection = Connection(
+    parameters = SsmParameters(
         "connection",
-        ConnectionArgs(
+        SsmParametersArgs(
             prefix=cfg.ssm_prefix,
             queue_name=broker.queue_name,
             max_batch_seconds=cfg.max_batch_seconds,
@@ -187,7 +188,7 @@ def build(cfg: FleetConfig, builder: Builder = build_artifact) -> Stack:
             lifecycle_heartbeat=cfg.lifecycle_heartbeat,
         ),
         # The first instance must find its settings in Parameter Store.
-        pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(depends_on=[connection])),
+        pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(depends_on=[parameters])),
     )
 
     scaling = QueueScaling(
@@ -231,7 +232,7 @@ def build(cfg: FleetConfig, builder: Builder = build_artifact) -> Stack:
         broker=broker,
         results=results,
         artifact=artifact,
-        connection=connection,
+        parameters=parameters,
         fleet=fleet,
         scaling=scaling,
         user_data=user_data,

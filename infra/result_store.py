@@ -14,8 +14,8 @@ import pulumi_aws as aws
 import pulumi_random as random
 
 from infra.documents import allow
+from infra.endpoint import Endpoint
 from infra.network import allow_tcp
-from infra.service import Service
 from infra.storage import PrivateBucket, PrivateBucketArgs
 
 RESULT_PREFIX = "results"
@@ -45,7 +45,7 @@ class S3ResultStore(pulumi.ComponentResource):
             opts=child,
         )
         objects = pulumi.Output.concat(bucket.arn, f"/{RESULT_PREFIX}/*")
-        self.service = Service(
+        self.service = Endpoint(
             url=pulumi.Output.concat("s3://", bucket.name, f"/{RESULT_PREFIX}"),
             worker_statements=[
                 allow(
@@ -119,7 +119,7 @@ class RedisResultStore(pulumi.ComponentResource):
             auto_minor_version_upgrade=True,
             opts=child,
         )
-        self.service = Service(
+        self.service = Endpoint(
             # Empty user before "@": the boot script inserts ":<token>" there.
             # ssl_cert_reqs is required by Celery for rediss:// result URLs.
             url=pulumi.Output.concat(

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-from infra.service import MetricSpec, QueueDepth
+from infra.endpoint import MetricSpec, QueueDepth
 
 
 def group_metric(metric_id: str, name: str, group_name: pulumi.Input[str]) -> MetricSpec:

@@ -4,7 +4,7 @@ User-data is readable by anything on the instance and by anyone with
 ec2:DescribeInstanceAttribute, so it carries only where to find things (the
 SSM prefix, the artifact's S3 URI, the region); the boot script fetches
 settings and secrets from Parameter Store at boot. The systemd units are
-written by the app itself (app/boot.py), the same way on every kind of host.
+written by the app itself (app/host/), the same way on every kind of host.
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
-"""`fleet cost`: what a stack costs per hour while idle, and per worker instance-hour.
+"""What a stack costs per hour while idle, and per worker instance-hour (`fleet cost`).
 
-Reads the stack's settings from Pulumi.<stack>.yaml (or --config FILE) and the
-list prices in scripts/prices.json. The idle figure is what the stack costs
-with no instance running: NAT gateways, VPC endpoints, a RabbitMQ broker or a
-Valkey node, the dashboard and the scaling alarms. SQS, S3, SSM and KMS cost
-nothing measurable while idle. Data transfer and requests are not counted.
+Reads the stack's settings from Pulumi.<stack>.yaml (beside the Pulumi.yaml
+of the project in the current directory or a parent; or --config FILE) and
+the list prices in scripts/prices.json, which the wheel carries. The idle
+figure is what the stack costs with no instance running: NAT gateways, VPC
+endpoints, a RabbitMQ broker or a Valkey node, the dashboard and the scaling
+alarms. SQS, S3, SSM and KMS cost nothing measurable while idle. Data
+transfer and requests are not counted.
 
 This module must not import the Pulumi program (infra/ is not installed with
 the wheel): the stack's choices and their defaults come from
-app.stack.StackChoices, which the program's FleetConfig extends; tests/infra
+app.stack.StackChoices, which the program's StackConfig extends; tests/infra
 checks that the resource counts below match what the program builds.
 """
 
@@ -23,7 +25,6 @@ import click
 from app.stack import StackChoices
 
 PRICES = Path(__file__).with_name("prices.json")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 HOURS_PER_MONTH = 730
 
 # Interface endpoints per zone without NAT (infra/program.py WORKER_SERVICES, + sqs).
@@ -63,6 +64,22 @@ class StackSettings(StackChoices):
             "root_volume_gb": get("rootVolumeGb", int),
         }
         return cls(region=region, **{k: v for k, v in values.items() if v is not None})
+
+
+def stack_file(stack: str, start: Path | None = None) -> Path:
+    """Pulumi.<stack>.yaml of the Pulumi project in `start` (the current directory) or the
+    nearest parent that holds a Pulumi.yaml."""
+    here = (start or Path.cwd()).resolve()
+    project = next((d for d in (here, *here.parents) if (d / "Pulumi.yaml").is_file()), None)
+    if project is None:
+        raise click.UsageError(
+            f"no Pulumi.yaml in {here} or above it: run this in the project's directory, or "
+            "give the stack's file with --config FILE.")
+    path = project / f"Pulumi.{stack}.yaml"
+    if not path.exists():
+        raise click.UsageError(
+            f"{path} does not exist; create the stack with `pulumi stack init {stack}`.")
+    return path
 
 
 def _string_list(value) -> tuple[str, ...]:
@@ -180,28 +197,3 @@ def render(report: CostReport) -> str:
         lines.append(f"  {p.instance_type:<16} on-demand {on_demand:>9}/h   spot ~{spot:>9}/h")
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
-
-
-@click.command("cost")
-@click.option(
-    "--stack", "stack", metavar="NAME", help="Read Pulumi.NAME.yaml from the repository root."
-)
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Read this Pulumi stack file instead.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
-def cost(stack: str | None, config_file: Path | None, as_json: bool) -> None:
-    """Hourly cost of the stack while idle, and of each worker instance-hour."""
-    if config_file is None:
-        if stack is None:
-            raise click.UsageError("name a stack with --stack NAME or a file with --config FILE.")
-        config_file = REPO_ROOT / f"Pulumi.{stack}.yaml"
-        if not config_file.exists():
-            raise click.UsageError(
-                f"{config_file} does not exist; create the stack with `pulumi stack init {stack}`."
-            )
-    report = estimate(StackSettings.from_stack_file(config_file), json.loads(PRICES.read_text()))
-    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else render(report))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Boot a Celery fleet worker: install the app wheel into its venv, then hand
-# over to `python -m app.boot` (app/boot.py), which does everything else:
+# over to `python -m app.boot` (app/host/), which does everything else:
 # settings from SSM Parameter Store, concurrency from the usable CPUs, the
 # environment file, the systemd units, the start. Only what must happen before
 # the app's Python code exists is here.

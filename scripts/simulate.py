@@ -1,4 +1,4 @@
-"""`fleet simulate`: a job on an autoscaled fleet, in discrete time, with the real policy.
+"""A job on an autoscaled fleet, in discrete time, with the real policy (`fleet simulate`).
 
     fleet simulate --items 1000000 --seconds-per-item 0.05 --cores 16 --boot 60 \\
         --max-instances 50 --plot docs/simulate.png
@@ -7,8 +7,9 @@ The model follows the real parts closely enough to choose the defaults:
 
 - the launcher calibrates on one-ID probe batches (one per registered slot,
   at least one), advertising each ID left as a batch meanwhile; then it cuts
-  batches of `target_seconds` of work (app/jobs.py `batch_size`), keeps
-  max(4, 2 x slots) on the broker and advertises the rest as held back;
+  batches of `target_seconds` of work and keeps max(4, 2 x slots) on the
+  broker (app/launcher/plan.py, as the real launcher), advertising the rest
+  as held back;
 - an instance boots for `boot_seconds`, then each of its `cores` slots runs
   one batch at a time, taking the next from the queue within the same step;
 - every `interval` seconds app/autoscale.py's `desired_instances` sees the
@@ -34,9 +35,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from app.autoscale import FleetState, Policy, desired_instances
-
-PROBE_LIMIT = 32  # as app/jobs.py
-BATCHES_PER_SLOT = 4
+from app.launcher.plan import batch_size, in_flight_limit, probe_count
+from app.settings import LEASE_SECONDS, MAX_BATCH_SECONDS
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class Scenario:
     # written); pass the price you pay.
     price: float = 0.714
     target_seconds: float = 2.0  # the launcher's aimed-at batch duration
-    max_batch_seconds: float = 900.0
-    lease_seconds: float = 10.0
+    max_batch_seconds: float = MAX_BATCH_SECONDS
+    lease_seconds: float = LEASE_SECONDS
     notice_seconds: float = 120.0  # a Spot instance lives (and bills) this long after the notice
     agent: bool = True  # the drain agent hands batches back on a Spot notice
     # The policy sees the batches launchers hold back; False: only the broker's
@@ -112,137 +112,166 @@ def static(s: Scenario, max_instances: int) -> Result:
 def simulate(s: Scenario, policy: Policy, name: str = "autoscaled",
              stop_at_end: bool = False, horizon: float = 6 * 3600) -> Result:
     """Run the job from an empty fleet; after it, run on until the fleet is back to its minimum."""
-    rng = random.Random(s.seed)
-    p_interrupt = 1 - math.exp(-s.spot_rate * s.dt / 3600)
-    instances: list[_Instance] = []
-    queue: deque[int] = deque()  # batches on the broker, by their number of items
-    lost: list[tuple[float, int]] = []  # (when the launcher re-sends it, items)
-    result = Result(name, 0.0, 0.0, s.price)
-
-    # The launcher.
-    left = s.items  # IDs not yet cut into batches
-    size: int | None = None  # batch size, once calibrated
-    probes = 0  # probe batches not yet committed
-    in_flight = 0  # batches sent and not committed
-    done_items = 0
-
-    last_scale_out: float | None = None
-    low_since: float | None = None
-    next_eval = 0.0
-    t = 0.0
-
-    def slots_registered() -> int:
-        return sum(len(i.slots) for i in instances if i.ended is None and i.ready <= t)
-
-    # Calibration: one-ID probes on up to one registered slot each (at least one).
-    n_probe = min(max(1, slots_registered()), PROBE_LIMIT, s.items)
-    probe_slots = max(1, slots_registered())
-    for _ in range(n_probe):
-        queue.append(1)
-    left -= n_probe
-    probes = in_flight = n_probe
-
-    while t < horizon:
-        # Lost batches come back when their lease lapses (no agent).
-        for when, items in [x for x in lost if x[0] <= t]:
-            lost.remove((when, items))
-            queue.appendleft(items)
-            result.resent += 1
-        # The launcher tops up the broker.
-        if size is None and probes == 0:
-            per_slot_cap = math.ceil(s.items / (probe_slots * BATCHES_PER_SLOT))
-            size = max(1, int(min(s.target_seconds / s.seconds_per_item,
-                                  s.max_batch_seconds / 4 / s.seconds_per_item, per_slot_cap)))
-        if size is not None:
-            cap = max(4, 2 * slots_registered())
-            while left > 0 and in_flight < cap:
-                n = min(size, left)
-                queue.append(n)
-                left -= n
-                in_flight += 1
-        held = left if size is None else math.ceil(left / size)
-
-        # The policy.
-        live = [i for i in instances if i.ended is None]
-        running = sum(1 for i in live for sl in i.slots if sl is not None)
-        if t >= next_eval:
-            next_eval = t + s.interval
-            state = FleetState(
-                queued=len(queue) + (held if s.held_visible else 0) + len(lost),
-                running=running, instances=len(live),
-                slots_per_instance=s.cores, busy_instances=sum(1 for i in live if i.busy()),
-                last_scale_out=last_scale_out, low_since=low_since)
-            decision = desired_instances(state, policy, t)
-            low_since = decision.low_since
-            if decision.delta > 0:
-                for _ in range(decision.delta):
-                    instances.append(_Instance(t, t + s.boot_seconds, [None] * s.cores))
-                last_scale_out = t
-            elif decision.delta < 0:
-                idle = sorted((i for i in live if not i.busy()), key=lambda i: -i.ready)
-                for inst in idle[:-decision.delta]:
-                    inst.ended = t
-            live = [i for i in instances if i.ended is None]
-            result.peak_instances = max(result.peak_instances, len(live))
-
-        # Spot interruptions.
-        for inst in live:
-            if p_interrupt and rng.random() < p_interrupt:
-                result.interruptions += 1
-                inst.ended = t + s.notice_seconds  # billed through the notice
-                for sl in inst.slots:
-                    if sl is None:
-                        continue
-                    if s.agent:
-                        queue.appendleft(int(sl[0]))
-                        result.resent += 1
-                    else:
-                        lost.append((t + s.lease_seconds + 1, int(sl[0])))
-                inst.slots = [None] * s.cores
-
-        # Work for one step: each slot runs batches back to back.
-        for inst in instances:
-            if inst.ended is not None or inst.ready > t:
-                continue
-            for k in range(len(inst.slots)):
-                budget = s.dt
-                while True:
-                    # Take the next batch as soon as one ends (prefetch), even at the step's end.
-                    if inst.slots[k] is None and queue:
-                        items = queue.popleft()
-                        inst.slots[k] = [items, items * s.seconds_per_item]
-                    slot = inst.slots[k]
-                    if slot is None or budget <= 1e-12:
-                        break
-                    spent = min(budget, slot[1])
-                    slot[1] -= spent
-                    budget -= spent
-                    if slot[1] <= 1e-12:
-                        inst.slots[k] = None
-                        in_flight -= 1
-                        done_items += int(slot[0])
-                        if probes:
-                            probes -= 1
-                        if done_items == s.items:
-                            result.makespan = t + s.dt - budget
-        t += s.dt
-        live = [i for i in instances if i.ended is None]
-        result.timeline.append((t, len(queue) + held + len(lost),
-                                sum(1 for i in live for sl in i.slots if sl is not None),
-                                len(live), sum(1 for i in live if i.ready <= t)))
-        if result.makespan:
+    run = _Simulation(s, policy, Result(name, 0.0, 0.0, s.price))
+    while run.t < horizon:
+        run.step()
+        if run.result.makespan:
             if stop_at_end:
-                for inst in live:
-                    inst.ended = result.makespan
+                for inst in run.live():
+                    inst.ended = run.result.makespan
                 break
-            if len(live) <= policy.min_instances:
+            if len(run.live()) <= policy.min_instances:
                 break
-    end = t
-    result.instance_seconds = sum((i.ended if i.ended is not None else end) - i.launched
-                                  for i in instances)
+    result = run.result
+    result.instance_seconds = sum((i.ended if i.ended is not None else run.t) - i.launched
+                                  for i in run.instances)
     if not result.makespan:
         raise RuntimeError(f"the job did not finish within {horizon:.0f} s of simulated time")
     return result
+
+
+class _Simulation:
+    """One simulated job: the launcher, the policy, Spot and the slots, one `dt` per step."""
+
+    def __init__(self, s: Scenario, policy: Policy, result: Result) -> None:
+        self.s = s
+        self.policy = policy
+        self.result = result
+        self.rng = random.Random(s.seed)
+        self.p_interrupt = 1 - math.exp(-s.spot_rate * s.dt / 3600)
+        self.instances: list[_Instance] = []
+        self.queue: deque[int] = deque()  # batches on the broker, by their number of items
+        self.lost: list[tuple[float, int]] = []  # (when the launcher re-sends it, items)
+        self.t = 0.0
+        # The launcher: calibration first, one-ID probes on up to one registered slot each.
+        self.probe_slots = max(1, self.slots_registered())
+        n_probe = probe_count(self.probe_slots, s.items)
+        self.queue.extend([1] * n_probe)
+        self.left = s.items - n_probe  # IDs not yet cut into batches
+        self.size: int | None = None  # batch size, once calibrated
+        self.probes = n_probe  # probe batches not yet committed
+        self.in_flight = n_probe  # batches sent and not committed
+        self.held = 0
+        self.done_items = 0
+        # The policy.
+        self.last_scale_out: float | None = None
+        self.low_since: float | None = None
+        self.next_eval = 0.0
+
+    def live(self) -> list[_Instance]:
+        return [i for i in self.instances if i.ended is None]
+
+    def slots_registered(self) -> int:
+        return sum(len(i.slots) for i in self.live() if i.ready <= self.t)
+
+    def step(self) -> None:
+        s = self.s
+        self.resend_lost()
+        self.top_up()
+        live = self.live()
+        if self.t >= self.next_eval:
+            self.next_eval = self.t + s.interval
+            self.decide(live)
+            live = self.live()
+            self.result.peak_instances = max(self.result.peak_instances, len(live))
+        self.interrupt(live)
+        for inst in self.instances:
+            if inst.ended is None and inst.ready <= self.t:
+                for k in range(len(inst.slots)):
+                    self.work(inst, k)
+        self.t += s.dt
+        live = self.live()
+        self.result.timeline.append((
+            self.t, len(self.queue) + self.held + len(self.lost),
+            sum(1 for i in live for sl in i.slots if sl is not None),
+            len(live), sum(1 for i in live if i.ready <= self.t)))
+
+    def resend_lost(self) -> None:
+        """Lost batches come back when their lease lapses (no agent)."""
+        for when, items in [x for x in self.lost if x[0] <= self.t]:
+            self.lost.remove((when, items))
+            self.queue.appendleft(items)
+            self.result.resent += 1
+
+    def top_up(self) -> None:
+        """The launcher: size batches once the probes are in, keep the broker topped up."""
+        s = self.s
+        if self.size is None and self.probes == 0:
+            self.size = batch_size(s.seconds_per_item, s.target_seconds, s.items,
+                                   self.probe_slots, max_batch_seconds=s.max_batch_seconds)
+        if self.size is not None:
+            cap = in_flight_limit(self.slots_registered())
+            while self.left > 0 and self.in_flight < cap:
+                n = min(self.size, self.left)
+                self.queue.append(n)
+                self.left -= n
+                self.in_flight += 1
+        self.held = self.left if self.size is None else math.ceil(self.left / self.size)
+
+    def decide(self, live: list[_Instance]) -> None:
+        """The shared policy, on what the fleet shows now."""
+        s = self.s
+        state = FleetState(
+            queued=len(self.queue) + (self.held if s.held_visible else 0) + len(self.lost),
+            running=sum(1 for i in live for sl in i.slots if sl is not None),
+            instances=len(live), slots_per_instance=s.cores,
+            busy_instances=sum(1 for i in live if i.busy()),
+            last_scale_out=self.last_scale_out, low_since=self.low_since)
+        decision = desired_instances(state, self.policy, self.t)
+        self.low_since = decision.low_since
+        if decision.delta > 0:
+            for _ in range(decision.delta):
+                self.instances.append(_Instance(self.t, self.t + s.boot_seconds,
+                                                [None] * s.cores))
+            self.last_scale_out = self.t
+        elif decision.delta < 0:
+            idle = sorted((i for i in live if not i.busy()), key=lambda i: -i.ready)
+            for inst in idle[:-decision.delta]:
+                inst.ended = self.t
+
+    def interrupt(self, live: list[_Instance]) -> None:
+        """Spot interruptions: batches handed back at once (agent) or when their lease lapses."""
+        s = self.s
+        for inst in live:
+            if not (self.p_interrupt and self.rng.random() < self.p_interrupt):
+                continue
+            self.result.interruptions += 1
+            inst.ended = self.t + s.notice_seconds  # billed through the notice
+            for sl in inst.slots:
+                if sl is None:
+                    continue
+                if s.agent:
+                    self.queue.appendleft(int(sl[0]))
+                    self.result.resent += 1
+                else:
+                    self.lost.append((self.t + s.lease_seconds + 1, int(sl[0])))
+            inst.slots = [None] * s.cores
+
+    def work(self, inst: _Instance, k: int) -> None:
+        """One step of slot `k`: batches back to back, the next taken as soon as one ends."""
+        budget = self.s.dt
+        while True:
+            # Take the next batch as soon as one ends (prefetch), even at the step's end.
+            if inst.slots[k] is None and self.queue:
+                items = self.queue.popleft()
+                inst.slots[k] = [items, items * self.s.seconds_per_item]
+            slot = inst.slots[k]
+            if slot is None or budget <= 1e-12:
+                return
+            spent = min(budget, slot[1])
+            slot[1] -= spent
+            budget -= spent
+            if slot[1] <= 1e-12:
+                inst.slots[k] = None
+                self.finished(int(slot[0]), budget)
+
+    def finished(self, items: int, budget: float) -> None:
+        self.in_flight -= 1
+        self.done_items += items
+        if self.probes:
+            self.probes -= 1
+        if self.done_items == self.s.items:
+            self.result.makespan = self.t + self.s.dt - budget
 
 
 def compare(s: Scenario, policy: Policy) -> tuple[Result, Result, Result]:

@@ -1,4 +1,4 @@
-"""`fleet status`: what a fleet is doing, from the APIs that know.
+"""What a fleet is doing, from the APIs that know (`fleet status`, and `fleet ops` hosts).
 
 - instances: the autoscaling group(s) tagged `celery-fleet:stack=<stack>`
   (type, zone, lifecycle state) and EC2 (Spot or on-demand, private address);
@@ -13,16 +13,10 @@
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
-import click
-
+from app.names import STACK_TAG
 from app.settings import Settings, redact
-
-# infra/fleet.py tags the group (and, propagated, its instances) with this.
-STACK_TAG = "celery-fleet:stack"
 
 
 def stack_instances(stack: str, session: Any = None) -> list[dict[str, Any]]:
@@ -62,8 +56,8 @@ def stack_instances(stack: str, session: Any = None) -> list[dict[str, Any]]:
 
 
 def local_instances(state: dict[str, Any]) -> list[dict[str, Any]]:
-    """The instance processes of the local fleet in `state` (scripts/local.py's state file)."""
-    from app.boot import pid_alive
+    """The instance processes of the local fleet in `state` (the local fleet's state file)."""
+    from app.host.service import pid_alive
 
     return [{"id": f"instance{n}", "pid": i.get("pid"), "cpus": len(i.get("cpus") or []),
              "state": "running" if i.get("pid") and pid_alive(int(i["pid"])) else "stopped"}
@@ -144,39 +138,3 @@ def render(status: dict[str, Any]) -> str:
                      f"{status['held_back']} batches held back by launchers")
     lines.extend(f"error: {e}" for e in status["errors"])
     return "\n".join(lines)
-
-
-@click.command()
-@click.option("--stack", metavar="NAME",
-              help="A deployed stack: its instances (by the celery-fleet:stack tag) and "
-                   "its broker and result store (SSM Parameter Store).")
-@click.option("--region", help="AWS region of the stack (default: your AWS configuration).")
-@click.option("--broker", metavar="URL", help="Broker URL (default: FLEET_BROKER_URL or the "
-                                              "local fleet).")
-@click.option("--backend", metavar="URL", help="Result store URL.")
-@click.option("--queue", help="The fleet's queue (default: FLEET_QUEUE or 'fleet').")
-@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status(stack, region, broker, backend, queue, as_json):
-    """Instances, workers online, queue depth and jobs in flight of a stack or the local fleet."""
-    from scripts.cli import resolve_settings
-    from scripts.local import read_state
-
-    if stack:
-        import boto3
-
-        from app.stack import settings_from_stack
-
-        session = boto3.session.Session(region_name=region)
-        settings = settings_from_stack(stack, session, queue=queue)
-        instances = stack_instances(stack, session)
-        source = f"stack {stack} ({session.region_name})"
-    else:
-        settings = resolve_settings(broker, backend, queue=queue)
-        state = read_state()
-        local = state is not None and not (broker or os.environ.get("FLEET_BROKER_URL"))
-        instances = local_instances(state) if local else None
-        source = "the local fleet" if local else "the given broker and result store"
-    report = collect(settings, instances, source)
-    click.echo(json.dumps(report, indent=2) if as_json else render(report))
-    if report["errors"]:
-        raise SystemExit(3)

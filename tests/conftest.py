@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from app.jobs import JobOptions, JobSummary, Launcher
-from app.sources import Source
-from scripts.local import LocalFleet
+from app.launcher.job import JobOptions, JobSummary
+from app.launcher.launcher import Launcher
+from app.launcher.sources import Source
+from scripts.local.fleet import LocalFleet
 
 TASKS = ("tests.fleet_tasks",)
 

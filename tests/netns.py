@@ -39,10 +39,11 @@ from typing import Any, TypeVar
 
 import psutil
 
-from app.boot import worker_argv
+from app.host.command import worker_argv
 from app.settings import Settings
-from app.store import RedisStore
-from scripts.local import _need, rabbitmq_server, redis_server, stop_process
+from app.store.redis import RedisStore
+from scripts.local.processes import need_binary, stop_process
+from scripts.local.servers import rabbitmq_server, redis_server
 
 PREFIX = "cfp"
 STATE_DIR = Path("/run/celery-fleet-netns")
@@ -311,7 +312,8 @@ class NsServer:
 
 def redis_in_ns(name: str, ns: str, addr: str, port: int, workdir: Path,
                 password: str) -> NsServer:
-    """The local fleet's redis-server (scripts/local.py), bound to the namespace's address."""
+    """The local fleet's redis-server (scripts/local/servers.py), bound to the namespace's
+    address."""
     server = redis_server(name, workdir, password, bind=addr, port=port)
     return NsServer(name, ns, addr, port, server.argv, server.env, workdir)
 
@@ -326,7 +328,7 @@ def rabbitmq_in_ns(ns: str, addr: str, workdir: Path, password: str) -> NsServer
     server = rabbitmq_server(workdir, password, bind=addr, port=AMQP_PORT, dist_port=25672,
                              epmd_port=4369, start_epmd=False)
     # Our own epmd in the foreground, so it dies with the test, not after it.
-    epmd = subprocess.Popen(["ip", "netns", "exec", ns, _need("epmd"), "-port", "4369"],
+    epmd = subprocess.Popen(["ip", "netns", "exec", ns, need_binary("epmd"), "-port", "4369"],
                             env=server.env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     ns_server = NsServer("rabbitmq", ns, addr, AMQP_PORT, server.argv, server.env, workdir)
@@ -439,7 +441,8 @@ class NetFleet:
         return env
 
     def start_host(self, host: Host) -> None:
-        """Boot the host's worker: the command every fleet host runs (app.boot.worker_argv)."""
+        """Boot the host's worker: the command every fleet host runs
+        (app.host.command.worker_argv)."""
         assert self.settings is not None
         argv = worker_argv(sys.executable, self.settings.queue, self.concurrency, host.node)
         with open(self.workdir / f"{host.role}.log", "ab") as log:

@@ -1,4 +1,4 @@
-"""The drain agent (app/agent.py).
+"""The drain agent (app/host/agent.py).
 
 Against moto: scale-in protection set while the worker holds a batch and
 lifted when it is idle; on termination the lifecycle action is held with
@@ -32,9 +32,11 @@ import psutil
 import pytest
 from moto import mock_aws
 
-from app.agent import Agent, CeleryWorker, Imds, discover
-from app.jobs import JobOptions, Launcher
-from app.sources import Source
+from app.host.agent import Agent, CeleryWorker, discover
+from app.host.imds import Imds
+from app.launcher.job import JobOptions
+from app.launcher.launcher import Launcher
+from app.launcher.sources import Source
 from app.store import open_store
 from tests.conftest import read_output
 from tests.test_sqs_s3 import aws, sqs_settings  # noqa: F401 - the moto server fixture
@@ -101,7 +103,7 @@ class FakeWorker:
         self.running = True
         self.stops: list[bool] = []
 
-    def held(self) -> int:
+    def taken(self) -> int:
         return self.holding
 
     def alive(self) -> bool:

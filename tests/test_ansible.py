@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app import boot
-from scripts.local import LocalFleet
+from app.host.envfile import parse_env
+from app.names import WORKER_UNIT
+from scripts.local.fleet import LocalFleet
 from tests.worker_host import ROOT, host_env, run_job, wait_worker, wheelhouse
 
 pytestmark = pytest.mark.timeout(300)
@@ -107,12 +108,12 @@ def test_first_converge_installs_and_configures_without_systemd(converged):
                                                           "fleet-boot.sh").read_text()
     env_file = root / "etc" / "env"
     assert env_file.stat().st_mode & 0o777 == 0o600
-    assert boot.parse_env(env_file.read_text())["FLEET_NODE_NAME"] == "ansible@test"
-    assert (root / "systemd" / boot.WORKER_UNIT).exists(), "units are written all the same"
+    assert parse_env(env_file.read_text())["FLEET_NODE_NAME"] == "ansible@test"
+    assert (root / "systemd" / WORKER_UNIT).exists(), "units are written all the same"
     settings = root / "etc" / "settings.env"
     assert settings.stat().st_mode & 0o777 == 0o600
     assert settings.read_text().startswith("#")  # {{ ansible_managed | comment }}
-    assert boot.parse_env(settings.read_text()) == fleet.settings.as_env()
+    assert parse_env(settings.read_text()) == fleet.settings.as_env()
     # Not systemd here, and the role says so rather than starting anything.
     assert "systemd is not the service manager here" in first
 

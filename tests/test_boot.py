@@ -24,10 +24,17 @@ import psutil
 import pytest
 from moto import mock_aws
 
-from app import boot
 from app.cpus import available_cpus
+from app.host.boot import main
+from app.host.command import worker_argv
+from app.host.configure import Report, configure, stack_from_prefix
+from app.host.envfile import parse_env, render_env
+from app.host.paths import HostPaths
+from app.host.service import BootError, Pidfile
+from app.host.units import agent_unit, worker_unit
+from app.names import AGENT_UNIT, WORKER_UNIT
 from app.settings import ConfigError, Settings
-from scripts.local import LocalFleet
+from scripts.local.fleet import LocalFleet
 from tests.worker_host import (
     BOOT_SCRIPT,
     app_wheel,
@@ -89,14 +96,14 @@ def test_first_boot_installs_and_configures(booted):
     assert venv_python.exists()
     env_file = booted.root / "etc" / "env"
     assert env_file.stat().st_mode & 0o777 == 0o600, "the file holds the broker password"
-    env = boot.parse_env(env_file.read_text())
+    env = parse_env(env_file.read_text())
     assert env["FLEET_CONCURRENCY"] == str(available_cpus())
-    unit = (booted.root / "systemd" / boot.WORKER_UNIT).read_text()
-    expected = boot.worker_argv(str(venv_python), "fleet", available_cpus(),
+    unit = (booted.root / "systemd" / WORKER_UNIT).read_text()
+    expected = worker_argv(str(venv_python), "fleet", available_cpus(),
                                 env["FLEET_NODE_NAME"])
     assert f"ExecStart={' '.join(expected)}" in unit.splitlines()
     assert "systemd: skipped: systemd is not running here" in log
-    assert not (booted.root / "systemd" / boot.AGENT_UNIT).exists(), "not on EC2: no agent"
+    assert not (booted.root / "systemd" / AGENT_UNIT).exists(), "not on EC2: no agent"
 
 
 def test_second_boot_changes_nothing(booted):
@@ -144,23 +151,23 @@ def test_foreground_worker_is_sized_to_its_cpus_and_runs_a_job(booted, fleet, tm
 def test_environment_file_round_trips_awkward_values(tmp_path):
     env = {"FLEET_BROKER_URL": 'amqps://u:p%40ss"w$rd`\\x #1@h:5671//',
            "PLAIN": "redis://:tok@127.0.0.1:6379/0", "EMPTY": "", "SPACE": "a b"}
-    text = boot.render_env(env)
-    assert boot.parse_env(text) == env
+    text = render_env(env)
+    assert parse_env(text) == env
     with pytest.raises(ConfigError):
-        boot.render_env({"BAD": "two\nlines"})
+        render_env({"BAD": "two\nlines"})
 
 
 def test_units_verify_with_systemd(tmp_path):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed (Debian package systemd)")
-    layout = boot.Layout(tmp_path, tmp_path / "env", tmp_path, tmp_path)
+    layout = HostPaths(tmp_path, tmp_path / "env", tmp_path, tmp_path)
     env = {"FLEET_QUEUE": "q", "FLEET_CONCURRENCY": "4", "FLEET_NODE_NAME": "celery@%h-1",
            "FLEET_MAX_BATCH_SECONDS": "600"}
-    (tmp_path / "env").write_text(boot.render_env(env))
-    worker = boot.worker_unit(layout, env, sys.executable, "root")
-    agent = boot.agent_unit(layout, env, sys.executable)
-    for name, text in ((boot.WORKER_UNIT, worker), (boot.AGENT_UNIT, agent)):
+    (tmp_path / "env").write_text(render_env(env))
+    worker = worker_unit(layout, env, sys.executable, "root")
+    agent = agent_unit(layout, env, sys.executable)
+    for name, text in ((WORKER_UNIT, worker), (AGENT_UNIT, agent)):
         (tmp_path / name).write_text(text)
         result = subprocess.run([analyze, "verify", str(tmp_path / name)], capture_output=True,
                                 text=True, cwd=tmp_path)
@@ -201,38 +208,38 @@ def fake_systemctl(tmp_path, monkeypatch):
 
 
 def test_systemd_steps_run_with_systemd_and_only_on_change(tmp_path, fake_systemctl):
-    layout = boot.Layout(tmp_path / "opt", tmp_path / "etc" / "env", tmp_path / "units",
+    layout = HostPaths(tmp_path / "opt", tmp_path / "etc" / "env", tmp_path / "units",
                          tmp_path / "run")
     settings = Settings("redis://127.0.0.1:1/0", "redis://127.0.0.1:1/1", queue="q")
 
-    def configure(concurrency: int = 3, use_systemd: bool = True) -> boot.Report:
-        return boot.configure(layout, settings, {}, "test", concurrency=concurrency,
-                              node="n@h", use_systemd=use_systemd, agent=True, user="root")
+    def run(concurrency: int = 3, use_systemd: bool = True) -> Report:
+        return configure(layout, settings, {}, "test", concurrency=concurrency,
+                         node="n@h", use_systemd=use_systemd, agent=True, user="root")
 
-    units = f"{boot.WORKER_UNIT} {boot.AGENT_UNIT}"
+    units = f"{WORKER_UNIT} {AGENT_UNIT}"
     apply = ["daemon-reload", f"enable {units}", f"restart {units}"]
-    first = configure()
+    first = run()
     assert fake_systemctl() == apply
     assert first.changed and len(first.files) == 3
-    second = configure()
+    second = run()
     assert not second.changed, second.as_dict()
-    assert fake_systemctl() == [f"is-active --quiet {boot.WORKER_UNIT}",
-                                f"is-active --quiet {boot.AGENT_UNIT}"]
-    (tmp_path / "active" / boot.WORKER_UNIT).unlink()  # someone stopped the worker
-    assert configure().actions == [f"started {boot.WORKER_UNIT}"]
-    assert fake_systemctl()[-1] == f"start {boot.WORKER_UNIT}"
+    assert fake_systemctl() == [f"is-active --quiet {WORKER_UNIT}",
+                                f"is-active --quiet {AGENT_UNIT}"]
+    (tmp_path / "active" / WORKER_UNIT).unlink()  # someone stopped the worker
+    assert run().actions == [f"started {WORKER_UNIT}"]
+    assert fake_systemctl()[-1] == f"start {WORKER_UNIT}"
     # A new size rewrites the files and restarts, once.
-    assert configure(5).files and fake_systemctl() == apply
+    assert run(5).files and fake_systemctl() == apply
     # A restart that failed is tried again by the next run, though no file changes then.
     (tmp_path / "fail").touch()
-    with pytest.raises(boot.BootError):
-        configure(7)
+    with pytest.raises(BootError):
+        run(7)
     (tmp_path / "fail").unlink()
     fake_systemctl()
-    retried = configure(7)
+    retried = run(7)
     assert not retried.files and fake_systemctl() == apply
     # Without systemd the same change touches no systemctl at all.
-    configure(6, use_systemd=False)
+    run(6, use_systemd=False)
     assert fake_systemctl() == []
 
 
@@ -252,14 +259,14 @@ def test_settings_and_secret_from_ssm(tmp_path, monkeypatch):
             ssm.put_parameter(Name=prefix + key, Value=value, Type="String")
         ssm.put_parameter(Name=prefix + "broker_password", Value="S3cret/Pw", Type="SecureString")
         monkeypatch.setenv("FLEET_SSM_PREFIX", prefix)  # as the user-data's boot.env sets it
-        assert boot.main(["--systemd", "no", "--no-start", "--agent", "no"]) == 0
-    layout = boot.Layout.from_env()
+        assert main(["--systemd", "no", "--no-start", "--agent", "no"]) == 0
+    layout = HostPaths.from_env()
     assert layout.env_file.stat().st_mode & 0o777 == 0o600
-    env = boot.parse_env(layout.env_file.read_text())
+    env = parse_env(layout.env_file.read_text())
     assert env["FLEET_BROKER_URL"] == "amqps://fleet:S3cret%2FPw@b-1.mq.amazonaws.com:5671//"
     assert env["FLEET_QUEUE"] == "celery-fleet-t"
     assert env["AWS_DEFAULT_REGION"] == env["FLEET_AWS_REGION"] == "eu-west-1"
-    unit = (layout.systemd_dir / boot.WORKER_UNIT).read_text()
+    unit = (layout.systemd_dir / WORKER_UNIT).read_text()
     assert "TimeoutStopSec=660" in unit.splitlines()
 
 
@@ -270,24 +277,24 @@ def test_a_stack_without_parameters_stops_the_boot_before_any_file(tmp_path, mon
     monkeypatch.setenv("FLEET_ENV_FILE", str(tmp_path / "env"))
     monkeypatch.setenv("FLEET_SYSTEMD_DIR", str(tmp_path / "units"))
     with mock_aws(), pytest.raises(ConfigError, match="nothing under /celery-fleet/gone/"):
-        boot.main(["--stack", "gone", "--systemd", "no"])
+        main(["--stack", "gone", "--systemd", "no"])
     assert not (tmp_path / "env").exists() and not (tmp_path / "units").exists()
 
 
 def test_a_wrong_ssm_prefix_is_refused():
     with pytest.raises(ConfigError):
-        boot.stack_from_prefix("/elsewhere/t/")
-    assert boot.stack_from_prefix("/celery-fleet/dev/") == "dev"
+        stack_from_prefix("/elsewhere/t/")
+    assert stack_from_prefix("/celery-fleet/dev/") == "dev"
 
 
 def test_drain_never_signals_a_process_that_is_not_the_worker(tmp_path):
-    layout = boot.Layout(tmp_path, tmp_path / "env", tmp_path, tmp_path / "run")
-    layout.env_file.write_text(boot.render_env({"FLEET_NODE_NAME": "w@h"}))
+    layout = HostPaths(tmp_path, tmp_path / "env", tmp_path, tmp_path / "run")
+    layout.env_file.write_text(render_env({"FLEET_NODE_NAME": "w@h"}))
     stranger = subprocess.Popen(["sleep", "60"])
     try:
         layout.run_dir.mkdir()
         layout.pidfile.write_text(f"{stranger.pid}\n")  # a stale pidfile, its pid reused
-        background = boot.Background(layout)
+        background = Pidfile(layout)
         assert background.pid() is None
         background.drain()
         assert stranger.poll() is None, "drain signalled a stranger"

@@ -22,7 +22,7 @@ from kombu.transport.redis import Channel
 
 import app.settings
 from app.celery_config import celery_config, make_app
-from app.jobs import Launcher
+from app.launcher.launcher import Launcher
 from app.settings import Settings
 
 STORE = "redis://127.0.0.1:6379/1"

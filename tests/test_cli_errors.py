@@ -1,6 +1,6 @@
 """`fleet run` on bad input: one clear line on stderr, no traceback, the documented exit code.
 
-Exit codes (scripts/cli.py): 2 bad input, usage or unknown task; 3 broker or
+Exit codes (scripts/cli/): 2 bad input, usage or unknown task; 3 broker or
 result store unreachable. Every command runs as a real subprocess.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.local import free_port
+from scripts.local.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 FLEET = str(Path(sys.executable).with_name("fleet"))

@@ -24,9 +24,9 @@ import psutil
 import pytest
 
 from app.celery_config import make_app
-from app.jobs import JobSummary
-from app.store import RedisStore, _keys
-from scripts.local import LocalFleet
+from app.launcher.job import JobSummary
+from app.store.redis import RedisStore, _keys
+from scripts.local.fleet import LocalFleet
 from tests.conftest import TASKS, Background, read_output, wait_until
 
 ITEM_MS = 2

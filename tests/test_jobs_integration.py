@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 
 from app.celery_config import make_app
-from app.jobs import BadInput, JobOptions, Launcher
-from app.sources import Source
-from app.store import RedisStore
+from app.launcher.job import BadInput, JobOptions
+from app.launcher.launcher import Launcher
+from app.launcher.sources import Source
+from app.store.redis import RedisStore
 from tests.conftest import read_output, wait_until
 
 pytestmark = pytest.mark.timeout(120)

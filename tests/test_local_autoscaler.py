@@ -18,10 +18,11 @@ from dataclasses import replace
 import pytest
 
 from app.autoscale import Policy
-from app.jobs import JobOptions, Launcher
-from app.sources import Source
+from app.launcher.job import JobOptions
+from app.launcher.launcher import Launcher
+from app.launcher.sources import Source
 from app.store import open_store
-from scripts.autoscaler import local_autoscaler
+from scripts.local.autoscaler import local_autoscaler
 from tests.conftest import read_output
 from tests.test_local_fleet import local_fleet  # noqa: F401 - the fixture
 

@@ -25,11 +25,15 @@ import pytest
 from click.testing import CliRunner
 from moto import mock_aws
 
-from app import boot
-from scripts import ops_tasks
+from app.host.envfile import read_env, render_env
+from app.host.paths import HostPaths
+from app.host.service import pid_alive
 from scripts.cli import cli
-from scripts.local import LocalFleet, free_port, wait_port
-from scripts.ops import SSM_PROXY, Fleet, Host, discover, expand_proxy, rolling
+from scripts.local.fleet import LocalFleet
+from scripts.local.processes import free_port, wait_port
+from scripts.ops import tasks as ops_tasks
+from scripts.ops.hosts import SSM_PROXY, Host, Hosts, discover, expand_proxy
+from scripts.ops.rolling import rolling
 from tests.worker_host import BOOT_SCRIPT, app_wheel, host_env, wheelhouse, write_settings
 
 pytestmark = pytest.mark.timeout(240)
@@ -50,8 +54,8 @@ class SshHost:
         return f"127.0.0.1:{self.port}"
 
     @property
-    def layout(self) -> boot.Layout:
-        return boot.Layout.from_env(host_env(self.root))
+    def layout(self) -> HostPaths:
+        return HostPaths.from_env(host_env(self.root))
 
     def worker_pid(self) -> int | None:
         try:
@@ -130,12 +134,12 @@ def hosts(keys, tmp_path_factory):
                 host.proc.terminate()
                 host.proc.wait(10)
                 pid = host.worker_pid()
-                if pid and boot.pid_alive(pid):
+                if pid and pid_alive(pid):
                     os.killpg(pid, signal.SIGKILL)
 
 
-def fleet_of(hosts: list[SshHost], keys: Path, **kw) -> Fleet:
-    return Fleet([Host(h.address) for h in hosts], user="root", key=str(keys / "client_key"),
+def fleet_of(hosts: list[SshHost], keys: Path, **kw) -> Hosts:
+    return Hosts([Host(h.address) for h in hosts], user="root", key=str(keys / "client_key"),
                  **kw)
 
 
@@ -195,19 +199,19 @@ def test_status_and_logs_show_each_host(hosts, keys):
 def test_a_failing_host_stops_the_roll(hosts, keys):
     _, (a, b) = hosts
     # Host a's settings are broken: its new worker will exit at once.
-    env = boot.read_env(a.layout.env_file)
-    a.layout.env_file.write_text(boot.render_env({**env, "FLEET_MAX_BATCH_SECONDS": "0"}))
+    env = read_env(a.layout.env_file)
+    a.layout.env_file.write_text(render_env({**env, "FLEET_MAX_BATCH_SECONDS": "0"}))
     b_pid, b_stamp = b.worker_pid(), (b.root / "opt/venv/.celery-fleet-wheel").read_text()
     ops = fleet_of([a, b], keys)
     try:
         outcomes = rolling(ops, ops_tasks.deploy, app_wheel(), 30, at_a_time=1)
     finally:
         ops.close()
-        a.layout.env_file.write_text(boot.render_env(env))
+        a.layout.env_file.write_text(render_env(env))
     assert outcomes[0].ok is False and "the worker is not running" in outcomes[0].error
     assert "FLEET_MAX_BATCH_SECONDS=0 must be at least 1" in outcomes[0].error, "the log tail"
     assert outcomes[1].ok is None and outcomes[1].started is None
-    assert b.worker_pid() == b_pid and boot.pid_alive(b_pid), "host b was touched"
+    assert b.worker_pid() == b_pid and pid_alive(b_pid), "host b was touched"
     assert (b.root / "opt/venv/.celery-fleet-wheel").read_text() == b_stamp
 
 

@@ -52,7 +52,7 @@ import pytest
 
 from app.celery_config import celery_config
 from app.settings import Settings
-from app.store import RedisStore
+from app.store.redis import RedisStore
 from tests.checker import Report, check
 from tests.netns import NetFleet, netns_unavailable
 from tests.netns_tasks import expected

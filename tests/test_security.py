@@ -39,14 +39,16 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from app.batch import MAX_BATCH_ITEMS, BadPayload, check_address, check_payload
-from app.boot import worker_argv
 from app.celery_config import broker_ssl, celery_config, make_app
-from app.jobs import JobOptions, Launcher
+from app.host.command import worker_argv
+from app.launcher.job import JobOptions
+from app.launcher.launcher import Launcher
+from app.launcher.sources import Source
 from app.queue_depth import ready_count as autoscaler_queue_depth
 from app.settings import ConfigError, Settings
-from app.sources import Source
-from app.store import RedisStore, _keys
-from scripts.local import LocalFleet, free_port, stop_process
+from app.store.redis import RedisStore, _keys
+from scripts.local.fleet import LocalFleet
+from scripts.local.processes import free_port, stop_process
 from scripts.status import queue_depth as status_queue_depth
 from tests.conftest import TASKS, read_output, wait_until
 
@@ -479,7 +481,7 @@ def test_unknown_malformed_and_oversized_messages_are_refused_and_the_worker_goe
         (json.dumps([[], {}, EMBED]).encode(), json_type, wrong_args),
         (json.dumps([[123, "x", None, [1]], {}, EMBED]).encode(), json_type, wrong_types),
         (b"\xff\x00{not json", json_type, task_headers()),
-        # Shapes that, unguarded, end Celery's worker process (app/guard.py).
+        # Shapes that, unguarded, end Celery's worker process (app/worker/guard.py).
         (b'{"a": 1}', json_type, task_headers()),
         (json.dumps([[job, 20, "echo", [1]], 5, EMBED]).encode(), json_type, task_headers()),
         (json.dumps([[job, 21, "echo", [1]], {}, 7]).encode(), json_type, task_headers()),

@@ -14,15 +14,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app import sources
 from app.batch import expand
-from app.jobs import Layout
-from app.sources import InputError, Source
+from app.launcher import sources
+from app.launcher.plan import BatchPlan
+from app.launcher.sources import InputError, Source
 
 
 def payloads(src: Source, sizes=None) -> list:
     """The batches as they go on the wire."""
-    return list(src.batches(iter(sizes) if sizes is not None else Layout((), 1000).sizes()))
+    return list(src.batches(iter(sizes) if sizes is not None else BatchPlan((), 1000).sizes()))
 
 
 def read_all(src: Source, sizes=None) -> list[list]:
@@ -342,7 +342,7 @@ def test_range(spec, bounds):
 
 def test_range_batches_follow_the_sizes():
     src = Source.parse("range:0:10")
-    assert payloads(src, Layout((1, 1, 1), 4).sizes()) == [
+    assert payloads(src, BatchPlan((1, 1, 1), 4).sizes()) == [
         {"range": [0, 1]}, {"range": [1, 2]}, {"range": [2, 3]}, {"range": [3, 7]},
         {"range": [7, 10]}]
 
@@ -373,8 +373,8 @@ def big_text(tmp_path_factory) -> tuple[Path, list[str]]:
 
 
 @pytest.mark.parametrize("layout", [
-    Layout((1, 1, 1), 1000), Layout((1, 1), 65_536), Layout((), 7), Layout((1,), 199_999),
-    Layout((), 1_000_000), Layout((3, 5), 100_003),
+    BatchPlan((1, 1, 1), 1000), BatchPlan((1, 1), 65_536), BatchPlan((), 7),
+    BatchPlan((1,), 199_999), BatchPlan((), 1_000_000), BatchPlan((3, 5), 100_003),
 ])
 def test_batches_across_block_boundaries(big_text, layout):
     path, ids = big_text
@@ -392,7 +392,7 @@ def test_big_file_with_crlf_across_blocks(tmp_path):
     path = text_file(tmp_path, ("\r\n".join(ids) + "\r\n").encode())
     src = Source.parse(str(path))
     assert src.count() == len(ids)
-    assert flat(src.batches(Layout((1, 1, 1), 50_000).sizes())) == ids
+    assert flat(src.batches(BatchPlan((1, 1, 1), 50_000).sizes())) == ids
 
 
 def test_one_line_longer_than_a_block(tmp_path):
@@ -416,13 +416,13 @@ _id_text = st.text(
 ).filter(lambda s: not re.fullmatch(r"[ \t\f\v]*", s) and not s.startswith("\ufeff"))
 
 _layouts = st.builds(
-    Layout, st.lists(st.integers(1, 4), max_size=4).map(tuple), st.integers(1, 40))
+    BatchPlan, st.lists(st.integers(1, 4), max_size=4).map(tuple), st.integers(1, 40))
 
 _fast = settings(max_examples=60, deadline=None,
                  suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def _round_trip(path: Path, fmt_kw: dict, layout: Layout, block: int) -> list:
+def _round_trip(path: Path, fmt_kw: dict, layout: BatchPlan, block: int) -> list:
     old = sources.BLOCK
     sources.BLOCK = block  # small blocks put boundaries everywhere
     try:
@@ -494,7 +494,7 @@ def test_nth_newline_finds_the_kth_line_end(lengths, data):
 @given(total=st.integers(1, 5000), probe=st.lists(st.integers(1, 3), max_size=4),
        size=st.integers(1, 700), tail=st.integers(0, 6))
 def test_layout_counts_the_batches_it_cuts(total, probe, size, tail):
-    layout = Layout(tuple(probe), size, total, tail)
+    layout = BatchPlan(tuple(probe), size, total, tail)
     sizes = layout.sizes()
     cut, left = [], total
     while left > 0:
@@ -514,7 +514,7 @@ def test_layout_counts_the_batches_it_cuts(total, probe, size, tail):
 
 def test_last_wave_is_cut_finer():
     # 2 slots, batches of 500: the last wave shrinks instead of ending on two full batches.
-    layout = Layout((1, 1), 500, 4000, 2)
+    layout = BatchPlan((1, 1), 500, 4000, 2)
     sizes = list(itertools.islice(layout.sizes(), layout.count()))
     assert sum(sizes) == 4000 and sizes[:7] == [1, 1, 500, 500, 500, 500, 500]
     wave = sizes[7:]
@@ -524,12 +524,12 @@ def test_last_wave_is_cut_finer():
 
 
 def test_layout_kept_with_a_job_cuts_the_same_way_on_resume():
-    layout = Layout((1, 1), 500, 4000, 2)
-    again = Layout.from_meta(layout.as_meta(), 4000)
+    layout = BatchPlan((1, 1), 500, 4000, 2)
+    again = BatchPlan.from_meta(layout.as_meta(), 4000)
     n = layout.count()
     assert list(itertools.islice(again.sizes(), n)) == list(itertools.islice(layout.sizes(), n))
     # A job stored before the layout kept its share and floor was cut with 1/(2 x tail)
     # shares of no less than size/8: resumed, it is cut that way still.
-    legacy = Layout.from_meta({"probe": [1, 1], "size": 500, "tail": 2}, 4000)
+    legacy = BatchPlan.from_meta({"probe": [1, 1], "size": 500, "tail": 2}, 4000)
     cut = list(itertools.islice(legacy.sizes(), legacy.count()))
     assert cut[7:11] == [375, 281, 211, 158] and min(cut[7:-1]) == 500 // 8

@@ -17,10 +17,12 @@ import boto3
 import psutil
 import pytest
 
-from app.jobs import JobOptions, Launcher
+from app.launcher.job import JobOptions
+from app.launcher.launcher import Launcher
+from app.launcher.sources import Source
 from app.settings import Settings
-from app.sources import Source
-from scripts.local import LocalFleet, free_port, stop_process, wait_port
+from scripts.local.fleet import LocalFleet
+from scripts.local.processes import free_port, stop_process, wait_port
 from tests.conftest import TASKS, read_output
 
 VISIBILITY = 1860  # what the stack sets on the queue for the default max batch time

@@ -66,7 +66,7 @@ def test_with_password_keeps_the_rest_of_the_url():
 def test_launcher_publishes_held_batches_for_the_stack(ssm):
     from datetime import UTC, datetime, timedelta
 
-    from app.jobs import StackMetrics
+    from app.launcher.metrics import StackMetrics
 
     metric = StackMetrics("prod", "eu-west-1")
     metric.publish(120, 3)

@@ -25,10 +25,12 @@ import pytest
 from click.testing import CliRunner
 from moto import mock_aws
 
-from app.jobs import JobOptions, Launcher
-from app.sources import Source
+from app.launcher.job import JobOptions
+from app.launcher.launcher import Launcher
+from app.launcher.sources import Source
+from app.names import STACK_TAG
 from scripts.cli import cli
-from scripts.status import STACK_TAG, queue_depth, render
+from scripts.status import queue_depth, render
 from tests.conftest import TASKS
 from tests.test_sqs_s3 import aws, sqs_settings  # noqa: F401 - the moto server fixture
 

@@ -1,4 +1,4 @@
-"""The liveness watchdog (app/watchdog.py) on a real fleet.
+"""The liveness watchdog (app/worker/watchdog.py) on a real fleet.
 
 A local fleet of two worker instances (real redis-server broker and result
 store, real `celery worker` processes), supervised as `fleet local` does it
@@ -40,18 +40,18 @@ import boto3
 import pytest
 
 from app.celery_config import make_app
-from app.jobs import JobSummary
+from app.launcher.job import JobSummary
 from app.queue_depth import SqsReady, ready_count
 from app.settings import Settings
-from app.store import RedisStore, _keys
-from app.watchdog import WATCHDOG_EXIT_CODE, Watchdog, grace_seconds
-from scripts.local import LocalFleet
+from app.store.redis import RedisStore, _keys
+from app.worker.watchdog import WATCHDOG_EXIT_CODE, Watchdog, grace_seconds
+from scripts.local.fleet import LocalFleet
 from tests.conftest import TASKS, Background, read_output, wait_until
 from tests.test_sqs_s3 import aws, sqs_settings  # noqa: F401 - the moto server fixture
 
 GRACE = 3.0  # FLEET_WATCHDOG_SECONDS
 LEASE = 2.0  # FLEET_LEASE_SECONDS: a check every LEASE / 3
-BOUND = GRACE + LEASE  # the stated detection bound (app/watchdog.py)
+BOUND = GRACE + LEASE  # the stated detection bound (app/worker/watchdog.py)
 # Thread scheduling and log timestamps on a loaded two-CPU machine.
 SLACK = 1.0
 ITEM_MS = 2  # CPU per ID of the `slow` task

@@ -4,7 +4,7 @@ The app wheel is built from a copy of the sources (as infra/artifact.py does,
 so the repository gets no build/ or *.egg-info) and, beside it, every
 dependency wheel, downloaded once per source digest: the same offline
 wheelhouse the stack ships to subnets without PyPI. Paths a host uses are
-redirected with the FLEET_* variables app/boot.py and scripts/fleet-boot.sh read.
+redirected with the FLEET_* variables app/host/ and scripts/fleet-boot.sh read.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.jobs import JobOptions, Launcher
+from app.launcher.job import JobOptions
+from app.launcher.launcher import Launcher
+from app.launcher.sources import Source
 from app.settings import Settings
-from app.sources import Source
 from app.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]

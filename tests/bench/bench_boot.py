@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts.local import LocalFleet
+from scripts.local.fleet import LocalFleet
 from tests.worker_host import (
     BOOT_SCRIPT,
     host_env,

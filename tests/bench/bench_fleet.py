@@ -227,10 +227,11 @@ def verify_fleet_output(path: Path, n: int, expected: Callable[[int], Any] | Non
 def launcher_probe() -> Iterator[dict[str, Any]]:
     """Time the launcher's phases by wrapping its methods (a few calls per batch: negligible).
 
-    Tolerant of a changing app.jobs: only methods that exist are wrapped.
+    Tolerant of a changing launcher: only methods that exist are wrapped.
     """
-    import app.jobs as jobs
-    from app.store import RedisStore
+    from app.launcher.dispatch import Dispatch
+    from app.launcher.launcher import Launcher
+    from app.store.redis import RedisStore
 
     stats: dict[str, Any] = {}
     patched: list[tuple[Any, str, Any]] = []
@@ -265,16 +266,14 @@ def launcher_probe() -> Iterator[dict[str, Any]]:
             stats["layout"] = meta.get("layout")
             stats["calibrated_s_per_item"] = meta.get("seconds_per_item")
 
-    wrap(jobs.Launcher, "__init__", "init")
-    wrap(jobs.Launcher, "check_connections", "connect")
-    wrap(jobs.Launcher, "_new_job", "new_job", on_new_job)
-    wrap(jobs.Launcher, "_calibrate", "calibrate")
-    wrap(jobs.Launcher, "send", "send")
-    run_cls = getattr(jobs, "_Run", None)
-    if run_cls is not None:
-        wrap(run_cls, "loop", "loop")
-        wrap(run_cls, "write", "write")
-        wrap(run_cls, "find_lost", "find_lost")
+    wrap(Launcher, "__init__", "init")
+    wrap(Launcher, "check_connections", "connect")
+    wrap(Launcher, "_new_job", "new_job", on_new_job)
+    wrap(Launcher, "_calibrate", "calibrate")
+    wrap(Launcher, "send", "send")
+    wrap(Dispatch, "loop", "loop")
+    wrap(Dispatch, "write", "write")
+    wrap(Dispatch, "find_lost", "find_lost")
     wrap(RedisStore, "wait_done", "wait_done", on_done)
     wrap(RedisStore, "results", "fetch_results")
     try:
@@ -559,8 +558,9 @@ class Bench:
 
     def fleet_api(self, workload: str, task: str, n: int,
                   expected: Callable[[int], Any] | None) -> Row:
-        from app.jobs import JobOptions, Launcher
-        from app.sources import Source
+        from app.launcher.job import JobOptions
+        from app.launcher.launcher import Launcher
+        from app.launcher.sources import Source
 
         out = self.tmp / f"api-{workload}.jsonl"
         row = Row(workload, "fleet Launcher.run (Python API)", n,
@@ -627,7 +627,7 @@ class Bench:
 
     def cli_startup(self) -> None:
         """The fixed cost of a `fleet run` process before any work: interpreter + imports."""
-        code = "import scripts.cli, app.jobs, app.sources, app.celery_config"
+        code = "import scripts.cli, scripts.cli.run, app.launcher.launcher, app.celery_config"
         walls = []
         for _ in range(3):
             wall, rss, rc, _, err = run_cli([sys.executable, "-c", code], self.cli_env(),
@@ -645,7 +645,7 @@ class Bench:
     def source_timing(self, ids_file: Path) -> None:
         """How long the launcher's input side takes alone for the ID file (no fleet)."""
         from app.batch import expand
-        from app.sources import Source
+        from app.launcher.sources import Source
 
         with contextlib.suppress(Exception):
             src = Source.parse(str(ids_file))
@@ -663,8 +663,9 @@ class Bench:
         """Each worker imports, connects and runs once before anything is timed."""
         from celery import group
 
-        from app.jobs import JobOptions, Launcher
-        from app.sources import Source
+        from app.launcher.job import JobOptions
+        from app.launcher.launcher import Launcher
+        from app.launcher.sources import Source
 
         group(self.app.signature("bench.noop", args=(i,)) for i in range(4 * self.cores)) \
             .apply_async().get(timeout=60)
@@ -677,7 +678,7 @@ class Bench:
 
     def run(self) -> dict[str, Any]:
         from app.celery_config import make_app
-        from scripts.local import LocalFleet
+        from scripts.local.fleet import LocalFleet
         from tests.bench.tasks import CPU_ROUNDS, bench_cpu, bench_noop, busy
 
         self.t0 = time.perf_counter()

@@ -34,7 +34,7 @@ def pytest_configure(config):
 pulumi.runtime.set_mocks(RecordingMocks(), project="celery-fleet", stack="test", preview=False)
 
 from infra.artifact import BuiltArtifact  # noqa: E402
-from infra.config import FleetConfig  # noqa: E402
+from infra.config import StackConfig  # noqa: E402
 from infra.program import build  # noqa: E402
 
 
@@ -57,10 +57,10 @@ def fake_builder(tmp_path_factory) -> Callable[[Path, bool, str], BuiltArtifact]
 
 
 @pytest.fixture(scope="session")
-def run_stack(fake_builder) -> Callable[[FleetConfig], StackRun]:
+def run_stack(fake_builder) -> Callable[[StackConfig], StackRun]:
     cache: dict[str, StackRun] = {}
 
-    def run(cfg: FleetConfig) -> StackRun:
+    def run(cfg: StackConfig) -> StackRun:
         key = repr(cfg)
         if key in cache:
             return cache[key]

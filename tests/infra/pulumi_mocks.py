@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pulumi
 
 if TYPE_CHECKING:
-    from infra.config import FleetConfig
+    from infra.config import StackConfig
 
 ACCOUNT = "123456789012"
 REGION = "us-east-1"
@@ -121,7 +121,7 @@ class RecordingMocks(pulumi.runtime.Mocks):
 
 @dataclass
 class StackRun:
-    cfg: FleetConfig
+    cfg: StackConfig
     resources: list[Recorded]
     outputs: dict
     user_data: str

@@ -6,11 +6,11 @@ import pulumi
 import pytest
 
 from app.settings import Settings
-from infra.config import ConfigError, FleetConfig, instance_arch, instance_vcpus, load_config
+from infra.config import StackConfig, StackConfigError, instance_arch, instance_vcpus, load_config
 
 
 def test_defaults_give_a_working_stack():
-    cfg = FleetConfig(stack="dev")
+    cfg = StackConfig(stack="dev")
     assert (cfg.broker, cfg.resolved_result_store, cfg.nat) == ("sqs", "s3", "single")
     assert cfg.az_count == 2 and cfg.spot and cfg.max_instances == 10
     assert cfg.vcpus_per_instance == 4 and cfg.target_backlog_per_instance == 4.0
@@ -21,26 +21,26 @@ def test_defaults_give_a_working_stack():
 
 def test_visibility_timeout_is_the_apps_formula():
     for seconds in (60, 900, 3600):
-        cfg = FleetConfig(stack="dev", max_batch_seconds=seconds)
+        cfg = StackConfig(stack="dev", max_batch_seconds=seconds)
         settings = Settings(broker_url="sqs://", result_url="s3://b/r", max_batch_seconds=seconds)
         assert cfg.visibility_timeout == settings.visibility_timeout
 
 
 def test_rabbitmq_defaults_to_redis_results_and_a_small_broker():
-    cfg = FleetConfig(stack="dev", broker="rabbitmq")
+    cfg = StackConfig(stack="dev", broker="rabbitmq")
     assert cfg.resolved_result_store == "redis"
     assert cfg.resolved_broker_instance_type == "mq.t3.micro"
-    cluster = FleetConfig(stack="dev", broker="rabbitmq", broker_deployment_mode="CLUSTER_MULTI_AZ")
+    cluster = StackConfig(stack="dev", broker="rabbitmq", broker_deployment_mode="CLUSTER_MULTI_AZ")
     assert cluster.resolved_broker_instance_type == "mq.m5.large"
 
 
 def test_heartbeat_is_capped_at_two_hours():
-    assert FleetConfig(stack="dev", max_batch_seconds=10_000).lifecycle_heartbeat == 7200
+    assert StackConfig(stack="dev", max_batch_seconds=10_000).lifecycle_heartbeat == 7200
 
 
 def test_resource_prefix_is_safe_for_aws_names():
-    assert FleetConfig(stack="My_Stack.eu").resource_prefix == "celery-fleet-my-stack-eu"
-    assert len(FleetConfig(stack="x" * 80).resource_prefix) <= 46
+    assert StackConfig(stack="My_Stack.eu").resource_prefix == "celery-fleet-my-stack-eu"
+    assert len(StackConfig(stack="x" * 80).resource_prefix) <= 46
 
 
 @pytest.mark.parametrize(
@@ -61,7 +61,7 @@ def test_instance_type_parsing(instance_type, vcpus, arch):
 
 
 def test_graviton_types_boot_the_arm_ami():
-    cfg = FleetConfig(stack="dev", instance_types=("c7g.xlarge", "c6g.xlarge"))
+    cfg = StackConfig(stack="dev", instance_types=("c7g.xlarge", "c6g.xlarge"))
     assert cfg.arch == "arm64" and cfg.image_id.endswith("-arm64")
 
 
@@ -94,8 +94,8 @@ def test_graviton_types_boot_the_arm_ami():
     ],
 )
 def test_bad_settings_are_refused_by_name(overrides, message):
-    with pytest.raises(ConfigError) as caught:
-        FleetConfig(stack="dev", **overrides)
+    with pytest.raises(StackConfigError) as caught:
+        StackConfig(stack="dev", **overrides)
     assert message in str(caught.value)
 
 

@@ -1,4 +1,4 @@
-"""The stack's connection URLs (infra/connection.py), read as the workers read them, give
+"""The stack's connection URLs (infra/parameters.py), read as the workers read them, give
 Celery, kombu and the result store TLS that checks the certificate and the host name.
 
 The RabbitMQ broker (Amazon MQ, amqps://) and the Redis result store (ElastiCache
@@ -18,13 +18,13 @@ from pulumi_mocks import REGION
 from app.celery_config import celery_config, make_app
 from app.settings import Settings
 from app.stack import env_from_parameters
-from app.store import RedisStore
-from infra.config import FleetConfig
+from app.store.redis import RedisStore
+from infra.config import StackConfig
 
 
 def test_the_stacks_tls_urls_get_verified_tls(run_stack):
     # The same configuration as one of test_program.py's, so the run is shared.
-    run = run_stack(FleetConfig(stack="test", broker="rabbitmq", result_store="redis",
+    run = run_stack(StackConfig(stack="test", broker="rabbitmq", result_store="redis",
                                 spot=True, nat="none"))
     prefix = "/celery-fleet/test/"
     params = {p.props["name"].removeprefix(prefix): p.props["value"]

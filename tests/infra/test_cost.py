@@ -7,10 +7,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from infra.config import FleetConfig
+from infra.config import StackConfig
 from infra.program import WORKER_SERVICES
 from scripts import cost as cost_module
-from scripts.cost import StackSettings, cost, estimate
+from scripts.cli.cost import cost
+from scripts.cost import StackSettings, estimate
 
 PRICES = json.loads(cost_module.PRICES.read_text())
 US = PRICES["regions"]["us-east-1"]
@@ -19,14 +20,14 @@ US = PRICES["regions"]["us-east-1"]
 def test_price_table_is_dated_and_covers_the_defaults():
     assert PRICES["date"]
     for region, table in PRICES["regions"].items():
-        for instance_type in FleetConfig(stack="x").instance_types:
+        for instance_type in StackConfig(stack="x").instance_types:
             assert instance_type in table["ec2"], f"{region} lacks {instance_type}"
         assert {"mq.t3.micro", "mq.m5.large"} <= table["mq"].keys()
         assert "cache.t4g.micro" in table["valkey"]
 
 
 def test_defaults_match_the_program():
-    cfg, settings = FleetConfig(stack="x"), StackSettings(region="us-east-1")
+    cfg, settings = StackConfig(stack="x"), StackSettings(region="us-east-1")
     assert settings.broker == cfg.broker and settings.nat == cfg.nat
     assert settings.az_count == cfg.az_count and settings.instance_types == cfg.instance_types
     assert settings.root_volume_gb == cfg.root_volume_gb
@@ -35,7 +36,7 @@ def test_defaults_match_the_program():
     for mode in ("SINGLE_INSTANCE", "CLUSTER_MULTI_AZ"):
         assert (
             StackSettings(region="x", broker_deployment_mode=mode).resolved_broker_instance_type
-            == FleetConfig(stack="x", broker_deployment_mode=mode).resolved_broker_instance_type
+            == StackConfig(stack="x", broker_deployment_mode=mode).resolved_broker_instance_type
         )
     assert cost_module.ENDPOINT_SERVICES == len(WORKER_SERVICES)
 
@@ -72,10 +73,10 @@ def test_rabbitmq_cluster_without_nat():
     "cfg",
     [
         # The same configurations test_program.py builds, so the runs are shared.
-        FleetConfig(stack="test", broker="sqs", result_store="s3", nat="single"),
-        FleetConfig(stack="test", broker="sqs", result_store="s3", nat="none"),
-        FleetConfig(stack="test", broker="rabbitmq", result_store="redis", nat="none"),
-        FleetConfig(stack="test", nat="per-az", az_count=3),
+        StackConfig(stack="test", broker="sqs", result_store="s3", nat="single"),
+        StackConfig(stack="test", broker="sqs", result_store="s3", nat="none"),
+        StackConfig(stack="test", broker="rabbitmq", result_store="redis", nat="none"),
+        StackConfig(stack="test", nat="per-az", az_count=3),
     ],
     ids=["sqs-single", "sqs-none", "rabbitmq-none", "per-az"],
 )
@@ -112,7 +113,8 @@ def test_counts_match_the_resources_the_program_creates(run_stack, cfg):
 
 
 def test_cli_reads_the_stack_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(cost_module, "REPO_ROOT", tmp_path)
+    (tmp_path / "Pulumi.yaml").write_text("name: celery-fleet\n")
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "Pulumi.dev.yaml").write_text(
         "config:\n"
         "  aws:region: us-west-2\n"
@@ -134,7 +136,8 @@ def test_cli_reads_the_stack_file(tmp_path, monkeypatch):
 
 
 def test_cli_explains_a_missing_stack_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(cost_module, "REPO_ROOT", tmp_path)
+    (tmp_path / "Pulumi.yaml").write_text("name: celery-fleet\n")
+    monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(cost, ["--stack", "nope"])
     assert result.exit_code == 2 and "pulumi stack init nope" in result.output
     result = CliRunner().invoke(cost, [])

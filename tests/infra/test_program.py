@@ -15,7 +15,7 @@ from pulumi_mocks import ACCOUNT, REGION, RecordingMocks, StackRun, plain_string
 from app.settings import Settings
 from app.stack import env_from_parameters
 from infra.artifact import REPO_ROOT
-from infra.config import FleetConfig
+from infra.config import StackConfig
 from infra.policy.rules import POLICIES
 
 COMBINATIONS = list(
@@ -29,7 +29,7 @@ COMBINATIONS = list(
 def run(request, run_stack) -> StackRun:
     broker, store, spot, nat = request.param
     return run_stack(
-        FleetConfig(stack="test", broker=broker, result_store=store, spot=spot, nat=nat)
+        StackConfig(stack="test", broker=broker, result_store=store, spot=spot, nat=nat)
     )
 
 
@@ -182,7 +182,7 @@ def test_scaling_follows_queue_depth(run):
         } <= names
     else:
         assert "MessageCount" in names
-    # The batches launchers hold back count too (app/jobs.py HeldBatchesMetric).
+    # The batches launchers hold back count too (app/launcher/metrics.py).
     (held,) = [m for m in metrics if m["id"] == "held"]
     assert held["metricStat"]["metric"]["namespace"] == "CeleryFleet"
     assert held["metricStat"]["metric"]["dimensions"] == [{"name": "Stack", "value": "test"}]
@@ -320,7 +320,7 @@ def test_outputs(run):
 
 
 def test_per_az_nat_gives_each_zone_its_own_gateway(run_stack):
-    run = run_stack(FleetConfig(stack="test", nat="per-az", az_count=3))
+    run = run_stack(StackConfig(stack="test", nat="per-az", az_count=3))
     assert len(run.of_type("aws:ec2/natGateway:NatGateway")) == 3
     tables = [
         t.props for t in run.of_type("aws:ec2/routeTable:RouteTable") if "-private-" in t.name
@@ -330,7 +330,7 @@ def test_per_az_nat_gives_each_zone_its_own_gateway(run_stack):
 
 def test_rabbitmq_cluster_spans_every_private_subnet(run_stack):
     run = run_stack(
-        FleetConfig(stack="test", broker="rabbitmq", broker_deployment_mode="CLUSTER_MULTI_AZ")
+        StackConfig(stack="test", broker="rabbitmq", broker_deployment_mode="CLUSTER_MULTI_AZ")
     )
     broker = run.one("aws:mq/broker:Broker").props
     assert (

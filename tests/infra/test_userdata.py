@@ -2,7 +2,7 @@
 
 cloud-init and shellcheck come from Debian packages (cloud-init, shellcheck);
 a test skips only when its tool is absent. The boot script itself (and the
-units app/boot.py writes) run for real in tests/test_boot.py.
+units app/host/units.py writes) run for real in tests/test_boot.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import subprocess
 import pytest
 import yaml
 
-from infra.config import FleetConfig
+from infra.config import StackConfig
 from infra.userdata import BOOT_SCRIPT, MAX_USER_DATA, render_user_data
 
 
@@ -26,7 +26,7 @@ def need(tool: str) -> str:
 
 @pytest.fixture(scope="module")
 def user_data(run_stack) -> str:
-    return run_stack(FleetConfig(stack="test", broker="rabbitmq", result_store="redis")).user_data
+    return run_stack(StackConfig(stack="test", broker="rabbitmq", result_store="redis")).user_data
 
 
 def test_user_data_is_valid_cloud_config(user_data, tmp_path):

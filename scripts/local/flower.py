@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from app.settings import Settings
-from scripts.local import free_port, wait_port
+from scripts.local.processes import free_port, wait_port
 
 
 def start_flower(settings: Settings, workdir: Path, port: int | None = None,

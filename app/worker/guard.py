@@ -68,7 +68,7 @@ class GuardedRequest(Request):
 
 
 class GuardedTask(Task):
-    Request = "app.guard:GuardedRequest"
+    Request = "app.worker.guard:GuardedRequest"
 
 
 class GuardedConsumer(Consumer):

@@ -1,9 +1,8 @@
-"""Connection settings in SSM Parameter Store, under /celery-fleet/<stack>/.
+"""The stack's connection settings in SSM Parameter Store, under /celery-fleet/<stack>/.
 
 The workers' boot script and the launcher (`fleet run --stack NAME`) read the
 same parameters, so neither needs the stack's outputs or secrets in plain
-text. Each parameter name is the FLEET_* variable of app/settings.py in lower
-case without the prefix:
+text. The names come from app/settings.py's VARIABLES (their `ssm`):
 
     broker_url, result_url, queue, max_batch_seconds, result_ttl   (String)
     queue_url                                   (String, SQS broker only)
@@ -22,30 +21,42 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-from infra.service import Service
+from app.settings import parameter_name
+from infra.endpoint import Endpoint
 
 
 @dataclass
-class ConnectionArgs:
+class SsmParametersArgs:
     prefix: str
     queue_name: pulumi.Input[str]
     max_batch_seconds: int
     result_ttl_seconds: int
-    broker: Service
-    results: Service
+    broker: Endpoint
+    results: Endpoint
 
 
-class Connection(pulumi.ComponentResource):
-    def __init__(self, name: str, args: ConnectionArgs, opts: pulumi.ResourceOptions | None = None):
-        super().__init__("celery-fleet:infra:Connection", name, None, opts)
+class SsmParameters(pulumi.ComponentResource):
+    def __init__(
+        self, name: str, args: SsmParametersArgs, opts: pulumi.ResourceOptions | None = None
+    ):
+        # Stacks made before the rename know this component as infra:Connection; the
+        # alias keeps their parameters instead of replacing them.
+        renamed = pulumi.Alias(type_="celery-fleet:infra:Connection")
+        super().__init__(
+            "celery-fleet:infra:SsmParameters",
+            name,
+            None,
+            pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(aliases=[renamed])),
+        )
         child = pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(parent=self))
 
+        # Named as app/settings.py's VARIABLES say, which is where the readers look.
         plain: dict[str, pulumi.Input[str]] = {
-            "broker_url": args.broker.url,
-            "result_url": args.results.url,
-            "queue": args.queue_name,
-            "max_batch_seconds": str(args.max_batch_seconds),
-            "result_ttl": str(args.result_ttl_seconds),
+            parameter_name("broker_url"): args.broker.url,
+            parameter_name("result_url"): args.results.url,
+            parameter_name("queue"): args.queue_name,
+            parameter_name("max_batch_seconds"): str(args.max_batch_seconds),
+            parameter_name("result_ttl"): str(args.result_ttl_seconds),
             **args.broker.parameters,
             **args.results.parameters,
         }

@@ -1,91 +1,11 @@
 """The worker's liveness watchdog: a worker that stops consuming while work waits exits.
 
-Celery has failure modes where the worker process stays up, keeps its
-heartbeat and its place in the fleet, and takes no more messages: the
-consumer is not resumed after a broker reconnect (celery#10205), the main
-thread hangs on a half-open socket (celery#9705), a consumer is cancelled and
-never added back. Such a worker holds slots the launcher counts on, and
-nothing else notices: it is neither dead (nothing restarts it) nor busy (no
-lease lapses).
-
-The rule, checked every `lease_seconds / 3` by a thread beside the
-heartbeat's (app/worker.py), which like it keeps running when the main
-thread (the consumer) is blocked:
-
-    The worker is stuck when, at every check for `grace` seconds,
-    1. it could take a message: it holds fewer batches (received and not
-       finished, running ones included) than its concurrency, or its event
-       loop has not turned since the previous check;
-    2. it has received no message from its queue; and
-    3. its queue holds ready messages: messages that no consumer holds.
-
-Each part rules out a false alarm:
-
-- (1) A worker whose slots are all busy with long batches takes nothing by
-  design (prefetch one, acks late): it is not stuck however long the queue.
-  The count of held batches is kept by the main thread, though, and goes
-  stale when that thread is blocked (a batch that ends is never counted as
-  ended), so a loop that does not turn counts as able to take a message. A
-  live event loop turns at least every 10 s, and in practice every 1 s
-  (Redis) or 2 s (RabbitMQ, the worker's event heartbeat), so a busy worker
-  is seen turning well within a grace of at least 30 s.
-- (2) A worker that received anything within the grace is consuming.
-- (3) "Ready" is what the broker itself reports: Redis LLEN of the queue's
-  lists (kombu moves a delivered message out of them into its unacked
-  hash), RabbitMQ's message_count from a passive queue declare (ready
-  messages, not the unacknowledged ones), SQS ApproximateNumberOfMessages
-  (visible messages, not the in-flight ones). Messages reserved by other
-  workers' prefetch do not count: they are those workers' business, not
-  this one's; and an empty queue is no work waiting. A healthy consumer
-  with a free slot takes a ready message within about a second, so ready
-  messages that stay for the whole grace while this worker could take them
-  and takes nothing mean it is not consuming. (SQS's count is approximate;
-  a grace of 30 s is far longer than it lags.)
-
-The launcher's advertised backlog (`store.backlog(queue)`) is not the signal:
-it counts batches the launcher has not sent yet, so it is positive while
-every batch on the broker is already reserved by other workers (a false
-alarm), it is zero for the tail of a job while batches still wait on the
-broker, and plain Celery clients do not advertise at all. The broker's own
-count costs one call per check (four pipelined LLENs, a passive declare, or
-one GetQueueAttributes), made only while (1) and (2) hold. A count that
-cannot be read (the broker is down) restarts the clock: the grace then runs
-from when the broker answers again, which is when a worker that failed to
-resume consuming after a reconnect shows. (Celery retries a lost broker
-connection at growing intervals, up to 30 s apart, with its event loop
-stopped meanwhile; a worker still waiting to retry a grace after the broker
-is back is restarted, which reconnects it no later.)
-
-The grace is `max(3 * lease_seconds, 30)` seconds (30 s by default);
-FLEET_WATCHDOG_SECONDS overrides it (0 turns the watchdog off). A stuck
-worker is detected within `grace + lease_seconds` of the moment all three
-hold (the clock starts at the first check that sees them, at most two
-checks late, and fires at the first check past the grace).
-
-Then the worker exits and its supervisor starts a new one. It logs an error
-saying why, stops advertising its slots, and asks Celery for a warm
-shutdown (`worker_state.should_stop`, as SIGTERM does, but with exit code
-WATCHDOG_EXIT_CODE): no new message, anything received but not started is
-handed back, running batches finish. If the main loop has not begun the
-shutdown within `min(grace, 10)` seconds (its thread is blocked) or the
-shutdown has not finished within FLEET_MAX_BATCH_SECONDS + 60 s, the process
-ends at once with os._exit(WATCHDOG_EXIT_CODE); its pool processes die with
-it (Celery gives them a parent-death signal) and their acks-late batches go
-back to the queue (RabbitMQ at once; Redis and SQS through the launcher's
-lease check). The supervisor is systemd on a host (`Restart=always` in the
-unit app/boot.py writes; the exit code is non-zero, so `on-failure` would
-do too), `LocalFleet.supervise` in `fleet local`, the container runtime for
-`app.boot --foreground`. Where nothing restarts the worker (`app.boot start`
-without systemd) it stays down, which is still better than a worker that
-looks alive and takes nothing: the launcher stops counting its slots.
-
-Why the worker restarts itself, rather than systemd's WatchdogSec or the
-drain agent: only the worker process sees everything the rule needs (the
-slots, the messages taken, the event loop's turns; the settings to reach
-the broker), it runs the same on every host and in every local fleet, and
-it needs neither sd_notify plumbing nor another process polling it.
-WatchdogSec only proves that some thread still pings, and a blocked
-consumer is exactly the case where the heartbeat thread still does.
+A worker can stay up, keep its heartbeat and take nothing (a consumer not
+resumed after a reconnect, a main thread hung on a half-open socket). The
+rule, checked beside the heartbeat: stuck when, for a whole grace period,
+it could take a message, has received none, and its queue holds ready
+messages; then it exits for its supervisor to restart it. Why each part
+of the rule, and why the worker restarts itself: docs/watchdog.md.
 """
 
 from __future__ import annotations
@@ -97,14 +17,12 @@ import time
 from collections.abc import Callable, Mapping
 
 from app.queue_depth import ReadyCount, ready_count
-from app.settings import Settings
+from app.settings import STOP_MARGIN_SECONDS, Settings
 
 log = logging.getLogger(__name__)
 
 WATCHDOG_EXIT_CODE = 70  # EX_SOFTWARE: non-zero, so Restart=on-failure restarts it too
 MIN_GRACE_SECONDS = 30.0
-# A warm shutdown may take as long as the longest batch; then this long to exit.
-STOP_MARGIN_SECONDS = 60.0
 RESPOND_SECONDS = 10.0  # the main loop checks the stop flag at least every second
 
 
@@ -158,7 +76,7 @@ class Progress:
 
 
 class Watchdog:
-    """The stuck rule of the module docstring, one `check` per heartbeat.
+    """The stuck rule (docs/watchdog.md), one `check` per heartbeat.
 
     `ready` returns the queue's ready messages, or raises when the broker
     cannot be asked (it is created lazily, so a broker that is down at start

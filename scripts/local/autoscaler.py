@@ -5,7 +5,7 @@
 As in Ray's autoscaler v2, the policy decides how many instances and a
 provider decides which: `LocalProvider` starts worker processes of a
 `LocalFleet` and drains them; an EC2 autoscaling group is the same idea on
-AWS, with app/agent.py keeping busy instances from being taken.
+AWS, with the drain agent (app/host/agent.py) keeping busy instances from being taken.
 
 Demand is read from the real system each step:
 
@@ -15,7 +15,7 @@ Demand is read from the real system each step:
 - held: batches launchers keep back from the broker (they advertise them),
   without which a long job would look no bigger than the slots it has.
 
-Scale-in drains: an instance is chosen only while it holds no batch, then
+Scale-in drains: an instance is chosen only while it has taken no batch, then
 gets a warm shutdown (SIGTERM: Celery stops consuming at once, hands back
 anything it received but did not start, finishes what is running) and is
 removed once its process has exited.
@@ -36,7 +36,8 @@ from typing import Protocol
 from app.autoscale import Decision, FleetState, Policy, desired_instances
 from app.queue_depth import ReadyCount, ready_count
 from app.store import Store
-from scripts.local import Instance, LocalFleet, instance_cpus, stop_process
+from scripts.local.fleet import Instance, LocalFleet, instance_cpus
+from scripts.local.processes import stop_process
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class Node:
     id: str
     slots: int
     ready: bool  # consuming (advertised in the result store)
-    held: int = 0  # batches received and not finished, running ones included
+    taken: int = 0  # batches received and not finished, running ones included
     running: int = 0
     draining: bool = False
 
@@ -103,7 +104,7 @@ class LocalProvider:
                 id=str(inst.index),
                 slots=int(info["concurrency"]) if info else len(inst.cpus),
                 ready=info is not None,
-                held=int(info.get("reserved", 0)) if info else 0,
+                taken=int(info.get("reserved", 0)) if info else 0,
                 running=int(info.get("active", 0)) if info else 0,
                 draining=inst.draining,
             ))
@@ -163,13 +164,13 @@ class Autoscaler:
     def observe(self) -> tuple[FleetState, list[Node]]:
         nodes = self.provider.nodes()
         live = [n for n in nodes if not n.draining]
-        reserved = sum(max(0, n.held - n.running) for n in nodes)
+        reserved = sum(max(0, n.taken - n.running) for n in nodes)
         state = FleetState(
             queued=self.depth.ready() + reserved + self.store.backlog(self.queue),
             running=len(self.store.busy_slots()),
             instances=len(live),
             slots_per_instance=self.provider.slots_per_instance(),
-            busy_instances=sum(1 for n in live if n.held > 0),
+            busy_instances=sum(1 for n in live if n.taken > 0),
             last_scale_out=self.last_scale_out,
             low_since=self.low_since,
         )
@@ -184,8 +185,8 @@ class Autoscaler:
             self.provider.launch(decision.delta)
             self.last_scale_out = now
         elif decision.delta < 0:
-            # Only instances holding no batch; those not consuming yet first.
-            idle = sorted((n for n in live if n.held == 0), key=lambda n: (n.ready, n.id))
+            # Only instances that have taken no batch; those not consuming yet first.
+            idle = sorted((n for n in live if n.taken == 0), key=lambda n: (n.ready, n.id))
             for node in idle[:-decision.delta]:
                 self.provider.drain(node.id)
         if decision.delta:

@@ -1,7 +1,7 @@
 """What the rest of the stack needs to know about a broker or a result store.
 
 Each backend (SQS, RabbitMQ, S3, Redis) is its own component; they all hand
-back a `Service`, so the connection parameters, the worker role and the stack
+back an `Endpoint`, so the connection parameters, the worker role and the stack
 outputs are written once, whatever the choice.
 """
 
@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 
 import pulumi
 
+from app.names import HELD_BATCHES_METRIC, METRIC_DIMENSION, METRIC_NAMESPACE
+
 # Every queue and group metric used for scaling is read per minute.
 PERIOD = 60
 
 
 @dataclass
-class Service:
+class Endpoint:
     # The URL the workers and the launcher use, without any secret in it: where
     # a password belongs it holds "user@" and the password is in `secret`.
     url: pulumi.Output[str]
@@ -87,11 +89,13 @@ class QueueDepth:
     expression: str
 
     def with_held_batches(self, stack: str) -> QueueDepth:
-        """The depth plus the batches launchers hold back (app/jobs.py HeldBatchesMetric).
+        """The depth plus the batches launchers hold back (app/launcher/metrics.py).
 
         The launcher keeps only a couple of batches per worker slot on the
         broker, so the queue alone cannot show a long job: a fleet scaled on it
         would double once per boot. FILL: no launcher running means none held.
         """
-        held = MetricSpec("held", "CeleryFleet", "HeldBatches", {"Stack": stack}, "Maximum")
+        held = MetricSpec(
+            "held", METRIC_NAMESPACE, HELD_BATCHES_METRIC, {METRIC_DIMENSION: stack}, "Maximum"
+        )
         return QueueDepth([*self.metrics, held], f"{self.expression} + FILL(held, 0)")

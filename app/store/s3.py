@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from app.settings import query_options, redact
-from app.store import Done, StoreUnavailable
+from app.store.base import BatchResult, Done, Journal, StoreUnavailable, set_bit
 
 _json = msgspec.json.Encoder()
 _decode = msgspec.json.Decoder().decode
@@ -214,8 +214,8 @@ class S3Store:
                 return new
             time.sleep(POLL)
 
-    def results(self, job: str, batches: list[int]) -> list[tuple[int, int, memoryview] | None]:
-        out: list[tuple[int, int, memoryview] | None] = []
+    def results(self, job: str, batches: list[int]) -> list[BatchResult | None]:
+        out: list[BatchResult | None] = []
         for b in batches:
             raw = self._fetched.pop((job, b), None) or self._get(self._batch_key(job, b))
             if raw is None:
@@ -231,9 +231,7 @@ class S3Store:
         journal = self._journal(job)
         bits = bytearray(journal["written"])
         for b in batches:
-            while len(bits) <= b >> 3:
-                bits.append(0)
-            bits[b >> 3] |= 0x80 >> (b & 7)
+            set_bit(bits, b)
         journal.update(written=bytes(bits), items=journal["items"] + items,
                        errors=journal["errors"] + errors)
         if offset is not None:
@@ -250,13 +248,11 @@ class S3Store:
         journal["written"] = base64.b64decode(journal["written"])
         return journal
 
-    def journal(self, job: str) -> tuple[bytes, bytes, int | None, int, int]:
+    def journal(self, job: str) -> Journal:
         committed = bytearray()
         for obj in self._list(self._key("jobs", job, "results", "")):
             b = int(obj["Key"].rsplit("/", 1)[-1])
-            while len(committed) <= b >> 3:
-                committed.append(0)
-            committed[b >> 3] |= 0x80 >> (b & 7)
+            set_bit(committed, b)
             # Known at the start: announced from now on are only later commits.
             self._announced.setdefault(job, set()).add(b)
         j = self._journal(job)

@@ -1,9 +1,8 @@
-"""Job state and batch results, keyed by (job, batch).
+"""The result store on Redis (or Valkey): the store of the local fleet and of `resultStore: redis`.
 
-Workers commit a batch's JSON lines here and the launcher streams them to the
-output. The commit is first-writer-wins: a batch that runs twice (redelivered
-after a crash, or re-sent by the launcher) is stored and announced once, so
-the output never holds an ID twice.
+The commit is a Lua script that sets the batch's bit and stores its lines
+only if the bit was not set: first writer wins. Leases and worker
+registrations are sorted sets scored by expiry on the server's clock.
 
 A job's keys share a hash tag (`fleet:{job}:...`): the Lua commit touches
 several of them at once, which a Redis/Valkey cluster allows only within one
@@ -13,11 +12,8 @@ slot.
 from __future__ import annotations
 
 import functools
-import socket
-import time
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 import redis
@@ -25,7 +21,8 @@ import redis.utils
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from app.settings import REDIS_SOCKET_TIMEOUT, Settings, redact, redis_tls_options
+from app.settings import REDIS_SOCKET_TIMEOUT, redact, redis_tls_options
+from app.store.base import BatchResult, Done, Journal, StoreUnavailable
 
 # redis-py 8 reads its own version from the installed packages' metadata for
 # every new connection, about 5 ms each time: the launcher opens several (its
@@ -40,22 +37,6 @@ BACKLOG_KEY = "fleet:backlog"
 
 _json = msgspec.json.Encoder()
 _decode = msgspec.json.Decoder().decode
-
-
-class StoreUnavailable(ConnectionError):
-    """The result store cannot be reached."""
-
-
-@dataclass(frozen=True)
-class Done:
-    """A worker's announcement that a batch is committed."""
-
-    batch: int
-    items: int
-    errors: int
-    seconds: float
-    worker: str = ""
-    refused: str = ""  # non-empty: the batch was not run, and why
 
 
 def _keys(job: str) -> dict[str, str]:
@@ -278,12 +259,12 @@ class RedisStore:
             pipe.getbit(key, b)
         return [b for b, bit in zip(batches, pipe.execute(), strict=False) if bit]
 
-    def results(self, job: str, batches: list[int]) -> list[tuple[int, int, memoryview] | None]:
+    def results(self, job: str, batches: list[int]) -> list[BatchResult | None]:
         """(items, errors, JSON lines) of each committed batch; None where there is none."""
         if not batches:
             return []
         prefix = _keys(job)["result"]
-        out: list[tuple[int, int, bytes] | None] = []
+        out: list[BatchResult | None] = []
         for raw in self.r.mget([prefix + str(b) for b in batches]):
             if raw is None:
                 out.append(None)
@@ -306,7 +287,7 @@ class RedisStore:
             args=[items, errors, self.ttl, "" if offset is None else offset, *batches],
         )
 
-    def journal(self, job: str) -> tuple[bytes, bytes, int | None, int, int]:
+    def journal(self, job: str) -> Journal:
         """Committed and written bitmaps, output offset, items and errors written."""
         k = _keys(job)
         pipe = self.r.pipeline(transaction=True)
@@ -315,50 +296,3 @@ class RedisStore:
         (ok, written, offset), (items, errors) = pipe.execute()
         return (ok or b"", written or b"", None if offset is None else int(offset),
                 int(items or 0), int(errors or 0))
-
-
-class Store(Protocol):
-    """What the launcher and the workers need of a result store (Redis or S3)."""
-
-    def ping(self) -> None: ...
-    def put_meta(self, job: str, meta: dict[str, Any]) -> None: ...
-    def get_meta(self, job: str) -> dict[str, Any] | None: ...
-    def cancel(self, job: str) -> None: ...
-    def is_cancelled(self, job: str) -> bool: ...
-    # worker side
-    def is_committed(self, job: str, batch: int) -> bool: ...
-    def commit(self, job: str, done: Done, lines: bytes) -> bool: ...
-    def announce(self, job: str, done: Done) -> None: ...
-    def renew_lease(self, job: str, batch: int, seconds: float) -> None: ...
-    def register_worker(self, name: str, info: dict[str, Any], seconds: float) -> None: ...
-    def unregister_worker(self, name: str) -> None: ...
-    # launcher side
-    def workers(self) -> list[dict[str, Any]]: ...
-    def busy_slots(self) -> set[str]: ...
-    def advertise_backlog(self, queue: str, job: str, batches: int, seconds: float) -> None: ...
-    def backlog(self, queue: str) -> int: ...
-    def wait_done(self, job: str, timeout: float) -> list[Done]: ...
-    def results(self, job: str,
-                batches: list[int]) -> list[tuple[int, int, memoryview] | None]: ...
-    def mark_written(self, job: str, batches: list[int], offset: int | None,
-                     items: int, errors: int) -> None: ...
-    def journal(self, job: str) -> tuple[bytes, bytes, int | None, int, int]: ...
-
-
-def open_store(settings: Settings) -> Store:
-    """The result store a settings' result URL names (redis:// or s3://)."""
-    if settings.result_url.startswith("s3://"):
-        from app.store_s3 import S3Store
-
-        return S3Store(settings.result_url, settings.result_ttl, settings.lease_seconds)
-    return RedisStore(settings.result_url, settings.result_ttl, settings.tls_ca_file)
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{time.time_ns()}"
-
-
-def bit_is_set(bitmap: bytes, index: int) -> bool:
-    """Redis bitmaps number bits from the most significant bit of byte 0."""
-    byte = index >> 3
-    return byte < len(bitmap) and bool(bitmap[byte] & (0x80 >> (index & 7)))

@@ -1,10 +1,10 @@
 """Ops tasks on one worker host: plain functions of a Fabric `Connection`.
 
-Each runs `python -m app.boot ...` (app/boot.py) on the host: the commands the
+Each runs `python -m app.boot ...` (app/host/boot.py) on the host: the commands the
 user-data and the Ansible role use, which drive the systemd unit where systemd
 runs and a pidfile elsewhere, so these tasks need not know which. A new wheel
 is installed by the host's own boot script (`fleet-boot install WHEEL`).
-scripts/ops.py assembles these into `fleet ops` over many hosts.
+scripts/cli/ops.py assembles these into `fleet ops` over many hosts.
 
 Paths are the host's: its defaults, or FLEET_APP_DIR / FLEET_BOOT_SCRIPT in the
 login environment, expanded by the host's shell. A user other than root runs

@@ -1,0 +1,144 @@
+"""Configure a worker host: settings -> environment file -> units -> started, idempotently."""
+
+from __future__ import annotations
+
+import hashlib
+import pwd
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.cpus import available_cpus
+from app.host.envfile import read_env, render_env, write_if_changed
+from app.host.paths import HostPaths
+from app.host.service import Systemd, run_command
+from app.host.units import SERVICE_USER, agent_unit, worker_unit
+from app.names import AGENT_UNIT, WORKER_UNIT, ssm_prefix
+from app.settings import ConfigError, Settings
+
+
+def stack_from_prefix(prefix: str) -> str:
+    """The stack whose SSM parameters are under `prefix` (/celery-fleet/<stack>/)."""
+    stack = prefix.strip("/").rpartition("/")[2]
+    if not stack or ssm_prefix(stack) != prefix:
+        raise ConfigError(f"SSM prefix {prefix!r} is not of the form {ssm_prefix('<stack>')}.")
+    return stack
+
+
+def load_settings(settings_file: str | None, stack: str | None,
+                  environ: Mapping[str, str]) -> tuple[Settings, dict[str, str], str]:
+    """(settings, other variables to keep, where they came from)."""
+    if settings_file and stack:
+        raise ConfigError("give either a settings file or a stack, not both.")
+    if settings_file:
+        raw = read_env(Path(settings_file)) if Path(settings_file).exists() else None
+        if raw is None:
+            raise ConfigError(f"settings file {settings_file} does not exist.")
+        # Variables the settings do not cover (the agent's FLEET_AUTOSCALING_GROUP, AWS_*) stay.
+        return Settings.from_env(raw), raw, f"file {settings_file}"
+    if stack:
+        from app.stack import settings_from_stack
+
+        return settings_from_stack(stack), {}, f"SSM Parameter Store (stack {stack})"
+    if environ.get("FLEET_BROKER_URL"):
+        return Settings.from_env(dict(environ)), {}, "the environment"
+    raise ConfigError("no settings: give --stack NAME, --ssm-prefix PREFIX (FLEET_SSM_PREFIX), "
+                      "--settings FILE (FLEET_SETTINGS_FILE), or FLEET_BROKER_URL and "
+                      "FLEET_RESULT_URL in the environment.")
+
+
+def host_env(settings: Settings, extra: Mapping[str, str], concurrency: int | None = None,
+             node: str | None = None) -> dict[str, str]:
+    """The environment file of this host: the settings, its size and its worker's name."""
+    env = {**extra, **settings.as_env()}
+    env["FLEET_CONCURRENCY"] = str(concurrency or settings.concurrency or available_cpus())
+    env["FLEET_NODE_NAME"] = node or extra.get("FLEET_NODE_NAME") or default_node()
+    if settings.aws_region:
+        # The agent's and boto3's other clients read this one.
+        env.setdefault("AWS_DEFAULT_REGION", settings.aws_region)
+    return env
+
+
+def default_node() -> str:
+    # What Celery's own default (celery@%h) gives, and what app.agent looks for.
+    return f"celery@{socket.gethostname()}"
+
+
+@dataclass
+class Report:
+    files: list[str]
+    actions: list[str]
+    systemd: str
+    concurrency: int
+    node: str
+    source: str
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.files or self.actions)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"changed": self.changed, "files": self.files, "actions": self.actions,
+                "systemd": self.systemd, "concurrency": self.concurrency, "node": self.node,
+                "source": self.source}
+
+
+def ensure_user(user: str, home: Path) -> bool:
+    try:
+        pwd.getpwnam(user)
+        return False
+    except KeyError:
+        run_command(["useradd", "--system", "--no-create-home", "--home-dir", str(home),
+              "--shell", "/sbin/nologin", user])
+        return True
+
+
+def configure(paths: HostPaths, settings: Settings, extra: Mapping[str, str], source: str, *,
+              concurrency: int | None = None, node: str | None = None,
+              use_systemd: bool = False, start: bool = True, agent: bool = False,
+              foreground: bool = False, user: str = SERVICE_USER,
+              python: str = sys.executable) -> Report:
+    env = host_env(settings, extra, concurrency, node)
+    files = {paths.env_file: (render_env(env), 0o600)}
+    units = [WORKER_UNIT, *([AGENT_UNIT] if agent else [])]
+    if not foreground:
+        files[paths.systemd_dir / WORKER_UNIT] = (worker_unit(paths, env, python, user), 0o644)
+        if agent:
+            files[paths.systemd_dir / AGENT_UNIT] = (agent_unit(paths, env, python), 0o644)
+    written = [str(path) for path, (text, mode) in files.items()
+               if write_if_changed(path, text, mode)]
+    # What systemd was last told about: after a failed reload or restart the
+    # files are already written, and the next run must still apply them.
+    state = hashlib.sha256(repr(sorted((str(p), t) for p, (t, _) in files.items())).encode())
+    applied = paths.env_file.with_name(".systemd-applied")
+    report = Report(written, [], "", int(env["FLEET_CONCURRENCY"]), env["FLEET_NODE_NAME"],
+                    source)
+    if foreground:
+        report.systemd = "not used (--foreground)"
+        return report
+    if not use_systemd:
+        report.systemd = "skipped: systemd is not running here"
+        return report
+    report.systemd = "used"
+    if ensure_user(user, paths.app_dir):
+        report.actions.append(f"created user {user}")
+    systemd = Systemd()
+    if written or not applied.exists() or applied.read_text() != state.hexdigest():
+        systemd.ctl("daemon-reload")
+        systemd.ctl("enable", *units)
+        report.actions.append(f"enabled {' '.join(units)}")
+        if start:
+            # A running worker finishes its batches first (warm stop), then
+            # comes back with the new settings.
+            systemd.ctl("restart", *units)
+            report.actions.append(f"(re)started {' '.join(units)}")
+        write_if_changed(applied, state.hexdigest(), 0o600)
+    elif start:
+        stopped = [u for u in units if not systemd.running(u)]
+        if stopped:
+            systemd.ctl("start", *stopped)
+            report.actions.append(f"started {' '.join(stopped)}")
+    return report

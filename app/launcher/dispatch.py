@@ -1,0 +1,217 @@
+"""The dispatch loop of one pass over a job: send, collect, write, re-send what was lost."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any
+
+from app.launcher.job import BadInput, JobOptions
+from app.launcher.output import Progress, say
+from app.launcher.plan import in_flight_limit
+from app.launcher.sources import InputError
+from app.store import bit_is_set
+
+if TYPE_CHECKING:
+    from app.launcher.launcher import Launcher
+
+WRITE_CHUNK = 8  # batch results fetched per round trip
+
+
+@dataclass
+class InFlight:
+    body: bytes  # the encoded message, ready to send again
+    sent_at: float
+    seen_running: float = 0.0  # last time its lease was seen, 0 if never
+
+
+class Dispatch:
+    """The state of one pass over a job's batches."""
+
+    def __init__(self, launcher: Launcher, job: str, task: str, opts: JobOptions,
+                 out: IO[bytes], out_path: str | None, progress: Progress,
+                 batches: int | None = None) -> None:
+        self.launcher = launcher
+        # How many batches the job is cut into: known from the plan, or
+        # counted when a stream of unknown length runs out.
+        self.batches = batches
+        self.store = launcher.store
+        self.job = job
+        self.task = task
+        self.opts = opts
+        self.out = out
+        self.out_path = out_path
+        self.progress = progress
+        self.inflight: dict[int, InFlight] = {}
+        self.written: set[int] = set()
+        self.resent = 0
+        self.unreported = 0  # batches written since the last advertise_backlog
+        self.interrupted = False
+        self.lease = launcher.settings.lease_seconds
+        self._idle_since: float | None = None
+        self._next = 0  # the next batch number to take from the stream
+        self._exhausted = False
+
+    def max_in_flight(self) -> int:
+        return self.opts.max_in_flight or in_flight_limit(self.launcher.slots())
+
+    def loop(self, payloads: Iterator[Any], written_bits: bytes, committed_bits: bytes,
+             interrupted: list[bool]) -> None:
+        last_check = time.monotonic()
+        while True:
+            backlog = self.fill(payloads, written_bits, committed_bits)
+            if backlog:
+                self.write(backlog)
+            if interrupted[0]:
+                self.interrupted = True
+                return
+            if self._exhausted and not self.inflight:
+                return
+            self.collect()
+            now = time.monotonic()
+            if now - last_check >= 1.0:
+                self.find_lost(now)
+                self.launcher.advertise_backlog(self.job, self.held(), self.unreported)
+                self.unreported = 0
+                last_check = now
+
+    def fill(self, payloads: Iterator[Any], written_bits: bytes,
+             committed_bits: bytes) -> list[int]:
+        """Send batches until the in-flight limit; those committed on an earlier pass
+        are not sent but returned, to be written."""
+        backlog = []
+        while not self._exhausted and len(self.inflight) < self.max_in_flight():
+            try:
+                payload = next(payloads)
+            except StopIteration:
+                self._exhausted = True
+                self.batches = self._next
+                break
+            except InputError as exc:  # only a streamed source gets here
+                self.store.cancel(self.job)
+                raise BadInput(f"{exc} Batches before it were sent and written.") from None
+            batch, self._next = self._next, self._next + 1
+            if bit_is_set(written_bits, batch):
+                continue
+            body = self._encode(batch, payload)
+            self.inflight[batch] = InFlight(body, time.monotonic())
+            if bit_is_set(committed_bits, batch):
+                backlog.append(batch)
+            else:
+                self.launcher.send(self.job, batch, body)
+        return backlog
+
+    def _encode(self, batch: int, payload: Any) -> bytes:
+        body = self.launcher.encode(self.job, batch, self.task, payload)
+        limit = self.launcher.settings.message_limit
+        if len(body) > limit:
+            # Workers refuse it (app/batch.py): say so before sending.
+            self.store.cancel(self.job)
+            raise BadInput(
+                f"batch {batch} takes {len(body):,} bytes, more than the {limit:,} a batch "
+                "message may hold on this broker; use a smaller --batch-size.")
+        return body
+
+    def collect(self) -> None:
+        """Write the batches workers announced as committed (waiting up to half a second)."""
+        dones = self.store.wait_done(self.job, timeout=0.5)
+        refused = next((d.refused for d in dones if d.refused), None)
+        if refused:
+            self.store.cancel(self.job)
+            raise BadInput(refused)
+        self.write([d.batch for d in dones])
+
+    def held(self) -> int:
+        """Batches not sent yet; for a stream of unknown length, as many again as in flight."""
+        if self._exhausted:
+            return 0
+        if self.batches is None:
+            return len(self.inflight)
+        return max(0, self.batches - self._next)
+
+    def write(self, batches: list[int]) -> None:
+        """Copy the committed lines of `batches` to the output and journal them."""
+        pending = sorted({b for b in batches if b not in self.written})
+        # A few batches per round trip, so memory stays bounded however many finished.
+        for i in range(0, len(pending), WRITE_CHUNK):
+            self._write_chunk(pending[i:i + WRITE_CHUNK])
+
+    def _write_chunk(self, batches: list[int]) -> None:
+        items = errors = 0
+        done_now = []
+        for b, result in zip(batches, self.store.results(self.job, batches), strict=False):
+            if result is None:
+                continue  # expired; the lost-batch check re-sends it
+            n, e, lines = result
+            self.out.write(lines)
+            items += n
+            errors += e
+            done_now.append(b)
+        if not done_now:
+            return
+        self.out.flush()
+        offset = self.out.tell() if self.out_path else None
+        self.store.mark_written(self.job, done_now, offset, items, errors)
+        for b in done_now:
+            self.written.add(b)
+            self.inflight.pop(b, None)
+        self.unreported += len(done_now)
+        self.progress.add(items, errors)
+
+    def find_lost(self, now: float) -> None:
+        """Re-send batches whose lease lapsed, or that sit unstarted while slots are idle."""
+        busy = self.store.busy_slots()
+        prefix = f"{self.job}/"
+        running = {int(m[len(prefix):]) for m in busy if m.startswith(prefix)}
+        lost = []
+        unstarted = []
+        for b, f in self.inflight.items():
+            if b in running:
+                f.seen_running = now
+            elif f.seen_running and now - f.seen_running > self.lease:
+                lost.append(b)
+            elif not f.seen_running:
+                unstarted.append(b)
+        lost.extend(self._unstarted_while_idle(unstarted, self.launcher.slots() - len(busy), now))
+        for b in lost:
+            f = self.inflight[b]
+            f.seen_running, f.sent_at = 0.0, now
+            self.launcher.send(self.job, b, f.body)
+            self.resent += 1
+
+    def _unstarted_while_idle(self, unstarted: list[int], idle: int, now: float) -> list[int]:
+        """Unstarted batches to send again: once slots have sat idle for a lease beside them."""
+        if not unstarted or idle <= 0:
+            self._idle_since = None
+            return []
+        if self._idle_since is None:
+            self._idle_since = now
+            return []
+        if now - self._idle_since <= self.lease:
+            return []
+        self._idle_since = None
+        return sorted(unstarted)[:idle]
+
+
+class interrupt_guard:
+    """Turn the first Ctrl-C into a clean stop (the job stays resumable); a second one aborts."""
+
+    def __enter__(self) -> list[bool]:
+        self.flag = [False]
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self.previous = None
+        return self.flag
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.flag[0]:
+            raise KeyboardInterrupt
+        self.flag[0] = True
+        say("\nstopping: batches already running will be kept for --resume (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)

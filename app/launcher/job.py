@@ -1,0 +1,61 @@
+"""What a job is to its caller: its options, its summary, and the errors that stop it."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from app.launcher.sources import Source
+
+
+class JobError(Exception):
+    """A job that cannot start or cannot finish; `exit_code` is what `fleet run` returns."""
+
+    exit_code = 1
+
+
+class BadInput(JobError):
+    exit_code = 2
+
+
+class Unreachable(JobError):
+    exit_code = 3
+
+
+@dataclass
+class JobOptions:
+    task: str | None = None  # None only with resume: taken from the job
+    source: Source | None = None
+    batch_size: int | None = None  # None: calibrate
+    target_seconds: float = 2.0  # aimed-at duration of one batch
+    max_in_flight: int | None = None  # None: twice the worker slots
+    out: Path | None = None  # None: stdout
+    resume: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class JobSummary:
+    job: str
+    status: str  # "ok", "errors" (some items failed) or "interrupted"
+    items: int
+    errors: int
+    batches: int
+    resent: int
+    wall_seconds: float
+    out: str
+    seconds_per_item: float | None = None
+
+    @property
+    def items_per_second(self) -> float:
+        return self.items / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "items_per_second": round(self.items_per_second, 1)}
+
+
+def new_job_id() -> str:
+    return f"j{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"

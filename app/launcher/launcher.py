@@ -1,0 +1,295 @@
+"""The job launcher: the Python API behind `fleet run`.
+
+    from app.launcher import JobOptions, Launcher, Source
+    summary = Launcher(settings).run(JobOptions(task="process_id", source=Source.parse("ids.txt")))
+
+A job streams its IDs into batches (sized by a short calibration), keeps a
+bounded number of batches on the broker, and writes each batch's JSON lines
+to the output as the workers commit them. The output is journaled in the
+result store, so `resume` re-sends only the batches that have no result and
+never writes a batch twice.
+
+Lost batches are found without waiting for the broker's visibility timeout:
+a running batch holds a lease in the result store. A batch whose lease
+lapsed, or one that has not started while worker slots sit idle, is sent
+again; the first commit wins, so a batch that then runs twice is written once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import kombu.exceptions
+import msgspec
+from kombu.utils.uuid import uuid
+
+from app.batch import expand, pack
+from app.celery_config import make_app
+from app.launcher.dispatch import Dispatch, interrupt_guard
+from app.launcher.job import BadInput, JobOptions, JobSummary, Unreachable, new_job_id
+from app.launcher.metrics import StackMetrics
+from app.launcher.output import Progress, check_writable, open_output, say
+from app.launcher.plan import BatchPlan, batch_size, probe_count
+from app.launcher.sources import InputError, Source
+from app.settings import Settings, redact
+from app.store import StoreUnavailable, open_store
+
+_encode = msgspec.json.Encoder().encode
+
+
+class Launcher:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = open_store(settings)
+        self._metrics = StackMetrics(settings.stack or "", settings.aws_region)
+        self.celery = make_app(settings)
+        self._slots_cache = (0.0, 0)
+        # A streamed source (stdin) is read once: calibration leaves the rest
+        # of the stream here, its probe batches first, for the job to go on with.
+        self._stream: Iterator[Any] | None = None
+
+    # -- checks -----------------------------------------------------------
+
+    def check_connections(self) -> None:
+        try:
+            self.store.ping()
+        except StoreUnavailable as exc:
+            raise Unreachable(str(exc)) from None
+        conn = self.celery.connection_for_write()
+        try:
+            conn.ensure_connection(max_retries=2, interval_start=0.2, interval_step=0.5,
+                                   timeout=5)
+        except Exception as exc:  # noqa: BLE001 - kombu raises transport-specific errors
+            raise Unreachable(
+                f"cannot reach the broker at {redact(self.settings.broker_url)}: {exc}"
+            ) from None
+        finally:
+            conn.release()
+
+    def slots(self) -> int:
+        """Worker processes consuming this queue now (cached for 2 s)."""
+        at, n = self._slots_cache
+        now = time.monotonic()
+        if now - at > 2.0:
+            n = sum(int(w.get("concurrency", 0)) for w in self.store.workers()
+                    if w.get("queue", self.settings.queue) == self.settings.queue)
+            self._slots_cache = (now, n)
+        return n
+
+    # -- publishing -------------------------------------------------------
+
+    def encode(self, job: str, batch: int, task: str, payload: Any) -> bytes:
+        """The Celery protocol-2 body of a batch message, encoded once.
+
+        Kept as bytes while the batch is in flight: compact, and a re-send
+        costs no encoding.
+        """
+        return _encode([[job, batch, task, pack(payload)], {},
+                        {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+
+    def send(self, job: str, batch: int, body: bytes) -> None:
+        amqp = self.celery.amqp
+        # Celery would build the body and a repr of the arguments itself; both
+        # cost more than the batch for a large list of IDs.
+        message = amqp.create_task_message(
+            uuid(), "fleet.batch", (), {}, argsrepr=f"[{job!r}, {batch}, ...]", kwargsrepr="{}",
+        )._replace(body=body)
+        try:
+            with self.celery.producer_or_acquire() as producer:
+                amqp.send_task_message(
+                    producer, "fleet.batch", message, queue=self.settings.queue, retry=True,
+                    # About a minute of retrying rides out a broker restart.
+                    retry_policy={"max_retries": 30, "interval_start": 0.2, "interval_step": 0.5,
+                                  "interval_max": 2.0},
+                    content_type="application/json", content_encoding="utf-8",
+                )
+        except kombu.exceptions.OperationalError as exc:
+            raise Unreachable(
+                f"lost the broker at {redact(self.settings.broker_url)}: {exc}"
+            ) from None
+
+    def advertise_backlog(self, job: str, batches: int, completed: int = 0) -> None:
+        """Tell the autoscaler how many batches this job still holds back from the broker.
+
+        Only a few batches per slot are on the broker at a time, so its queue
+        alone would hide a long job and a fleet scaled on it could grow no
+        faster than the slots it has (see app/autoscale.py). `completed`:
+        batches written since the last call, for the stack's dashboard.
+        """
+        self.store.advertise_backlog(self.settings.queue, job, batches,
+                                     max(5.0, 3 * self.settings.lease_seconds))
+        if self.settings.stack:
+            self._metrics.publish(batches, completed)
+
+    # -- the job ----------------------------------------------------------
+
+    def run(self, opts: JobOptions) -> JobSummary:
+        started = time.monotonic()
+        if opts.resume:
+            self.check_connections()
+            job, meta = opts.resume, self._resume_meta(opts)
+        else:
+            # Input and output first: a bad file costs no broker round trip
+            # and no calibration.
+            total = self._count(opts)
+            check_writable(opts.out)
+            self.check_connections()
+            job, meta = self._new_job(opts, total)
+        task, source = meta["task"], Source.from_meta(meta["source"])
+        plan = BatchPlan.from_meta(meta["layout"], meta.get("total"))
+        committed_bits, written_bits, offset, items, errors = self.store.journal(job)
+        out, out_path = open_output(opts.out, (offset or 0) if opts.resume else None)
+        progress = Progress(items, errors)
+        if opts.progress:
+            progress.show(meta.get("total"), job)
+        run = Dispatch(self, job, task, opts, out, out_path, progress, plan.count())
+        try:
+            with interrupt_guard() as interrupted:
+                stream, self._stream = self._stream, None
+                run.loop(stream if stream is not None else source.batches(plan.sizes()),
+                         written_bits, committed_bits, interrupted)
+        finally:
+            # Best effort: the entry lapses by itself if the store is gone.
+            with contextlib.suppress(Exception):
+                self.advertise_backlog(job, 0, run.unreported)
+            progress.close()
+            if out is not sys.stdout.buffer:
+                out.close()
+            else:
+                out.flush()
+        status = "interrupted" if run.interrupted else ("errors" if progress.errors else "ok")
+        meta.update(status=status, batches=run.batches or 0)
+        self.store.put_meta(job, meta)
+        return JobSummary(
+            job=job, status=status, items=progress.items, errors=progress.errors,
+            batches=run.batches or 0, resent=run.resent,
+            wall_seconds=time.monotonic() - started, out=out_path or "-",
+            seconds_per_item=meta.get("seconds_per_item"),
+        )
+
+    @staticmethod
+    def _count(opts: JobOptions) -> int | None:
+        if not opts.task or opts.source is None:
+            raise BadInput("a new job needs a task and an ID source.")
+        try:
+            return opts.source.count()
+        except InputError as exc:
+            raise BadInput(str(exc)) from None
+
+    def _new_job(self, opts: JobOptions, total: int | None) -> tuple[str, dict[str, Any]]:
+        assert opts.task and opts.source is not None
+        job = new_job_id()
+        meta: dict[str, Any] = {
+            "task": opts.task, "source": opts.source.as_meta(), "total": total,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "out": str(opts.out) if opts.out else "-", "status": "running",
+        }
+        if opts.batch_size:
+            meta["layout"] = {"probe": [], "size": opts.batch_size}
+        else:
+            meta["layout"], meta["seconds_per_item"] = self._calibrate(job, opts, total)
+        self.store.put_meta(job, meta)
+        say(f"job {job}: {total if total is not None else 'streamed'} IDs from "
+            f"{opts.source.spec}, task {opts.task}, batches of {meta['layout']['size']}")
+        return job, meta
+
+    def _resume_meta(self, opts: JobOptions) -> dict[str, Any]:
+        meta = self.store.get_meta(opts.resume or "")
+        if meta is None:
+            raise BadInput(
+                f"no job {opts.resume!r} in the result store at "
+                f"{redact(self.settings.result_url)} (wrong store, or expired)."
+            )
+        if opts.task and opts.task != meta["task"]:
+            raise BadInput(f"job {opts.resume} ran task {meta['task']!r}, not {opts.task!r}.")
+        if opts.source and opts.source.spec != meta["source"]["spec"]:
+            raise BadInput(
+                f"job {opts.resume} read IDs from {meta['source']['spec']}, "
+                f"not {opts.source.spec}."
+            )
+        if meta["source"]["spec"] == "-":
+            raise BadInput(f"job {opts.resume} read its IDs from stdin, which cannot be re-read.")
+        say(f"resuming job {opts.resume}: task {meta['task']}, IDs from {meta['source']['spec']}")
+        return meta
+
+    # -- calibration ------------------------------------------------------
+
+    def _calibrate(self, job: str, opts: JobOptions,
+                   total: int | None) -> tuple[dict[str, Any], float]:
+        """Run one-ID batches on up to one slot each, and size batches from their timing.
+
+        The probes are the job's first batches, so nothing is computed twice.
+        The plan and the fastest probe's seconds per item are returned.
+        """
+        assert opts.source is not None and opts.task
+        slots = max(1, self.slots())
+        probe = (1,) * probe_count(slots, total)
+        size_after: list[int] = []  # set once calibrated; read lazily by the stream
+
+        def sizes() -> Iterator[int]:
+            yield from probe
+            while True:
+                yield size_after[0]
+
+        stream = opts.source.batches(sizes())
+        payloads = list(zip(range(len(probe)), stream, strict=False))
+        if not payloads:  # only stdin gets here: files are counted first
+            raise BadInput(f"{'stdin' if opts.source.streamed else opts.source.spec} "
+                           "holds no IDs.")
+        for batch, payload in payloads:
+            self.send(job, batch, self.encode(job, batch, opts.task, payload))
+        timings = self._wait_for_probes(job, {b for b, _ in payloads},
+                                        (total or 0) - len(payloads))
+        # The probes are committed now; the main loop writes them like any
+        # batch found committed on resume.
+        # The fastest probe: a probe slowed by a busy neighbour or a cold
+        # process says nothing about the work itself.
+        per_item = max(min(timings), 1e-7)
+        ranged = opts.source.fmt == "range"  # ranges travel as two numbers, whatever their size
+        sample = [i for _, p in payloads for i in expand(p)] if opts.source.streamed else None
+        size = batch_size(
+            per_item, opts.target_seconds, total, slots,
+            max_batch_seconds=self.settings.max_batch_seconds,
+            message_limit=None if ranged else self.settings.message_limit,
+            id_bytes=8 if ranged else id_bytes(opts.source, sample))
+        if opts.source.streamed:
+            # stdin cannot be read again: go on from where the probes stopped.
+            size_after.append(size)
+            self._stream = itertools.chain((p for _, p in payloads), stream)
+        # stdin's length is unknown: no finer last wave.
+        tail = 0 if opts.source.streamed else slots
+        return BatchPlan(probe, size, total, tail).as_meta(), per_item
+
+    def _wait_for_probes(self, job: str, pending: set[int], left: int) -> list[float]:
+        """Seconds per item of each probe batch, once all of `pending` are committed."""
+        timings: list[float] = []
+        waited = time.monotonic()
+        while pending:
+            # The batch size is not known yet: count each ID left as a batch (an
+            # upper bound), so a long job scales out while its probes wait.
+            self.advertise_backlog(job, left)
+            for done in self.store.wait_done(job, timeout=1.0):
+                if done.refused:
+                    self.store.cancel(job)
+                    raise BadInput(done.refused)
+                if done.batch in pending:
+                    pending.discard(done.batch)
+                    timings.append(done.seconds / max(done.items, 1))
+            if pending and time.monotonic() - waited > 10 and not self.slots():
+                say("waiting for a worker to come up...")
+                waited = time.monotonic()
+        return timings
+
+def id_bytes(source: Source, sample: list[Any] | None = None) -> int:
+    """A generous size of one ID in a JSON message, from the first IDs (or `sample`)."""
+    if sample is None:
+        sample = list(expand(next(source.batches(iter((1000,))), [])))
+    encoded = sum(len(str(i)) + 4 for i in sample)
+    return max(8, math.ceil(encoded / max(len(sample), 1)))

@@ -1,0 +1,46 @@
+"""Names shared by the processes of a fleet and the stack that builds it.
+
+A name typed in two places drifts apart; these are typed once. The Pulumi
+program (infra/), the launcher, the host daemons and the operator's commands
+all import them from here.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+# The distribution that every worker installs (its wheel is celery_fleet-*.whl).
+DISTRIBUTION = "celery-fleet"
+
+# The tag on the autoscaling group (propagated to its instances) that names the stack.
+STACK_TAG = "celery-fleet:stack"
+
+# CloudWatch: the namespace and dimension of the metrics launchers publish.
+METRIC_NAMESPACE = "CeleryFleet"
+METRIC_DIMENSION = "Stack"
+# Batches a launcher holds back from the broker; the stack scales on queue depth plus these.
+HELD_BATCHES_METRIC = "HeldBatches"
+# Batches written since the last report, for the stack's dashboard.
+BATCHES_COMPLETED_METRIC = "BatchesCompleted"
+
+# systemd units on a worker host (app.host.units writes them).
+WORKER_UNIT = "celery-fleet-worker.service"
+AGENT_UNIT = "celery-fleet-agent.service"
+
+
+def ssm_prefix(stack: str) -> str:
+    """Where a stack keeps its connection settings in SSM Parameter Store."""
+    return f"/celery-fleet/{stack}/"
+
+
+def log_group(stack: str) -> str:
+    """The CloudWatch log group of a stack's workers."""
+    return f"/celery-fleet/{stack}/worker"
+
+
+def app_version() -> str:
+    """The installed version of this kit ("dev" when run from a checkout without metadata)."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return "dev"

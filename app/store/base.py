@@ -1,0 +1,79 @@
+"""What every result store does: the contract the workers and the launcher rely on.
+
+Job state and batch results are keyed by (job, batch). Workers commit a
+batch's JSON lines and the launcher streams them to the output. The commit is
+first-writer-wins: a batch that runs twice (redelivered after a crash, or
+re-sent by the launcher) is stored and announced once, so the output never
+holds an ID twice. One module per backend implements `Store`: redis.py, s3.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class StoreUnavailable(ConnectionError):
+    """The result store cannot be reached."""
+
+
+@dataclass(frozen=True)
+class Done:
+    """A worker's announcement that a batch is committed."""
+
+    batch: int
+    items: int
+    errors: int
+    seconds: float
+    worker: str = ""
+    refused: str = ""  # non-empty: the batch was not run, and why
+
+
+# (items, errors, JSON lines) of a committed batch, as `Store.results` returns it.
+BatchResult = tuple[int, int, memoryview]
+# Committed and written bitmaps, output offset, items and errors written (`Store.journal`).
+Journal = tuple[bytes, bytes, int | None, int, int]
+
+
+class Store(Protocol):
+    """What the launcher and the workers need of a result store."""
+
+    def ping(self) -> None: ...
+    def put_meta(self, job: str, meta: dict[str, Any]) -> None: ...
+    def get_meta(self, job: str) -> dict[str, Any] | None: ...
+    def cancel(self, job: str) -> None: ...
+    def is_cancelled(self, job: str) -> bool: ...
+
+    # worker side
+    def is_committed(self, job: str, batch: int) -> bool: ...
+    def commit(self, job: str, done: Done, lines: bytes) -> bool: ...
+    def announce(self, job: str, done: Done) -> None: ...
+    def renew_lease(self, job: str, batch: int, seconds: float) -> None: ...
+    def register_worker(self, name: str, info: dict[str, Any], seconds: float) -> None: ...
+    def unregister_worker(self, name: str) -> None: ...
+
+    # launcher side
+    def workers(self) -> list[dict[str, Any]]: ...
+    def busy_slots(self) -> set[str]: ...
+    def advertise_backlog(self, queue: str, job: str, batches: int, seconds: float) -> None: ...
+    def backlog(self, queue: str) -> int: ...
+    def wait_done(self, job: str, timeout: float) -> list[Done]: ...
+    def results(self, job: str, batches: list[int]) -> list[BatchResult | None]: ...
+    def mark_written(
+        self, job: str, batches: list[int], offset: int | None, items: int, errors: int
+    ) -> None: ...
+    def journal(self, job: str) -> Journal: ...
+
+
+def bit_is_set(bitmap: bytes, index: int) -> bool:
+    """Redis bitmaps number bits from the most significant bit of byte 0."""
+    byte = index >> 3
+    return byte < len(bitmap) and bool(bitmap[byte] & (0x80 >> (index & 7)))
+
+
+def set_bit(bitmap: bytearray, index: int) -> None:
+    """Set bit `index` (numbered as Redis does), growing the bitmap as needed."""
+    byte = index >> 3
+    if len(bitmap) <= byte:
+        bitmap.extend(bytes(byte + 1 - len(bitmap)))
+    bitmap[byte] |= 0x80 >> (index & 7)
