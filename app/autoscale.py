@@ -47,8 +47,10 @@ class Policy:
         if self.min_instances < 0:
             raise ValueError(f"min_instances={self.min_instances} must be at least 0.")
         if self.max_instances < max(1, self.min_instances):
-            raise ValueError(f"max_instances={self.max_instances} must be at least 1 "
-                             f"and at least min_instances={self.min_instances}.")
+            raise ValueError(
+                f"max_instances={self.max_instances} must be at least 1 "
+                f"and at least min_instances={self.min_instances}."
+            )
         if not self.backlog_per_slot > 0:
             raise ValueError(f"backlog_per_slot={self.backlog_per_slot} must be above 0.")
         if self.scale_out_cooldown < 0 or self.scale_in_delay < 0:
@@ -101,13 +103,16 @@ def desired_instances(state: FleetState, policy: Policy, now: float) -> Decision
     need = policy.instances_for(state.demand, state.slots_per_instance)
     low_since = None
     if need > current:
-        cooling = (state.last_scale_out is not None
-                   and now - state.last_scale_out < policy.scale_out_cooldown)
+        cooling = (
+            state.last_scale_out is not None
+            and now - state.last_scale_out < policy.scale_out_cooldown
+        )
         desired, reason = (current, "scale-out cooldown") if cooling else (need, "scale out")
     elif need < current:
         low_since = state.low_since if state.low_since is not None else now
-        quiet_from = max(low_since, state.last_scale_out if state.last_scale_out is not None
-                         else low_since)
+        quiet_from = max(
+            low_since, state.last_scale_out if state.last_scale_out is not None else low_since
+        )
         if now - quiet_from >= policy.scale_in_delay:
             desired = max(need, min(state.busy_instances, current))
             reason = "scale in" if desired < current else "busy instances"

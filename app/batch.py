@@ -94,8 +94,10 @@ def check_address(job: Any, batch: Any, task_name: Any) -> None:
     if not isinstance(job, str) or not job or len(job) > 200:
         raise BadPayload(f"the job ID must be a non-empty string, not {short_repr(job)}")
     if type(batch) is not int or not 0 <= batch <= MAX_BATCH_NUMBER:
-        raise BadPayload(f"the batch number must be a whole number from 0 to "
-                         f"{MAX_BATCH_NUMBER}, not {short_repr(batch)}")
+        raise BadPayload(
+            f"the batch number must be a whole number from 0 to "
+            f"{MAX_BATCH_NUMBER}, not {short_repr(batch)}"
+        )
     if not isinstance(task_name, str) or not task_name or len(task_name) > 500:
         raise BadPayload(f"the task name must be a non-empty string, not {short_repr(task_name)}")
 
@@ -124,20 +126,30 @@ def check_payload(payload: Any, max_bytes: int) -> int:
         size = len(lines) if lines.isascii() else len(lines.encode("utf-8", "replace"))
     elif isinstance(payload, dict) and payload.keys() == {"range"}:
         bounds = payload["range"]
-        if (not isinstance(bounds, list) or len(bounds) != 2
-                or any(type(b) is not int for b in bounds)):
-            raise BadPayload(f'"range" must be [start, stop] in whole numbers, '
-                             f"not {short_repr(bounds)}")
+        if (
+            not isinstance(bounds, list)
+            or len(bounds) != 2
+            or any(type(b) is not int for b in bounds)
+        ):
+            raise BadPayload(
+                f'"range" must be [start, stop] in whole numbers, not {short_repr(bounds)}'
+            )
         items = max(0, bounds[1] - bounds[0])
     else:
-        raise BadPayload('a batch payload is a list of IDs, {"lines": "..."} or '
-                         f'{{"range": [start, stop]}}, not {short_repr(payload)}')
+        raise BadPayload(
+            'a batch payload is a list of IDs, {"lines": "..."} or '
+            f'{{"range": [start, stop]}}, not {short_repr(payload)}'
+        )
     if items > MAX_BATCH_ITEMS:
-        raise BadPayload(f"the batch holds {items:,} IDs, more than the {MAX_BATCH_ITEMS:,} a "
-                         "batch may hold; use a smaller --batch-size or --target-seconds")
+        raise BadPayload(
+            f"the batch holds {items:,} IDs, more than the {MAX_BATCH_ITEMS:,} a "
+            "batch may hold; use a smaller --batch-size or --target-seconds"
+        )
     if size > max_bytes:
-        raise BadPayload(f"the batch's IDs take {size:,} bytes, more than the {max_bytes:,} a "
-                         "batch message may hold; use a smaller --batch-size")
+        raise BadPayload(
+            f"the batch's IDs take {size:,} bytes, more than the {max_bytes:,} a "
+            "batch message may hold; use a smaller --batch-size"
+        )
     return items
 
 
@@ -193,7 +205,7 @@ def _retry_transient(task: FleetTask, item: Any) -> tuple[Any, BaseException | N
     )
     try:
         result = retrying(task.fn, item)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a record
+    except Exception as exc:
         return None, exc, retrying.statistics.get("attempt_number", 1) + 1
     return result, None, retrying.statistics.get("attempt_number", 1) + 1
 
@@ -210,7 +222,7 @@ def run_batch(task: FleetTask, payload: list[Any] | dict[str, Any]) -> BatchOutc
     for item in expand(payload):
         try:
             append(_Ok(item, fn(item)))
-        except Exception as exc:  # noqa: BLE001 - one bad item must not sink the batch
+        except Exception as exc:
             if transient and isinstance(exc, transient) and task.retries > 0:
                 result, final, attempts = _retry_transient(task, item)
                 if final is None:

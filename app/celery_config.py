@@ -53,15 +53,16 @@ def tls_config(settings: Settings) -> dict[str, Any]:
     broker = urlsplit(settings.broker_url)
     if broker.scheme == "amqps":
         # py-amqp's wrap: a server_hostname turns the host name check on (and sends SNI).
-        conf["broker_use_ssl"] = {"cert_reqs": ssl.CERT_REQUIRED,
-                                  "ca_certs": settings.tls_ca_file,
-                                  "server_hostname": broker.hostname}
+        conf["broker_use_ssl"] = {
+            "cert_reqs": ssl.CERT_REQUIRED,
+            "ca_certs": settings.tls_ca_file,
+            "server_hostname": broker.hostname,
+        }
     elif broker.scheme == "rediss":
         conf["broker_use_ssl"] = redis_tls_options(settings.broker_url, settings.tls_ca_file)
     if urlsplit(settings.result_url).scheme == "rediss":
         # Celery's redis backend insists on ssl_cert_reqs for rediss://.
-        conf["redis_backend_use_ssl"] = redis_tls_options(settings.result_url,
-                                                          settings.tls_ca_file)
+        conf["redis_backend_use_ssl"] = redis_tls_options(settings.result_url, settings.tls_ca_file)
     return conf
 
 
@@ -125,8 +126,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def make_app(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
     # GuardedTask: a malformed message is refused, never the end of the worker
     # (app/worker/guard.py).
-    app = Celery("fleet", include=[*WORKER_MODULES, *TASK_MODULES, *settings.include, *include],
-                 task_cls="app.worker.guard:GuardedTask")
+    app = Celery(
+        "fleet",
+        include=[*WORKER_MODULES, *TASK_MODULES, *settings.include, *include],
+        task_cls="app.worker.guard:GuardedTask",
+    )
     app.conf.update(celery_config(settings))
     # The batch task reads the store URL, lease and allowed modules from here.
     app.fleet_settings = settings  # type: ignore[attr-defined]

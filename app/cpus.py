@@ -14,8 +14,9 @@ from pathlib import Path
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def cgroup_quota_cpus(proc_cgroup: Path = Path("/proc/self/cgroup"),
-                      root: Path = CGROUP_ROOT) -> float | None:
+def cgroup_quota_cpus(
+    proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = CGROUP_ROOT
+) -> float | None:
     """CPUs allowed by the cgroup v2 `cpu.max` quota of this process, or None if unlimited.
 
     The tightest quota on the path from this cgroup up to the root applies.

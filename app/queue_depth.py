@@ -35,8 +35,9 @@ class RedisReady:
 
         from app.settings import redis_tls_options
 
-        self.r = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5,
-                                      **redis_tls_options(url, tls_ca_file))
+        self.r = redis.Redis.from_url(
+            url, socket_connect_timeout=5, socket_timeout=5, **redis_tls_options(url, tls_ca_file)
+        )
         self.keys = [queue if p == 0 else f"{queue}{self.SEP}{p}" for p in self.PRIORITY_STEPS]
 
     def ready(self) -> int:
@@ -58,8 +59,12 @@ class AmqpReady:
         self.queue = queue
         # Timeouts on every read and write: a broker that stops answering
         # must not hang the watchdog's thread.
-        self.conn = Connection(url, connect_timeout=5, ssl=ssl,
-                               transport_options={"read_timeout": 5, "write_timeout": 5})
+        self.conn = Connection(
+            url,
+            connect_timeout=5,
+            ssl=ssl,
+            transport_options={"read_timeout": 5, "write_timeout": 5},
+        )
         self.channel = None
 
     def ready(self) -> int:
@@ -97,9 +102,12 @@ class SqsReady:
             parts = urlsplit(url)
             if parts.hostname and not parts.hostname.endswith("amazonaws.com"):
                 endpoint = f"{parts.scheme}://{parts.netloc}"  # a local SQS (tests)
-        self.sqs = boto3.client("sqs", region_name=settings.aws_region, endpoint_url=endpoint,
-                                config=Config(connect_timeout=5, read_timeout=5,
-                                              retries={"max_attempts": 2}))
+        self.sqs = boto3.client(
+            "sqs",
+            region_name=settings.aws_region,
+            endpoint_url=endpoint,
+            config=Config(connect_timeout=5, read_timeout=5, retries={"max_attempts": 2}),
+        )
         self.url = url or self.sqs.get_queue_url(QueueName=settings.queue)["QueueUrl"]
 
     def ready(self) -> int:
@@ -108,11 +116,13 @@ class SqsReady:
     def counts(self) -> tuple[int, int]:
         """(visible, in flight): messages waiting, and messages received and not yet deleted."""
         attrs = self.sqs.get_queue_attributes(
-            QueueUrl=self.url, AttributeNames=["ApproximateNumberOfMessages",
-                                               "ApproximateNumberOfMessagesNotVisible"],
+            QueueUrl=self.url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
         )["Attributes"]
-        return (int(attrs["ApproximateNumberOfMessages"]),
-                int(attrs["ApproximateNumberOfMessagesNotVisible"]))
+        return (
+            int(attrs["ApproximateNumberOfMessages"]),
+            int(attrs["ApproximateNumberOfMessagesNotVisible"]),
+        )
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -36,8 +36,13 @@ class FleetTask:
 _REGISTRY: dict[str, FleetTask] = {}
 
 
-def fleet_task(fn: Callable[[Any], Any] | None = None, *, name: str | None = None,
-               transient: Iterable[type[BaseException]] = (), retries: int = 3):
+def fleet_task(
+    fn: Callable[[Any], Any] | None = None,
+    *,
+    name: str | None = None,
+    transient: Iterable[type[BaseException]] = (),
+    retries: int = 3,
+):
     """Register a per-item function for fleet jobs; usable bare or with options.
 
         @fleet_task

@@ -90,8 +90,10 @@ def check_url(name: str, url: str, schemes: tuple[str, ...]) -> str:
 
 
 # TLS: rediss:// and amqps:// always check the server's certificate and host name.
-_VERIFY_OFF = {"ssl_cert_reqs": ("none", "optional", "cert_none", "cert_optional"),
-               "ssl_check_hostname": ("false", "0", "no", "off", "n", "f")}
+_VERIFY_OFF = {
+    "ssl_cert_reqs": ("none", "optional", "cert_none", "cert_optional"),
+    "ssl_check_hostname": ("false", "0", "no", "off", "n", "f"),
+}
 
 
 def check_tls_url(name: str, url: str) -> None:
@@ -114,8 +116,7 @@ def check_ca_file(path: str) -> None:
     except (OSError, ssl.SSLError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise ConfigError(
-            f"FLEET_TLS_CA_FILE={path!r} is not a readable PEM file of CA certificates "
-            f"({reason})."
+            f"FLEET_TLS_CA_FILE={path!r} is not a readable PEM file of CA certificates ({reason})."
         ) from None
 
 
@@ -126,8 +127,7 @@ def redis_tls_options(url: str, ca_file: str | None) -> dict[str, object]:
     """
     if urlsplit(url).scheme != "rediss":
         return {}
-    return {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": ca_file,
-            "ssl_check_hostname": True}
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": ca_file, "ssl_check_hostname": True}
 
 
 # -- the FLEET_* variables, described once ---------------------------------------
@@ -197,41 +197,97 @@ LEASE_SECONDS = 10.0
 STOP_MARGIN_SECONDS = 60
 
 VARIABLES = (
-    Variable("FLEET_BROKER_URL", "broker_url", "", "(required)",
-             "`redis://`, `rediss://`, `amqp://`, `amqps://` or `sqs://`", ssm="broker_url"),
-    Variable("FLEET_RESULT_URL", "result_url", "", "(required)",
-             "`redis://`, `rediss://` or `s3://BUCKET/PREFIX[?region=R&endpoint_url=U]` "
-             "(result store and Celery result backend)", ssm="result_url"),
+    Variable(
+        "FLEET_BROKER_URL",
+        "broker_url",
+        "",
+        "(required)",
+        "`redis://`, `rediss://`, `amqp://`, `amqps://` or `sqs://`",
+        ssm="broker_url",
+    ),
+    Variable(
+        "FLEET_RESULT_URL",
+        "result_url",
+        "",
+        "(required)",
+        "`redis://`, `rediss://` or `s3://BUCKET/PREFIX[?region=R&endpoint_url=U]` "
+        "(result store and Celery result backend)",
+        ssm="result_url",
+    ),
     Variable("FLEET_QUEUE", "queue", "fleet", "`fleet`", "the queue", ssm="queue"),
-    Variable("FLEET_INCLUDE", "include", (), "", "extra task modules, comma-separated",
-             _modules),
-    Variable("FLEET_CONCURRENCY", "concurrency", None, "the CPUs this process may use",
-             "worker processes per instance", _whole),
-    Variable("FLEET_MAX_BATCH_SECONDS", "max_batch_seconds", MAX_BATCH_SECONDS,
-             f"`{MAX_BATCH_SECONDS}`",
-             "the longest a batch may run: its hard time limit; the visibility timeout is "
-             "twice this plus a minute", _whole, ssm="max_batch_seconds"),
-    Variable("FLEET_RESULT_TTL", "result_ttl", RESULT_TTL, f"`{RESULT_TTL}` (7 days)",
-             "how long results and job state are kept for `--resume`", _whole,
-             ssm="result_ttl"),
-    Variable("FLEET_LEASE_SECONDS", "lease_seconds", LEASE_SECONDS, f"`{LEASE_SECONDS:g}`",
-             "how often (÷3) a running batch renews its lease; a batch whose lease lapses is "
-             "sent again", _seconds),
-    Variable("FLEET_AWS_REGION", "aws_region", None, "boto3's default",
-             "the region of an SQS broker / S3 store"),
-    Variable("FLEET_SQS_QUEUE_URL", "sqs_queue_url", None, "",
-             "the stack's queue: workers use it as is (its visibility timeout and dead-letter "
-             "queue) and need no right to list or create queues", ssm="queue_url"),
-    Variable("FLEET_STACK", "stack", None, "", "the stack the settings came from; set by "
-             "`--stack`"),
-    Variable("FLEET_WATCHDOG_SECONDS", None, None, "max(3 × lease, 30)",
-             "how long work may wait on the queue while a worker with a free slot takes none "
-             "before it restarts itself; `0` turns the watchdog off (read by the worker's "
-             "watchdog; see Operating a fleet)"),
-    Variable("FLEET_TLS_CA_FILE", "tls_ca_file", None, "the system's CAs",
-             "a PEM file of the CAs that sign the broker's and result store's certificates "
-             "(`rediss://`, `amqps://`); the certificate and the host name are always "
-             "checked, and a URL that turns that off (`ssl_cert_reqs=none`) is refused"),
+    Variable("FLEET_INCLUDE", "include", (), "", "extra task modules, comma-separated", _modules),
+    Variable(
+        "FLEET_CONCURRENCY",
+        "concurrency",
+        None,
+        "the CPUs this process may use",
+        "worker processes per instance",
+        _whole,
+    ),
+    Variable(
+        "FLEET_MAX_BATCH_SECONDS",
+        "max_batch_seconds",
+        MAX_BATCH_SECONDS,
+        f"`{MAX_BATCH_SECONDS}`",
+        "the longest a batch may run: its hard time limit; the visibility timeout is "
+        "twice this plus a minute",
+        _whole,
+        ssm="max_batch_seconds",
+    ),
+    Variable(
+        "FLEET_RESULT_TTL",
+        "result_ttl",
+        RESULT_TTL,
+        f"`{RESULT_TTL}` (7 days)",
+        "how long results and job state are kept for `--resume`",
+        _whole,
+        ssm="result_ttl",
+    ),
+    Variable(
+        "FLEET_LEASE_SECONDS",
+        "lease_seconds",
+        LEASE_SECONDS,
+        f"`{LEASE_SECONDS:g}`",
+        "how often (÷3) a running batch renews its lease; a batch whose lease lapses is sent again",
+        _seconds,
+    ),
+    Variable(
+        "FLEET_AWS_REGION",
+        "aws_region",
+        None,
+        "boto3's default",
+        "the region of an SQS broker / S3 store",
+    ),
+    Variable(
+        "FLEET_SQS_QUEUE_URL",
+        "sqs_queue_url",
+        None,
+        "",
+        "the stack's queue: workers use it as is (its visibility timeout and dead-letter "
+        "queue) and need no right to list or create queues",
+        ssm="queue_url",
+    ),
+    Variable(
+        "FLEET_STACK", "stack", None, "", "the stack the settings came from; set by `--stack`"
+    ),
+    Variable(
+        "FLEET_WATCHDOG_SECONDS",
+        None,
+        None,
+        "max(3 × lease, 30)",  # noqa: RUF001 - a multiplication sign, as printed
+        "how long work may wait on the queue while a worker with a free slot takes none "
+        "before it restarts itself; `0` turns the watchdog off (read by the worker's "
+        "watchdog; see Operating a fleet)",
+    ),
+    Variable(
+        "FLEET_TLS_CA_FILE",
+        "tls_ca_file",
+        None,
+        "the system's CAs",
+        "a PEM file of the CAs that sign the broker's and result store's certificates "
+        "(`rediss://`, `amqps://`); the certificate and the host name are always "
+        "checked, and a URL that turns that off (`ssl_cert_reqs=none`) is refused",
+    ),
 )
 _BY_ATTR = {v.attr: v for v in VARIABLES if v.attr}
 
@@ -363,8 +419,11 @@ class Settings:
             # With a timeout the command fails and the worker reconnects.
             # kombu drops an event-loop BRPOP (sent with a 1 s server-side
             # timeout) once its reply is overdue by health_check_interval.
-            options.update(socket_timeout=REDIS_SOCKET_TIMEOUT, socket_connect_timeout=5,
-                           health_check_interval=REDIS_HEALTH_CHECK_INTERVAL)
+            options.update(
+                socket_timeout=REDIS_SOCKET_TIMEOUT,
+                socket_connect_timeout=5,
+                health_check_interval=REDIS_HEALTH_CHECK_INTERVAL,
+            )
             # kombu stores a Redis message as JSON text and by default base64s
             # the body inside it, which for a batch of a million IDs costs
             # more than the JSON escaping that replaces it (both ways, every

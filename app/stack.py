@@ -64,9 +64,10 @@ def read_parameters(stack: str, ssm: Any) -> dict[str, str]:
     prefix = ssm_prefix(stack)
     params: dict[str, str] = {}
     for page in ssm.get_paginator("get_parameters_by_path").paginate(
-            Path=prefix, WithDecryption=True):
+        Path=prefix, WithDecryption=True
+    ):
         for p in page["Parameters"]:
-            params[p["Name"][len(prefix):]] = p["Value"]
+            params[p["Name"][len(prefix) :]] = p["Value"]
     return params
 
 

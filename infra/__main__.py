@@ -9,8 +9,8 @@ import pulumi
 # so the program imports itself as the `infra` package, as the tests do.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from infra.config import load_config  # noqa: E402
-from infra.program import build  # noqa: E402
+from infra.config import load_config
+from infra.program import build
 
 stack = build(load_config())
 for name, value in stack.outputs.items():

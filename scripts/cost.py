@@ -74,11 +74,13 @@ def stack_file(stack: str, start: Path | None = None) -> Path:
     if project is None:
         raise click.UsageError(
             f"no Pulumi.yaml in {here} or above it: run this in the project's directory, or "
-            "give the stack's file with --config FILE.")
+            "give the stack's file with --config FILE."
+        )
     path = project / f"Pulumi.{stack}.yaml"
     if not path.exists():
         raise click.UsageError(
-            f"{path} does not exist; create the stack with `pulumi stack init {stack}`.")
+            f"{path} does not exist; create the stack with `pulumi stack init {stack}`."
+        )
     return path
 
 

@@ -109,8 +109,13 @@ def static(s: Scenario, max_instances: int) -> Result:
     return simulate(s, policy, name=f"static fleet of {max_instances}", stop_at_end=True)
 
 
-def simulate(s: Scenario, policy: Policy, name: str = "autoscaled",
-             stop_at_end: bool = False, horizon: float = 6 * 3600) -> Result:
+def simulate(
+    s: Scenario,
+    policy: Policy,
+    name: str = "autoscaled",
+    stop_at_end: bool = False,
+    horizon: float = 6 * 3600,
+) -> Result:
     """Run the job from an empty fleet; after it, run on until the fleet is back to its minimum."""
     run = _Simulation(s, policy, Result(name, 0.0, 0.0, s.price))
     while run.t < horizon:
@@ -123,8 +128,9 @@ def simulate(s: Scenario, policy: Policy, name: str = "autoscaled",
             if len(run.live()) <= policy.min_instances:
                 break
     result = run.result
-    result.instance_seconds = sum((i.ended if i.ended is not None else run.t) - i.launched
-                                  for i in run.instances)
+    result.instance_seconds = sum(
+        (i.ended if i.ended is not None else run.t) - i.launched for i in run.instances
+    )
     if not result.makespan:
         raise RuntimeError(f"the job did not finish within {horizon:.0f} s of simulated time")
     return result
@@ -181,10 +187,15 @@ class _Simulation:
                     self.work(inst, k)
         self.t += s.dt
         live = self.live()
-        self.result.timeline.append((
-            self.t, len(self.queue) + self.held + len(self.lost),
-            sum(1 for i in live for sl in i.slots if sl is not None),
-            len(live), sum(1 for i in live if i.ready <= self.t)))
+        self.result.timeline.append(
+            (
+                self.t,
+                len(self.queue) + self.held + len(self.lost),
+                sum(1 for i in live for sl in i.slots if sl is not None),
+                len(live),
+                sum(1 for i in live if i.ready <= self.t),
+            )
+        )
 
     def resend_lost(self) -> None:
         """Lost batches come back when their lease lapses (no agent)."""
@@ -197,8 +208,13 @@ class _Simulation:
         """The launcher: size batches once the probes are in, keep the broker topped up."""
         s = self.s
         if self.size is None and self.probes == 0:
-            self.size = batch_size(s.seconds_per_item, s.target_seconds, s.items,
-                                   self.probe_slots, max_batch_seconds=s.max_batch_seconds)
+            self.size = batch_size(
+                s.seconds_per_item,
+                s.target_seconds,
+                s.items,
+                self.probe_slots,
+                max_batch_seconds=s.max_batch_seconds,
+            )
         if self.size is not None:
             cap = in_flight_limit(self.slots_registered())
             while self.left > 0 and self.in_flight < cap:
@@ -214,19 +230,21 @@ class _Simulation:
         state = FleetState(
             queued=len(self.queue) + (self.held if s.held_visible else 0) + len(self.lost),
             running=sum(1 for i in live for sl in i.slots if sl is not None),
-            instances=len(live), slots_per_instance=s.cores,
+            instances=len(live),
+            slots_per_instance=s.cores,
             busy_instances=sum(1 for i in live if i.busy()),
-            last_scale_out=self.last_scale_out, low_since=self.low_since)
+            last_scale_out=self.last_scale_out,
+            low_since=self.low_since,
+        )
         decision = desired_instances(state, self.policy, self.t)
         self.low_since = decision.low_since
         if decision.delta > 0:
             for _ in range(decision.delta):
-                self.instances.append(_Instance(self.t, self.t + s.boot_seconds,
-                                                [None] * s.cores))
+                self.instances.append(_Instance(self.t, self.t + s.boot_seconds, [None] * s.cores))
             self.last_scale_out = self.t
         elif decision.delta < 0:
             idle = sorted((i for i in live if not i.busy()), key=lambda i: -i.ready)
-            for inst in idle[:-decision.delta]:
+            for inst in idle[: -decision.delta]:
                 inst.ended = self.t
 
     def interrupt(self, live: list[_Instance]) -> None:
@@ -275,20 +293,22 @@ class _Simulation:
 
 
 def compare(s: Scenario, policy: Policy) -> tuple[Result, Result, Result]:
-    return (simulate(s, policy), static(s, policy.max_instances),
-            ideal(s, policy.max_instances))
+    return (simulate(s, policy), static(s, policy.max_instances), ideal(s, policy.max_instances))
 
 
 def table(results: tuple[Result, ...], bound: Result) -> str:
-    head = ("| fleet | makespan | vs ideal | instance-hours | vs ideal | cost | "
-            "peak | Spot interruptions | batches re-run |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = (
+        "| fleet | makespan | vs ideal | instance-hours | vs ideal | cost | "
+        "peak | Spot interruptions | batches re-run |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
     rows = []
     for r in results:
         rows.append(
             f"| {r.name} | {r.makespan:,.1f} s | {r.makespan / bound.makespan - 1:+.1%} | "
             f"{r.instance_hours:.3f} | {r.instance_seconds / bound.instance_seconds - 1:+.1%} | "
-            f"${r.cost:,.3f} | {r.peak_instances or '-'} | {r.interruptions} | {r.resent} |")
+            f"${r.cost:,.3f} | {r.peak_instances or '-'} | {r.interruptions} | {r.resent} |"
+        )
     return head + "\n".join(rows)
 
 
@@ -300,15 +320,24 @@ def plot(auto: Result, fixed: Result, bound: Result, path: Path, title: str) -> 
 
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 5.5))
     t = [p[0] for p in auto.timeline]
-    top.plot(t, [max(p[1], 0.8) for p in auto.timeline],
-             label="waiting: queued + held back\n(each ID counts while calibrating)")
+    top.plot(
+        t,
+        [max(p[1], 0.8) for p in auto.timeline],
+        label="waiting: queued + held back\n(each ID counts while calibrating)",
+    )
     top.plot(t, [max(p[2], 0.8) for p in auto.timeline], label="running")
     top.set_yscale("log")
     top.set_ylabel("batches")
     top.legend(loc="upper right", fontsize="small")
     top.set_title(title, fontsize="medium")
-    bottom.plot([p[0] for p in fixed.timeline], [p[3] for p in fixed.timeline],
-                color="tab:grey", linewidth=4, alpha=0.4, label=fixed.name)
+    bottom.plot(
+        [p[0] for p in fixed.timeline],
+        [p[3] for p in fixed.timeline],
+        color="tab:grey",
+        linewidth=4,
+        alpha=0.4,
+        label=fixed.name,
+    )
     bottom.plot(t, [p[3] for p in auto.timeline], label="autoscaled: launched")
     bottom.plot(t, [p[4] for p in auto.timeline], linestyle="--", label="autoscaled: booted")
     bottom.axvline(bound.makespan, color="grey", linestyle=":", label="ideal makespan")
@@ -325,10 +354,15 @@ def run(s: Scenario, policy: Policy, png: Path | None = None) -> tuple[str, tupl
     """The comparison as a Markdown table (and a PNG when `png` is given)."""
     auto, fixed, bound = compare(s, policy)
     if png is not None:
-        plot(auto, fixed, bound, png,
-             f"{s.items:,} items x {s.seconds_per_item * 1000:g} ms, {s.cores} cores/instance, "
-             f"{s.boot_seconds:g} s boot, max {policy.max_instances}, "
-             f"Spot {s.spot_rate:g}/h")
+        plot(
+            auto,
+            fixed,
+            bound,
+            png,
+            f"{s.items:,} items x {s.seconds_per_item * 1000:g} ms, {s.cores} cores/instance, "
+            f"{s.boot_seconds:g} s boot, max {policy.max_instances}, "
+            f"Spot {s.spot_rate:g}/h",
+        )
     return table((auto, fixed, bound), bound), (auto, fixed, bound)
 
 

@@ -27,31 +27,34 @@ def stack_instances(stack: str, session: Any = None) -> list[dict[str, Any]]:
     autoscaling, ec2 = session.client("autoscaling"), session.client("ec2")
     members: list[dict[str, Any]] = []
     for page in autoscaling.get_paginator("describe_auto_scaling_groups").paginate(
-            Filters=[{"Name": f"tag:{STACK_TAG}", "Values": [stack]}]):
+        Filters=[{"Name": f"tag:{STACK_TAG}", "Values": [stack]}]
+    ):
         for group in page["AutoScalingGroups"]:
-            members.extend(dict(i, group=group["AutoScalingGroupName"])
-                           for i in group["Instances"])
+            members.extend(dict(i, group=group["AutoScalingGroupName"]) for i in group["Instances"])
     details: dict[str, dict[str, Any]] = {}
     ids = [m["InstanceId"] for m in members]
     for start in range(0, len(ids), 200):  # DescribeInstances takes at most 200 ids a call
         for page in ec2.get_paginator("describe_instances").paginate(
-                InstanceIds=ids[start:start + 200]):
+            InstanceIds=ids[start : start + 200]
+        ):
             for reservation in page["Reservations"]:
                 details.update({i["InstanceId"]: i for i in reservation["Instances"]})
     out = []
     for m in members:
         ec2_info = details.get(m["InstanceId"], {})
-        out.append({
-            "id": m["InstanceId"],
-            "group": m["group"],
-            "type": m.get("InstanceType") or ec2_info.get("InstanceType"),
-            "zone": m.get("AvailabilityZone"),
-            "state": m.get("LifecycleState"),
-            "health": m.get("HealthStatus"),
-            # EC2 says "spot" for Spot instances and nothing for on-demand ones.
-            "market": "spot" if ec2_info.get("InstanceLifecycle") == "spot" else "on-demand",
-            "private_ip": ec2_info.get("PrivateIpAddress"),
-        })
+        out.append(
+            {
+                "id": m["InstanceId"],
+                "group": m["group"],
+                "type": m.get("InstanceType") or ec2_info.get("InstanceType"),
+                "zone": m.get("AvailabilityZone"),
+                "state": m.get("LifecycleState"),
+                "health": m.get("HealthStatus"),
+                # EC2 says "spot" for Spot instances and nothing for on-demand ones.
+                "market": "spot" if ec2_info.get("InstanceLifecycle") == "spot" else "on-demand",
+                "private_ip": ec2_info.get("PrivateIpAddress"),
+            }
+        )
     return sorted(out, key=lambda i: i["id"])
 
 
@@ -59,9 +62,15 @@ def local_instances(state: dict[str, Any]) -> list[dict[str, Any]]:
     """The instance processes of the local fleet in `state` (the local fleet's state file)."""
     from app.host.service import pid_alive
 
-    return [{"id": f"instance{n}", "pid": i.get("pid"), "cpus": len(i.get("cpus") or []),
-             "state": "running" if i.get("pid") and pid_alive(int(i["pid"])) else "stopped"}
-            for n, i in enumerate(state.get("instances") or [])]
+    return [
+        {
+            "id": f"instance{n}",
+            "pid": i.get("pid"),
+            "cpus": len(i.get("cpus") or []),
+            "state": "running" if i.get("pid") and pid_alive(int(i["pid"])) else "stopped",
+        }
+        for n, i in enumerate(state.get("instances") or [])
+    ]
 
 
 def queue_depth(settings: Settings) -> dict[str, Any]:
@@ -79,35 +88,50 @@ def queue_depth(settings: Settings) -> dict[str, Any]:
     return {"queue": settings.queue, "waiting": waiting, "received": received}
 
 
-def collect(settings: Settings, instances: list[dict[str, Any]] | None,
-            source: str) -> dict[str, Any]:
+def collect(
+    settings: Settings, instances: list[dict[str, Any]] | None, source: str
+) -> dict[str, Any]:
     """The fleet's status; a part that cannot be read is reported in "errors", not raised."""
     from app.store import open_store
 
     status: dict[str, Any] = {
-        "source": source, "broker": redact(settings.broker_url),
-        "result_store": redact(settings.result_url), "instances": instances,
-        "workers": [], "slots": 0, "queue": None, "running_batches": None,
-        "jobs_in_flight": None, "held_back": None, "errors": [],
+        "source": source,
+        "broker": redact(settings.broker_url),
+        "result_store": redact(settings.result_url),
+        "instances": instances,
+        "workers": [],
+        "slots": 0,
+        "queue": None,
+        "running_batches": None,
+        "jobs_in_flight": None,
+        "held_back": None,
+        "errors": [],
     }
     try:
         store = open_store(settings)
         store.ping()
         workers = sorted(store.workers(), key=lambda w: str(w.get("hostname")))
         status["workers"] = [
-            {"node": w.get("hostname"), "concurrency": w.get("concurrency"),
-             "version": w.get("version"), "queue": w.get("queue"),
-             "active": w.get("active"), "reserved": w.get("reserved")} for w in workers]
+            {
+                "node": w.get("hostname"),
+                "concurrency": w.get("concurrency"),
+                "version": w.get("version"),
+                "queue": w.get("queue"),
+                "active": w.get("active"),
+                "reserved": w.get("reserved"),
+            }
+            for w in workers
+        ]
         status["slots"] = sum(int(w.get("concurrency") or 0) for w in workers)
         running = store.busy_slots()  # "job/batch" of each batch with a live lease
         status["running_batches"] = len(running)
         status["jobs_in_flight"] = sorted({m.rpartition("/")[0] for m in running})
         status["held_back"] = store.backlog(settings.queue)
-    except Exception as exc:  # noqa: BLE001 - show what can be shown
+    except Exception as exc:
         status["errors"].append(f"result store: {exc}")
     try:
         status["queue"] = queue_depth(settings)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         status["errors"].append(f"broker: {exc}")
     return status
 
@@ -119,22 +143,28 @@ def render(status: dict[str, Any]) -> str:
         lines.append(f"instances: {len(instances)}")
         for i in instances:
             if "market" in i:
-                lines.append(f"  {i['id']}  {i['type'] or '?':<12} {i['zone'] or '?':<12} "
-                             f"{i['state']:<18} {i['market']:<9} {i['private_ip'] or ''}")
+                lines.append(
+                    f"  {i['id']}  {i['type'] or '?':<12} {i['zone'] or '?':<12} "
+                    f"{i['state']:<18} {i['market']:<9} {i['private_ip'] or ''}"
+                )
             else:
                 lines.append(f"  {i['id']}  {i['cpus']} CPU  pid {i['pid']}  {i['state']}")
     lines.append(f"workers online: {len(status['workers'])} ({status['slots']} slots)")
     for w in status["workers"]:
-        lines.append(f"  {w['node']}  concurrency {w['concurrency']}  version {w['version']}  "
-                     f"running {w['active']}  holding {w['reserved']}")
+        lines.append(
+            f"  {w['node']}  concurrency {w['concurrency']}  version {w['version']}  "
+            f"running {w['active']}  holding {w['reserved']}"
+        )
     queue = status["queue"]
     if queue is not None:
         received = f", {queue['received']} received" if queue["received"] is not None else ""
         lines.append(f"queue {queue['queue']}: {queue['waiting']} waiting{received}")
     if status["running_batches"] is not None:
         jobs = status["jobs_in_flight"]
-        lines.append(f"in flight: {status['running_batches']} batches running in {len(jobs)} "
-                     f"job(s){': ' + ', '.join(jobs) if jobs else ''}; "
-                     f"{status['held_back']} batches held back by launchers")
+        lines.append(
+            f"in flight: {status['running_batches']} batches running in {len(jobs)} "
+            f"job(s){': ' + ', '.join(jobs) if jobs else ''}; "
+            f"{status['held_back']} batches held back by launchers"
+        )
     lines.extend(f"error: {e}" for e in status["errors"])
     return "\n".join(lines)

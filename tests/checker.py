@@ -34,9 +34,11 @@ class Report:
         return not (self.lost or self.duplicated or self.wrong or self.unknown)
 
     def line(self) -> str:
-        return (f"ids={self.ids} lost={self.lost} duplicated={self.duplicated} "
-                f"wrong={self.wrong} unknown={self.unknown} executions={self.executions} "
-                f"executed_twice={self.executed_twice}")
+        return (
+            f"ids={self.ids} lost={self.lost} duplicated={self.duplicated} "
+            f"wrong={self.wrong} unknown={self.unknown} executions={self.executions} "
+            f"executed_twice={self.executed_twice}"
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,8 +57,7 @@ def executions(exec_dir: Path, wanted: set[str]) -> Counter[str]:
     return counts
 
 
-def check(ids_path: Path, out_path: Path, exec_dir: Path,
-          expected: Callable[[str], Any]) -> Report:
+def check(ids_path: Path, out_path: Path, exec_dir: Path, expected: Callable[[str], Any]) -> Report:
     ids = read_ids(ids_path)
     wanted = set(ids)
     seen: Counter[str] = Counter()
@@ -74,9 +75,18 @@ def check(ids_path: Path, out_path: Path, exec_dir: Path,
     ran = executions(exec_dir, wanted)
     twice = [i for i, n in ran.items() if n > 1]
     return Report(
-        ids=len(ids), output_lines=len(lines), lost=len(lost), duplicated=len(duplicated),
-        wrong=len(wrong), unknown=len(unknown), executions=sum(ran.values()),
+        ids=len(ids),
+        output_lines=len(lines),
+        lost=len(lost),
+        duplicated=len(duplicated),
+        wrong=len(wrong),
+        unknown=len(unknown),
+        executions=sum(ran.values()),
         executed_twice=len(twice),
-        examples={"lost": lost[:10], "duplicated": duplicated[:10], "wrong": wrong[:10],
-                  "unknown": unknown[:10]},
+        examples={
+            "lost": lost[:10],
+            "duplicated": duplicated[:10],
+            "wrong": wrong[:10],
+            "unknown": unknown[:10],
+        },
     )

@@ -81,11 +81,17 @@ class Recording(Launcher):
 class Background:
     """A job run by the launcher in a thread while the test injects a fault."""
 
-    def __init__(self, fleet: LocalFleet, out: Path, n: int, batch: int,
-                 sends: int = 1, task: str = "slow") -> None:
+    def __init__(
+        self, fleet: LocalFleet, out: Path, n: int, batch: int, sends: int = 1, task: str = "slow"
+    ) -> None:
         self.launcher = Recording(fleet.settings, sends)
-        self.opts = JobOptions(task=task, source=Source.parse(f"range:0:{n}"),
-                               batch_size=batch, out=out, progress=False)
+        self.opts = JobOptions(
+            task=task,
+            source=Source.parse(f"range:0:{n}"),
+            batch_size=batch,
+            out=out,
+            progress=False,
+        )
         self.summary: JobSummary | None = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -100,7 +106,7 @@ class Background:
     def _run(self) -> None:
         try:
             self.summary = self.launcher.run(self.opts)
-        except BaseException as exc:  # noqa: BLE001 - reported by result()
+        except BaseException as exc:
             self.error = exc
 
     def result(self, timeout: float) -> JobSummary:

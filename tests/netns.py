@@ -165,8 +165,9 @@ class Net:
         me = psutil.Process()
         names = [self.switch, *map(self.ns, self.roles)]
         # Recorded before anything exists: a crash half-way is still cleaned.
-        self.record.write_text(json.dumps({"pid": me.pid, "started": me.create_time(),
-                                           "namespaces": names}))
+        self.record.write_text(
+            json.dumps({"pid": me.pid, "started": me.create_time(), "namespaces": names})
+        )
         for ns in names:
             ip("netns", "add", ns)
             self.made.append(ns)
@@ -175,8 +176,20 @@ class Net:
         ip("-n", self.switch, "link", "set", "br0", "up")
         for role in self.roles:
             ns, peer = self.ns(role), self.peer(role)
-            ip("-n", self.switch, "link", "add", peer, "type", "veth",
-               "peer", "name", "eth0", "netns", ns)
+            ip(
+                "-n",
+                self.switch,
+                "link",
+                "add",
+                peer,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns,
+            )
             ip("-n", self.switch, "link", "set", peer, "master", "br0", "up")
             ip("-n", ns, "addr", "add", f"{self.addr(role)}/24", "dev", "eth0")
             ip("-n", ns, "link", "set", "eth0", "up")
@@ -204,8 +217,17 @@ class Net:
         """
         action = "-I" if on else "-D"
         for here, there in ((role, other), (other, role)):
-            in_ns(self.ns(here), "iptables", action, "INPUT", "-s", self.addr(there),
-                  "-j", "DROP", check=on)
+            in_ns(
+                self.ns(here),
+                "iptables",
+                action,
+                "INPUT",
+                "-s",
+                self.addr(there),
+                "-j",
+                "DROP",
+                check=on,
+            )
         (self.holes.add if on else self.holes.discard)((role, other))
 
     def forget_connections(self, role: str, peer: str) -> None:
@@ -238,8 +260,9 @@ class NsThread:
     """
 
     def __init__(self, ns: str) -> None:
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"ns-{ns}",
-                                       initializer=_enter_ns, initargs=(ns,))
+        self.pool = ThreadPoolExecutor(
+            1, thread_name_prefix=f"ns-{ns}", initializer=_enter_ns, initargs=(ns,)
+        )
 
     def call(self, fn: Callable[..., T], *args: Any, timeout: float = 60) -> T:
         return self.pool.submit(fn, *args).result(timeout)
@@ -275,15 +298,22 @@ class NsServer:
 
     def start(self, view: NsThread, timeout: float = 90) -> None:
         with open(self.workdir / f"{self.name}.log", "ab") as log:
-            self.proc = subprocess.Popen(["ip", "netns", "exec", self.ns, *self.argv],
-                                         env=self.env, stdout=log, stderr=log,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         cwd=self.workdir)
+            self.proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns, *self.argv],
+                env=self.env,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.workdir,
+            )
         deadline = time.monotonic() + timeout
         while not view.call(_port_open, self.addr, self.port):
             if self.proc.poll() is not None:
-                raise NetnsError(f"{self.name} exited with {self.proc.returncode}; "
-                                 f"see {self.workdir / (self.name + '.log')}")
+                raise NetnsError(
+                    f"{self.name} exited with {self.proc.returncode}; "
+                    f"see {self.workdir / (self.name + '.log')}"
+                )
             if time.monotonic() > deadline:
                 raise NetnsError(f"{self.name} did not listen within {timeout} s")
             time.sleep(0.1)
@@ -310,8 +340,7 @@ class NsServer:
             stop_process(helper, timeout=5)
 
 
-def redis_in_ns(name: str, ns: str, addr: str, port: int, workdir: Path,
-                password: str) -> NsServer:
+def redis_in_ns(name: str, ns: str, addr: str, port: int, workdir: Path, password: str) -> NsServer:
     """The local fleet's redis-server (scripts/local/servers.py), bound to the namespace's
     address."""
     server = redis_server(name, workdir, password, bind=addr, port=port)
@@ -325,12 +354,23 @@ def rabbitmq_in_ns(ns: str, addr: str, workdir: Path, password: str) -> NsServer
     its own, so they are free; the node name resolves to the namespace's
     127.0.0.1 (lo is up).
     """
-    server = rabbitmq_server(workdir, password, bind=addr, port=AMQP_PORT, dist_port=25672,
-                             epmd_port=4369, start_epmd=False)
+    server = rabbitmq_server(
+        workdir,
+        password,
+        bind=addr,
+        port=AMQP_PORT,
+        dist_port=25672,
+        epmd_port=4369,
+        start_epmd=False,
+    )
     # Our own epmd in the foreground, so it dies with the test, not after it.
-    epmd = subprocess.Popen(["ip", "netns", "exec", ns, need_binary("epmd"), "-port", "4369"],
-                            env=server.env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    epmd = subprocess.Popen(
+        ["ip", "netns", "exec", ns, need_binary("epmd"), "-port", "4369"],
+        env=server.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     ns_server = NsServer("rabbitmq", ns, addr, AMQP_PORT, server.argv, server.env, workdir)
     ns_server.helpers.append(epmd)
     return ns_server
@@ -353,9 +393,16 @@ class Host:
 class NetFleet:
     """Servers, `hosts` worker hosts and a launcher namespace; `close()` removes it all."""
 
-    def __init__(self, workdir: Path, broker: str = "redis", hosts: int = 3,
-                 concurrency: int = 1, env: dict[str, str] | None = None,
-                 lease_seconds: float = 2.0, include: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        broker: str = "redis",
+        hosts: int = 3,
+        concurrency: int = 1,
+        env: dict[str, str] | None = None,
+        lease_seconds: float = 2.0,
+        include: tuple[str, ...] = (),
+    ) -> None:
         self.workdir = workdir
         self.broker_kind = broker
         self.concurrency = concurrency
@@ -363,8 +410,9 @@ class NetFleet:
         self.lease_seconds = lease_seconds
         self.include = include
         self.net = Net(["srv", "launcher", *(f"w{i}" for i in range(hosts))])
-        self.hosts = [Host(f"w{i}", self.net.ns(f"w{i}"), f"w{i}@{self.net.run}")
-                      for i in range(hosts)]
+        self.hosts = [
+            Host(f"w{i}", self.net.ns(f"w{i}"), f"w{i}@{self.net.run}") for i in range(hosts)
+        ]
         self.view: NsThread | None = None
         self.broker: NsServer | None = None
         self.results: NsServer | None = None
@@ -390,21 +438,24 @@ class NetFleet:
         srv, addr = self.net.ns("srv"), self.net.addr("srv")
         self.view = NsThread(srv)
         password = secrets.token_urlsafe(18)
-        self.results = redis_in_ns("results", srv, addr, REDIS_RESULT_PORT, self.workdir,
-                                   password)
+        self.results = redis_in_ns("results", srv, addr, REDIS_RESULT_PORT, self.workdir, password)
         if self.broker_kind == "redis":
-            self.broker = redis_in_ns("broker", srv, addr, REDIS_BROKER_PORT, self.workdir,
-                                      password)
+            self.broker = redis_in_ns(
+                "broker", srv, addr, REDIS_BROKER_PORT, self.workdir, password
+            )
             broker_url = f"redis://:{password}@{addr}:{REDIS_BROKER_PORT}/0"
         else:
             self.broker = rabbitmq_in_ns(srv, addr, self.workdir, password)
             broker_url = f"amqp://fleet:{password}@{addr}:{AMQP_PORT}//"
         self.results.start(self.view)
         self.broker.start(self.view)
-        self.settings = Settings(broker_url=broker_url,
-                                 result_url=f"redis://:{password}@{addr}:{REDIS_RESULT_PORT}/1",
-                                 include=self.include, lease_seconds=self.lease_seconds,
-                                 max_batch_seconds=60)
+        self.settings = Settings(
+            broker_url=broker_url,
+            result_url=f"redis://:{password}@{addr}:{REDIS_RESULT_PORT}/1",
+            include=self.include,
+            lease_seconds=self.lease_seconds,
+            max_batch_seconds=60,
+        )
         for host in self.hosts:
             self.start_host(host)
         self.wait_hosts()
@@ -446,10 +497,15 @@ class NetFleet:
         assert self.settings is not None
         argv = worker_argv(sys.executable, self.settings.queue, self.concurrency, host.node)
         with open(self.workdir / f"{host.role}.log", "ab") as log:
-            host.proc = subprocess.Popen(["ip", "netns", "exec", host.ns, *argv],
-                                         env=self.worker_env(host), stdout=log, stderr=log,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         cwd=ROOT)
+            host.proc = subprocess.Popen(
+                ["ip", "netns", "exec", host.ns, *argv],
+                env=self.worker_env(host),
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=ROOT,
+            )
 
     def kill_host(self, host: Host) -> None:
         """The host dies: every process in it gets SIGKILL at once."""
@@ -477,14 +533,17 @@ class NetFleet:
         while True:
             for host in self.hosts:
                 if host.proc is None or host.proc.poll() is not None:
-                    raise NetnsError(f"worker host {host.role} is not running; "
-                                     f"see {self.workdir / (host.role + '.log')}")
+                    raise NetnsError(
+                        f"worker host {host.role} is not running; "
+                        f"see {self.workdir / (host.role + '.log')}"
+                    )
             with contextlib.suppress(Exception):
                 if {h.proc.pid for h in self.hosts} <= self.live_pids():
                     return
             if time.monotonic() > deadline:
-                raise NetnsError(f"worker hosts did not come up within {timeout} s; "
-                                 f"logs in {self.workdir}")
+                raise NetnsError(
+                    f"worker hosts did not come up within {timeout} s; logs in {self.workdir}"
+                )
             time.sleep(0.2)
 
     def host_log(self, host: Host) -> str:
@@ -501,10 +560,23 @@ class NetFleet:
         stdout, stderr = self.workdir / f"{name}.out", self.workdir / f"{name}.err"
         with open(stdout, "wb") as out, open(stderr, "wb") as err:
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.net.ns("launcher"), str(FLEET_BIN), "run", *args,
-                 "--no-progress"],
-                env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=ROOT)
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.net.ns("launcher"),
+                    str(FLEET_BIN),
+                    "run",
+                    *args,
+                    "--no-progress",
+                ],
+                env=env,
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=ROOT,
+            )
         return Launch(proc, stdout, stderr)
 
 
@@ -525,8 +597,10 @@ class Launch:
                 if words[:1] == ["job"] or words[:2] == ["resuming", "job"]:
                     return words[words.index("job") + 1].rstrip(":")
             if self.proc.poll() is not None:
-                raise NetnsError(f"fleet run exited with {self.proc.returncode}: "
-                                 f"{self.stderr.read_text(errors='replace')}")
+                raise NetnsError(
+                    f"fleet run exited with {self.proc.returncode}: "
+                    f"{self.stderr.read_text(errors='replace')}"
+                )
             time.sleep(0.05)
         raise NetnsError(f"no job line from fleet run within {timeout} s")
 

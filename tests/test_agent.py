@@ -47,15 +47,16 @@ pytestmark = pytest.mark.timeout(150)
 class _Handler(BaseHTTPRequestHandler):
     server: FakeImds
 
-    def do_PUT(self) -> None:  # noqa: N802
-        if (self.path != "/latest/api/token"
-                or not self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")):
+    def do_PUT(self) -> None:
+        if self.path != "/latest/api/token" or not self.headers.get(
+            "X-aws-ec2-metadata-token-ttl-seconds"
+        ):
             return self._reply(400, "")
         token = secrets.token_hex(8)
         self.server.tokens.add(token)
         self._reply(200, token)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         if self.headers.get("X-aws-ec2-metadata-token") not in self.server.tokens:
             self.server.refused += 1
             return self._reply(401, "")
@@ -79,8 +80,10 @@ class FakeImds(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.tokens: set[str] = set()
         self.refused = 0
-        self.data = {"instance-id": "i-0123456789abcdef0",
-                     "autoscaling/target-lifecycle-state": "InService"}
+        self.data = {
+            "instance-id": "i-0123456789abcdef0",
+            "autoscaling/target-lifecycle-state": "InService",
+        }
 
     @property
     def url(self) -> str:
@@ -135,22 +138,33 @@ def test_imds_client_uses_and_renews_its_token(imds):
 @pytest.fixture
 def group(monkeypatch):
     """An autoscaling group in moto: a launch template, one instance, a termination hook."""
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(key, value)
     with mock_aws():
         boto3.client("ec2").create_launch_template(
             LaunchTemplateName="fleet-workers",
-            LaunchTemplateData={"ImageId": "ami-12c6146b", "InstanceType": "c7i.xlarge"})
+            LaunchTemplateData={"ImageId": "ami-12c6146b", "InstanceType": "c7i.xlarge"},
+        )
         autoscaling = boto3.client("autoscaling")
         autoscaling.create_auto_scaling_group(
-            AutoScalingGroupName="fleet-group", MinSize=0, MaxSize=4, DesiredCapacity=1,
+            AutoScalingGroupName="fleet-group",
+            MinSize=0,
+            MaxSize=4,
+            DesiredCapacity=1,
             LaunchTemplate={"LaunchTemplateName": "fleet-workers", "Version": "$Latest"},
-            AvailabilityZones=["us-east-1a", "us-east-1b"])
+            AvailabilityZones=["us-east-1a", "us-east-1b"],
+        )
         autoscaling.put_lifecycle_hook(
-            LifecycleHookName="fleet-drain", AutoScalingGroupName="fleet-group",
-            LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING", HeartbeatTimeout=900,
-            DefaultResult="CONTINUE")
+            LifecycleHookName="fleet-drain",
+            AutoScalingGroupName="fleet-group",
+            LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
+            HeartbeatTimeout=900,
+            DefaultResult="CONTINUE",
+        )
         instance = autoscaling.describe_auto_scaling_instances()["AutoScalingInstances"][0]
         yield autoscaling, instance["InstanceId"]
 
@@ -166,7 +180,8 @@ def answer_lifecycle_calls(client) -> list[tuple[str, dict]]:
     def answer(model, **_):  # after botocore validated the request
         if model.name in unanswered:
             return SimpleNamespace(status_code=200, headers={}), {
-                "ResponseMetadata": {"HTTPStatusCode": 200}}
+                "ResponseMetadata": {"HTTPStatusCode": 200}
+            }
         return None
 
     client.meta.events.register("before-parameter-build.auto-scaling.*", record)
@@ -175,8 +190,9 @@ def answer_lifecycle_calls(client) -> list[tuple[str, dict]]:
 
 
 def protected(autoscaling, instance_id) -> bool:
-    return autoscaling.describe_auto_scaling_instances(
-        InstanceIds=[instance_id])["AutoScalingInstances"][0]["ProtectedFromScaleIn"]
+    return autoscaling.describe_auto_scaling_instances(InstanceIds=[instance_id])[
+        "AutoScalingInstances"
+    ][0]["ProtectedFromScaleIn"]
 
 
 def test_protection_follows_the_worker_and_termination_waits_for_the_drain(group, imds):
@@ -186,8 +202,17 @@ def test_protection_follows_the_worker_and_termination_waits_for_the_drain(group
     # Neither name configured: found through the API, as on a stack that does not pass them.
     assert discover(autoscaling, instance_id, None, None) == ("fleet-group", "fleet-drain")
     worker, clock = FakeWorker(), Clock()
-    agent = Agent(Imds(imds.url), worker, autoscaling, instance_id, "fleet-group",
-                  "fleet-drain", idle_grace=10, heartbeat_every=20, clock=clock)
+    agent = Agent(
+        Imds(imds.url),
+        worker,
+        autoscaling,
+        instance_id,
+        "fleet-group",
+        "fleet-drain",
+        idle_grace=10,
+        heartbeat_every=20,
+        clock=clock,
+    )
 
     def protection_calls():
         return [p["ProtectedFromScaleIn"] for name, p in calls if name == "SetInstanceProtection"]
@@ -225,8 +250,11 @@ def test_protection_follows_the_worker_and_termination_waits_for_the_drain(group
     agent.step()
     agent.step()
     completes = [p for name, p in calls if name == "CompleteLifecycleAction"]
-    action = {"LifecycleHookName": "fleet-drain", "AutoScalingGroupName": "fleet-group",
-              "InstanceId": instance_id}
+    action = {
+        "LifecycleHookName": "fleet-drain",
+        "AutoScalingGroupName": "fleet-group",
+        "InstanceId": instance_id,
+    }
     assert completes == [{**action, "LifecycleActionResult": "CONTINUE"}]
     assert all(h == action for h in heartbeats)
     # The names are the ones moto holds for this instance.
@@ -254,13 +282,18 @@ def test_stopped_agent_lifts_its_protection(group, imds):
 
 # -- Spot, with real workers ------------------------------------------------
 
-RECEIVED = re.compile(r"^\[(?P<at>[\d-]+ [\d:]+,\d+): INFO/MainProcess\] "
-                      r"Task fleet\.batch\[(?P<id>[^\]]+)\] received", re.M)
+RECEIVED = re.compile(
+    r"^\[(?P<at>[\d-]+ [\d:]+,\d+): INFO/MainProcess\] "
+    r"Task fleet\.batch\[(?P<id>[^\]]+)\] received",
+    re.M,
+)
 
 
 def received(log: str) -> dict[str, float]:
-    return {m["id"]: datetime.strptime(m["at"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            for m in RECEIVED.finditer(log)}
+    return {
+        m["id"]: datetime.strptime(m["at"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        for m in RECEIVED.finditer(log)
+    }
 
 
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq", "sqs"])
@@ -268,8 +301,9 @@ def test_spot_notice_hands_the_batch_back_at_once(broker, request, make_fleet, i
     env = {"FLEET_TEST_ITEM_MS": "100"}
     # Leases of 30 s: a batch that came back by the launcher's lease check would show.
     if broker == "sqs":
-        settings = replace(sqs_settings(request.getfixturevalue("aws"), "fleet-spot"),
-                           lease_seconds=30)
+        settings = replace(
+            sqs_settings(request.getfixturevalue("aws"), "fleet-spot"), lease_seconds=30
+        )
         fleet = make_fleet(2, settings=settings, env=env)
     else:
         fleet = make_fleet(2, broker, env=env, lease_seconds=30)
@@ -277,9 +311,20 @@ def test_spot_notice_hands_the_batch_back_at_once(broker, request, make_fleet, i
     out = tmp_path / "out.jsonl"
     n = 20  # one batch of 2 s
     result: dict = {}
-    job = threading.Thread(target=lambda: result.update(summary=Launcher(fleet.settings).run(
-        JobOptions(task="slow", source=Source.parse(f"range:0:{n}"), batch_size=n, out=out,
-                   progress=False))), daemon=True)
+    job = threading.Thread(
+        target=lambda: result.update(
+            summary=Launcher(fleet.settings).run(
+                JobOptions(
+                    task="slow",
+                    source=Source.parse(f"range:0:{n}"),
+                    batch_size=n,
+                    out=out,
+                    progress=False,
+                )
+            )
+        ),
+        daemon=True,
+    )
     job.start()
 
     # The instance whose pool is running the batch.
@@ -300,8 +345,9 @@ def test_spot_notice_hands_the_batch_back_at_once(broker, request, make_fleet, i
     watcher.start()
     try:
         notice_wall, notice = time.time(), time.monotonic()
-        imds.data["spot/instance-action"] = json.dumps({"action": "terminate",
-                                                        "time": "2026-11-23T20:00:00Z"})
+        imds.data["spot/instance-action"] = json.dumps(
+            {"action": "terminate", "time": "2026-11-23T20:00:00Z"}
+        )
         code = victim.proc.wait(20)
         stopped = time.monotonic() - notice
         job.join(60)
@@ -318,9 +364,11 @@ def test_spot_notice_hands_the_batch_back_at_once(broker, request, make_fleet, i
     other_log = (fleet.workdir / f"instance{other.index}.log").read_text()
     (task_id,) = received(victim_log)
     redelivered = received(other_log)[task_id] - notice_wall
-    print(f"\n{broker}: worker stopped {stopped:.2f} s after the Spot notice (exit {code}); "
-          f"its batch was received by the other worker {redelivered:.2f} s after it; "
-          f"job done {done:.2f} s after it (the batch runs 2 s)")
+    print(
+        f"\n{broker}: worker stopped {stopped:.2f} s after the Spot notice (exit {code}); "
+        f"its batch was received by the other worker {redelivered:.2f} s after it; "
+        f"job done {done:.2f} s after it (the batch runs 2 s)"
+    )
     assert stopped < 5, "the worker did not stop consuming within seconds"
     assert redelivered < 5, "the batch was not redelivered at once"
     assert done < 20

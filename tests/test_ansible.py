@@ -40,9 +40,14 @@ def tool(name: str) -> str:
 
 
 def test_ansible_lint_production_profile_passes():
-    result = subprocess.run([tool("ansible-lint"), "--profile", "production", "--nocolor"],
-                            cwd=ANSIBLE, capture_output=True, text=True, timeout=240,
-                            env={**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg")})
+    result = subprocess.run(
+        [tool("ansible-lint"), "--profile", "production", "--nocolor"],
+        cwd=ANSIBLE,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg")},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Profile 'production' was required, and it passed" in result.stdout + result.stderr
 
@@ -72,29 +77,49 @@ def converged(tmp_path_factory):
     root = tmp_path_factory.mktemp("ansible-host")
     with LocalFleet(0, "redis", workdir=root / "fleet") as fleet:
         inventory = root / "inventory.yml"
-        inventory.write_text(yaml.safe_dump({"celery_fleet_workers": {
-            "hosts": {"localhost": {"ansible_connection": "local",
-                                    "ansible_python_interpreter": sys.executable}},
-            "vars": {
-                "celery_fleet_worker_artifact": str(wheelhouse()),
-                "celery_fleet_worker_offline": True,
-                "celery_fleet_worker_python": sys.executable,
-                # As a dict: the role templates it into <etc>/settings.env.
-                "celery_fleet_worker_settings": fleet.settings.as_env(),
-                "celery_fleet_worker_node_name": "ansible@test",
-                "celery_fleet_worker_app_dir": str(root / "opt"),
-                "celery_fleet_worker_etc_dir": str(root / "etc"),
-                "celery_fleet_worker_systemd_dir": str(root / "systemd"),
-                "celery_fleet_worker_boot_script": str(root / "sbin" / "fleet-boot"),
-            }}}))
+        inventory.write_text(
+            yaml.safe_dump(
+                {
+                    "celery_fleet_workers": {
+                        "hosts": {
+                            "localhost": {
+                                "ansible_connection": "local",
+                                "ansible_python_interpreter": sys.executable,
+                            }
+                        },
+                        "vars": {
+                            "celery_fleet_worker_artifact": str(wheelhouse()),
+                            "celery_fleet_worker_offline": True,
+                            "celery_fleet_worker_python": sys.executable,
+                            # As a dict: the role templates it into <etc>/settings.env.
+                            "celery_fleet_worker_settings": fleet.settings.as_env(),
+                            "celery_fleet_worker_node_name": "ansible@test",
+                            "celery_fleet_worker_app_dir": str(root / "opt"),
+                            "celery_fleet_worker_etc_dir": str(root / "etc"),
+                            "celery_fleet_worker_systemd_dir": str(root / "systemd"),
+                            "celery_fleet_worker_boot_script": str(root / "sbin" / "fleet-boot"),
+                        },
+                    }
+                }
+            )
+        )
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-        env.update(ANSIBLE_CONFIG=str(ANSIBLE / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
-                   ANSIBLE_LOCAL_TEMP=str(root / "tmp"), ANSIBLE_REMOTE_TEMP=str(root / "tmp"))
+        env.update(
+            ANSIBLE_CONFIG=str(ANSIBLE / "ansible.cfg"),
+            ANSIBLE_NOCOLOR="1",
+            ANSIBLE_LOCAL_TEMP=str(root / "tmp"),
+            ANSIBLE_REMOTE_TEMP=str(root / "tmp"),
+        )
         runs = []
         for _ in range(2):
             result = subprocess.run(
                 [tool("ansible-playbook"), "-i", str(inventory), "playbooks/worker.yml"],
-                cwd=ANSIBLE, env=env, capture_output=True, text=True, timeout=240)
+                cwd=ANSIBLE,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=240,
+            )
             assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
             runs.append(result.stdout)
         yield fleet, root, runs[0], runs[1]
@@ -104,8 +129,9 @@ def test_first_converge_installs_and_configures_without_systemd(converged):
     fleet, root, first, _ = converged
     assert recap(first)["changed"] >= 3 and recap(first)["failed"] == 0
     assert (root / "opt" / "venv" / "bin" / "python").exists()
-    assert (root / "sbin" / "fleet-boot").read_text() == (ROOT / "scripts" /
-                                                          "fleet-boot.sh").read_text()
+    assert (root / "sbin" / "fleet-boot").read_text() == (
+        ROOT / "scripts" / "fleet-boot.sh"
+    ).read_text()
     env_file = root / "etc" / "env"
     assert env_file.stat().st_mode & 0o777 == 0o600
     assert parse_env(env_file.read_text())["FLEET_NODE_NAME"] == "ansible@test"
@@ -130,8 +156,14 @@ def test_the_configured_worker_processes_a_job(converged, tmp_path):
     python = str(root / "opt" / "venv" / "bin" / "python")
 
     def boot_cmd(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([python, "-m", "app.boot", *args], env=env, cwd=root / "opt",
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [python, "-m", "app.boot", *args],
+            env=env,
+            cwd=root / "opt",
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     started = boot_cmd("start")
     assert started.returncode == 0, started.stderr

@@ -173,11 +173,14 @@ def test_unserialisable_result_becomes_an_error_record():
     assert [r["result"] for r in records[0::2]] == [{"ok": 0}, {"ok": 2}, {"ok": 4}]
 
 
-@pytest.mark.parametrize("bad", [
-    {object()},  # a set holding an object
-    {(1, 2): "tuple key"},
-    [1, {"deep": NotJson()}],
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {object()},  # a set holding an object
+        {(1, 2): "tuple key"},
+        [1, {"deep": NotJson()}],
+    ],
+)
 def test_various_unserialisable_results(bad):
     out = run_batch(task(lambda x: bad), [1, 2])
     records = parse(out)

@@ -64,15 +64,26 @@ class Booted:
     mtimes_before_second: dict[str, float]
 
 
-def fleet_boot(env: dict[str, str], *args: str, prefix: tuple[str, ...] = (),
-               timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([*prefix, "bash", str(BOOT_SCRIPT), *args], env=env, text=True,
-                          capture_output=True, timeout=timeout, cwd=env["FLEET_RUN_DIR"])
+def fleet_boot(
+    env: dict[str, str], *args: str, prefix: tuple[str, ...] = (), timeout: float = 180
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*prefix, "bash", str(BOOT_SCRIPT), *args],
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        cwd=env["FLEET_RUN_DIR"],
+    )
 
 
 def files_under(root: Path) -> dict[str, float]:
-    return {str(p): p.stat().st_mtime_ns for sub in ("etc", "systemd") for p in
-            (root / sub).rglob("*") if p.is_file()}
+    return {
+        str(p): p.stat().st_mtime_ns
+        for sub in ("etc", "systemd")
+        for p in (root / sub).rglob("*")
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +110,7 @@ def test_first_boot_installs_and_configures(booted):
     env = parse_env(env_file.read_text())
     assert env["FLEET_CONCURRENCY"] == str(available_cpus())
     unit = (booted.root / "systemd" / WORKER_UNIT).read_text()
-    expected = worker_argv(str(venv_python), "fleet", available_cpus(),
-                                env["FLEET_NODE_NAME"])
+    expected = worker_argv(str(venv_python), "fleet", available_cpus(), env["FLEET_NODE_NAME"])
     assert f"ExecStart={' '.join(expected)}" in unit.splitlines()
     assert "systemd: skipped: systemd is not running here" in log
     assert not (booted.root / "systemd" / AGENT_UNIT).exists(), "not on EC2: no agent"
@@ -116,15 +126,19 @@ def test_second_boot_changes_nothing(booted):
 
 
 @pytest.mark.parametrize("pinned", [True, False], ids=["taskset-c0", "unrestricted"])
-def test_foreground_worker_is_sized_to_its_cpus_and_runs_a_job(booted, fleet, tmp_path,
-                                                                pinned):
+def test_foreground_worker_is_sized_to_its_cpus_and_runs_a_job(booted, fleet, tmp_path, pinned):
     expected = 1 if pinned else len(os.sched_getaffinity(0))
     node = f"boot-{'pinned' if pinned else 'free'}@test"
     log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115 - closed below
     prefix = ["taskset", "-c", "0"] if pinned else []
-    proc = subprocess.Popen([*prefix, "bash", str(BOOT_SCRIPT), "--foreground", "--node", node],
-                            env=booted.env, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=booted.root / "run", start_new_session=True)
+    proc = subprocess.Popen(
+        [*prefix, "bash", str(BOOT_SCRIPT), "--foreground", "--node", node],
+        env=booted.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=booted.root / "run",
+        start_new_session=True,
+    )
     try:
         info = wait_worker(fleet.settings, node, proc=proc)
         assert info["concurrency"] == expected
@@ -149,8 +163,12 @@ def test_foreground_worker_is_sized_to_its_cpus_and_runs_a_job(booted, fleet, tm
 
 
 def test_environment_file_round_trips_awkward_values(tmp_path):
-    env = {"FLEET_BROKER_URL": 'amqps://u:p%40ss"w$rd`\\x #1@h:5671//',
-           "PLAIN": "redis://:tok@127.0.0.1:6379/0", "EMPTY": "", "SPACE": "a b"}
+    env = {
+        "FLEET_BROKER_URL": 'amqps://u:p%40ss"w$rd`\\x #1@h:5671//',
+        "PLAIN": "redis://:tok@127.0.0.1:6379/0",
+        "EMPTY": "",
+        "SPACE": "a b",
+    }
     text = render_env(env)
     assert parse_env(text) == env
     with pytest.raises(ConfigError):
@@ -162,15 +180,20 @@ def test_units_verify_with_systemd(tmp_path):
     if analyze is None:
         pytest.skip("systemd-analyze is not installed (Debian package systemd)")
     layout = HostPaths(tmp_path, tmp_path / "env", tmp_path, tmp_path)
-    env = {"FLEET_QUEUE": "q", "FLEET_CONCURRENCY": "4", "FLEET_NODE_NAME": "celery@%h-1",
-           "FLEET_MAX_BATCH_SECONDS": "600"}
+    env = {
+        "FLEET_QUEUE": "q",
+        "FLEET_CONCURRENCY": "4",
+        "FLEET_NODE_NAME": "celery@%h-1",
+        "FLEET_MAX_BATCH_SECONDS": "600",
+    }
     (tmp_path / "env").write_text(render_env(env))
     worker = worker_unit(layout, env, sys.executable, "root")
     agent = agent_unit(layout, env, sys.executable)
     for name, text in ((WORKER_UNIT, worker), (AGENT_UNIT, agent)):
         (tmp_path / name).write_text(text)
-        result = subprocess.run([analyze, "verify", str(tmp_path / name)], capture_output=True,
-                                text=True, cwd=tmp_path)
+        result = subprocess.run(
+            [analyze, "verify", str(tmp_path / name)], capture_output=True, text=True, cwd=tmp_path
+        )
         assert result.returncode == 0, result.stdout + result.stderr
     lines = worker.splitlines()
     for line in ("KillSignal=SIGTERM", "KillMode=mixed", "Restart=always", "TimeoutStopSec=660"):
@@ -187,7 +210,8 @@ def fake_systemctl(tmp_path, monkeypatch):
     bin_dir.mkdir()
     (tmp_path / "active").mkdir()
     script = bin_dir / "systemctl"
-    script.write_text(textwrap.dedent(f"""\
+    script.write_text(
+        textwrap.dedent(f"""\
         #!/bin/bash
         echo "$*" >>{tmp_path}/calls
         [[ -e {tmp_path}/fail && "$1" == restart ]] && exit 1
@@ -195,7 +219,8 @@ def fake_systemctl(tmp_path, monkeypatch):
         is-active) [[ -e {tmp_path}/active/${{@: -1}} ]] ;;
         start|restart) shift; for u in "$@"; do touch {tmp_path}/active/$u; done ;;
         esac
-        """))
+        """)
+    )
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
 
@@ -204,17 +229,28 @@ def fake_systemctl(tmp_path, monkeypatch):
         lines = path.read_text().splitlines() if path.exists() else []
         path.unlink(missing_ok=True)
         return lines
+
     return calls
 
 
 def test_systemd_steps_run_with_systemd_and_only_on_change(tmp_path, fake_systemctl):
-    layout = HostPaths(tmp_path / "opt", tmp_path / "etc" / "env", tmp_path / "units",
-                         tmp_path / "run")
+    layout = HostPaths(
+        tmp_path / "opt", tmp_path / "etc" / "env", tmp_path / "units", tmp_path / "run"
+    )
     settings = Settings("redis://127.0.0.1:1/0", "redis://127.0.0.1:1/1", queue="q")
 
     def run(concurrency: int = 3, use_systemd: bool = True) -> Report:
-        return configure(layout, settings, {}, "test", concurrency=concurrency,
-                         node="n@h", use_systemd=use_systemd, agent=True, user="root")
+        return configure(
+            layout,
+            settings,
+            {},
+            "test",
+            concurrency=concurrency,
+            node="n@h",
+            use_systemd=use_systemd,
+            agent=True,
+            user="root",
+        )
 
     units = f"{WORKER_UNIT} {AGENT_UNIT}"
     apply = ["daemon-reload", f"enable {units}", f"restart {units}"]
@@ -223,8 +259,10 @@ def test_systemd_steps_run_with_systemd_and_only_on_change(tmp_path, fake_system
     assert first.changed and len(first.files) == 3
     second = run()
     assert not second.changed, second.as_dict()
-    assert fake_systemctl() == [f"is-active --quiet {WORKER_UNIT}",
-                                f"is-active --quiet {AGENT_UNIT}"]
+    assert fake_systemctl() == [
+        f"is-active --quiet {WORKER_UNIT}",
+        f"is-active --quiet {AGENT_UNIT}",
+    ]
     (tmp_path / "active" / WORKER_UNIT).unlink()  # someone stopped the worker
     assert run().actions == [f"started {WORKER_UNIT}"]
     assert fake_systemctl()[-1] == f"start {WORKER_UNIT}"
@@ -252,10 +290,13 @@ def test_settings_and_secret_from_ssm(tmp_path, monkeypatch):
     with mock_aws():
         ssm = boto3.client("ssm")
         prefix = "/celery-fleet/t/"
-        for key, value in {"broker_url": "amqps://fleet@b-1.mq.amazonaws.com:5671//",
-                           "result_url": "s3://bucket/results", "queue": "celery-fleet-t",
-                           "max_batch_seconds": "600",
-                           "broker_password_parameter": f"{prefix}broker_password"}.items():
+        for key, value in {
+            "broker_url": "amqps://fleet@b-1.mq.amazonaws.com:5671//",
+            "result_url": "s3://bucket/results",
+            "queue": "celery-fleet-t",
+            "max_batch_seconds": "600",
+            "broker_password_parameter": f"{prefix}broker_password",
+        }.items():
             ssm.put_parameter(Name=prefix + key, Value=value, Type="String")
         ssm.put_parameter(Name=prefix + "broker_password", Value="S3cret/Pw", Type="SecureString")
         monkeypatch.setenv("FLEET_SSM_PREFIX", prefix)  # as the user-data's boot.env sets it
@@ -307,22 +348,33 @@ def test_drain_never_signals_a_process_that_is_not_the_worker(tmp_path):
 
 
 def bash(script: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", f'source "{BOOT_SCRIPT}"\n{script}'], env=env,
-                          capture_output=True, text=True, check=False)
+    return subprocess.run(
+        ["bash", "-c", f'source "{BOOT_SCRIPT}"\n{script}'],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 def test_fetch_artifact_mirrors_s3_and_wants_one_app_wheel(tmp_path):
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "aws").write_text(f'#!/bin/bash\necho "$*" >>{tmp_path}/calls\n'
-                              f'cp {app_wheel()} "${{@: -1}}"\n')
+    (fake / "aws").write_text(
+        f'#!/bin/bash\necho "$*" >>{tmp_path}/calls\ncp {app_wheel()} "${{@: -1}}"\n'
+    )
     (fake / "aws").chmod(0o755)
     env = host_env(tmp_path, PATH=f"{fake}:{os.environ['PATH']}")
     result = bash("fetch_artifact s3://bucket/artifacts/abc/", env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{tmp_path}/opt/wheels/{app_wheel().name}"
-    assert (tmp_path / "calls").read_text().startswith(
-        f"s3 sync --only-show-errors --delete s3://bucket/artifacts/abc/ {tmp_path}/opt/wheels/")
+    assert (
+        (tmp_path / "calls")
+        .read_text()
+        .startswith(
+            f"s3 sync --only-show-errors --delete s3://bucket/artifacts/abc/ {tmp_path}/opt/wheels/"
+        )
+    )
     shutil.copy(app_wheel(), tmp_path / "opt" / "wheels" / "celery_fleet-9.9-py3-none-any.whl")
     two = bash(f"fetch_artifact {tmp_path}/opt/wheels", env)
     assert two.returncode != 0 and "found 2" in two.stderr

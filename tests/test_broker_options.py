@@ -48,8 +48,7 @@ def test_a_silent_redis_broker_times_out_instead_of_hanging(monkeypatch):
     with socket.create_server(("127.0.0.1", 0)) as silent:
         port = silent.getsockname()[1]
         settings = Settings(f"redis://127.0.0.1:{port}/0", STORE)
-        conn = kombu.Connection(settings.broker_url,
-                                transport_options=settings.transport_options)
+        conn = kombu.Connection(settings.broker_url, transport_options=settings.transport_options)
         started = time.monotonic()
         with pytest.raises(conn.connection_errors):
             conn.channel()  # its first command is a PING

@@ -32,10 +32,17 @@ def fake_cgroup(tmp_path: Path, rel: str, quotas: dict[str, str]) -> tuple[Path,
 
 # -- affinity, for real -------------------------------------------------------
 
+
 @pytest.mark.skipif(not shutil.which("taskset"), reason="taskset not installed")
 def test_taskset_one_cpu_gives_one():
-    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", PROBE], cwd=ROOT_DIR,
-                         capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-c", PROBE],
+        cwd=ROOT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert out.stdout.strip() == "1"
 
 
@@ -43,8 +50,14 @@ def test_taskset_one_cpu_gives_one():
 def test_taskset_two_cpus_gives_at_most_two():
     allowed = sorted(os.sched_getaffinity(0))[:2]
     cpu_list = ",".join(map(str, allowed))
-    out = subprocess.run(["taskset", "-c", cpu_list, sys.executable, "-c", PROBE], cwd=ROOT_DIR,
-                         capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        ["taskset", "-c", cpu_list, sys.executable, "-c", PROBE],
+        cwd=ROOT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     quota = cgroup_quota_cpus()
     expected = 2 if quota is None else min(2, max(1, -(-quota // 1)))
     assert int(out.stdout) == expected
@@ -55,6 +68,7 @@ def test_available_cpus_never_exceeds_the_affinity_mask():
 
 
 # -- cgroup v2 quota parsing ---------------------------------------------------
+
 
 def test_quota_of_this_cgroup(tmp_path):
     proc, root = fake_cgroup(tmp_path, "/job", {"/job": "150000 100000\n"})
@@ -71,13 +85,16 @@ def test_no_cpu_max_files_means_unlimited(tmp_path):
     assert cgroup_quota_cpus(proc, root) is None
 
 
-@pytest.mark.parametrize("quotas, expected", [
-    # The tightest quota on the way up applies, wherever it sits.
-    ({"/a/b/c": "400000 100000", "/a/b": "200000 100000", "/a": "300000 100000"}, 2.0),
-    ({"/a/b/c": "max 100000", "/a/b": "max 100000", "/a": "50000 100000"}, 0.5),
-    ({"/a/b/c": "25000 50000", "/a": "max 100000"}, 0.5),
-    ({"/": "100000 100000", "/a/b/c": "max 100000"}, 1.0),
-])
+@pytest.mark.parametrize(
+    "quotas, expected",
+    [
+        # The tightest quota on the way up applies, wherever it sits.
+        ({"/a/b/c": "400000 100000", "/a/b": "200000 100000", "/a": "300000 100000"}, 2.0),
+        ({"/a/b/c": "max 100000", "/a/b": "max 100000", "/a": "50000 100000"}, 0.5),
+        ({"/a/b/c": "25000 50000", "/a": "max 100000"}, 0.5),
+        ({"/": "100000 100000", "/a/b/c": "max 100000"}, 1.0),
+    ],
+)
 def test_nested_quotas_take_the_tightest(tmp_path, quotas, expected):
     proc, root = fake_cgroup(tmp_path, "/a/b/c", quotas)
     assert cgroup_quota_cpus(proc, root) == expected
@@ -115,13 +132,17 @@ def test_unreadable_cpu_max_is_skipped(tmp_path):
 
 # -- combining affinity and quota ---------------------------------------------
 
-@pytest.mark.parametrize("affinity, quota, expected", [
-    (8, None, 8),
-    (8, 2.0, 2),
-    (8, 1.5, 2),  # rounded up: a 1.5-CPU quota keeps two processes busy
-    (8, 0.25, 1),  # at least one
-    (2, 6.0, 2),  # the mask caps a generous quota
-])
+
+@pytest.mark.parametrize(
+    "affinity, quota, expected",
+    [
+        (8, None, 8),
+        (8, 2.0, 2),
+        (8, 1.5, 2),  # rounded up: a 1.5-CPU quota keeps two processes busy
+        (8, 0.25, 1),  # at least one
+        (2, 6.0, 2),  # the mask caps a generous quota
+    ],
+)
 def test_available_cpus_combines_mask_and_quota(monkeypatch, affinity, quota, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)))
     monkeypatch.setattr(cpus, "cgroup_quota_cpus", lambda: quota)

@@ -41,8 +41,14 @@ pytestmark = pytest.mark.timeout(150)
 @pytest.fixture(scope="module", params=["redis", "rabbitmq"])
 def shared(request, tmp_path_factory):
     workdir = tmp_path_factory.mktemp(f"faults-{request.param}")
-    with LocalFleet(2, request.param, include=TASKS, workdir=workdir, lease_seconds=2,
-                    env={"FLEET_TEST_ITEM_MS": str(ITEM_MS)}) as f:
+    with LocalFleet(
+        2,
+        request.param,
+        include=TASKS,
+        workdir=workdir,
+        lease_seconds=2,
+        env={"FLEET_TEST_ITEM_MS": str(ITEM_MS)},
+    ) as f:
         yield f
         settle(f)
 
@@ -101,9 +107,7 @@ def restore(fleet: LocalFleet, timeout: float = 60) -> None:
 
 def running(store: RedisStore, job: str) -> set[int]:
     prefix = f"{job}/"
-    return {int(m[len(prefix):]) for m in store.busy_slots() if m.startswith(prefix)}
-
-
+    return {int(m[len(prefix) :]) for m in store.busy_slots() if m.startswith(prefix)}
 
 
 def wait_all_slots_busy(fleet: LocalFleet, job: str) -> None:
@@ -123,8 +127,9 @@ def assert_exactly_once(out: Path, n: int = N) -> None:
     assert all(r == {"id": r["id"], "result": 2 * r["id"]} for r in records)
 
 
-def assert_job_complete(fleet: LocalFleet, summary: JobSummary, out: Path, n: int = N,
-                        batch: int = BATCH) -> None:
+def assert_job_complete(
+    fleet: LocalFleet, summary: JobSummary, out: Path, n: int = N, batch: int = BATCH
+) -> None:
     assert (summary.status, summary.items, summary.errors) == ("ok", n, 0)
     assert summary.batches == -(-n // batch)
     assert_exactly_once(out, n)
@@ -167,11 +172,15 @@ def test_kill_9_of_a_pool_process_mid_batch(fleet, tmp_path):
     # The kill landed mid-batch (Celery saw the batch's process die; it may
     # say so only after the launcher re-sent the batch), and the instance
     # replaced its pool process.
-    wait_until(lambda: log_text(fleet, 0).count("WorkerLostError") > before, 20,
-               "Celery to report the lost pool process")
+    wait_until(
+        lambda: log_text(fleet, 0).count("WorkerLostError") > before,
+        20,
+        "Celery to report the lost pool process",
+    )
     old_pids = {p.pid for p in victims}
-    wait_until(lambda: {p.pid for p in pool_children(inst.proc)} - old_pids, 20,
-               "a new pool process")
+    wait_until(
+        lambda: {p.pid for p in pool_children(inst.proc)} - old_pids, 20, "a new pool process"
+    )
     assert inst.proc.poll() is None
 
 
@@ -249,10 +258,23 @@ def test_launcher_stopped_mid_job_then_resumed(fleet, tmp_path, how):
     env["FLEET_STATE_DIR"] = str(tmp_path / "state")  # never a local fleet's state
     urls = ["--broker", fleet.settings.broker_url, "--backend", fleet.settings.result_url]
     first = subprocess.Popen(
-        [str(FLEET_BIN), "run", "slow", "--ids", str(src), "--batch-size", "250",
-         "--out", str(out), *urls],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-        env=env, cwd=ROOT,
+        [
+            str(FLEET_BIN),
+            "run",
+            "slow",
+            "--ids",
+            str(src),
+            "--batch-size",
+            "250",
+            "--out",
+            str(out),
+            *urls,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        cwd=ROOT,
     )
     try:
         seen = []
@@ -286,7 +308,11 @@ def test_launcher_stopped_mid_job_then_resumed(fleet, tmp_path, how):
 
     again = subprocess.run(
         [str(FLEET_BIN), "run", "--resume", job, "--out", str(out), "--json", *urls],
-        capture_output=True, timeout=120, env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
     )
     assert again.returncode == 0, again.stderr.decode()
     assert f"resuming job {job}" in again.stderr.decode()
@@ -325,8 +351,10 @@ def test_a_batch_run_twice_by_hand_commits_once(fleet, tmp_path):
     store.put_meta(job, {"task": "slow", "status": "running"})
     client = make_app(settings)
     ids = list(range(300))
-    sent = [client.send_task("fleet.batch", args=[job, 0, "slow", ids], queue=settings.queue)
-            for _ in range(2)]
+    sent = [
+        client.send_task("fleet.batch", args=[job, 0, "slow", ids], queue=settings.queue)
+        for _ in range(2)
+    ]
     # Both copies run to the end: wait for each to be reported done by a worker.
     wait_until(lambda: all(_succeeded(fleet, r.id) for r in sent), 60, "both copies to run")
     k = _keys(job)
@@ -350,14 +378,16 @@ def test_a_batch_run_twice_by_hand_commits_once(fleet, tmp_path):
 
 
 def _succeeded(fleet: LocalFleet, task_id: str) -> bool:
-    return any(f"fleet.batch[{task_id}] succeeded" in log_text(fleet, i.index)
-               for i in fleet.instances)
+    return any(
+        f"fleet.batch[{task_id}] succeeded" in log_text(fleet, i.index) for i in fleet.instances
+    )
 
 
 def _return_value(fleet: LocalFleet, task_id: str) -> str | None:
     for inst in fleet.instances:
-        m = re.search(rf"fleet\.batch\[{task_id}\] succeeded in [\d.e-]+s: (\S+)",
-                      log_text(fleet, inst.index))
+        m = re.search(
+            rf"fleet\.batch\[{task_id}\] succeeded in [\d.e-]+s: (\S+)", log_text(fleet, inst.index)
+        )
         if m:
             return m.group(1)
     return None

@@ -46,7 +46,8 @@ def settled(fleet):
         while time.monotonic() < deadline and quiet < 3:
             try:
                 waiting = conn.default_channel.queue_declare(
-                    queue=fleet.settings.queue, passive=True).message_count
+                    queue=fleet.settings.queue, passive=True
+                ).message_count
             except conn.channel_errors:  # Redis: an empty queue does not exist
                 waiting = 0
             quiet = 0 if waiting or store.busy_slots() else quiet + 1
@@ -55,8 +56,9 @@ def settled(fleet):
 
 
 def run_job(fleet, task: str, spec: str, out: Path, **kwargs):
-    source = Source.parse(spec, kwargs.pop("fmt", None), kwargs.pop("column", None),
-                          kwargs.pop("field", None))
+    source = Source.parse(
+        spec, kwargs.pop("fmt", None), kwargs.pop("column", None), kwargs.pop("field", None)
+    )
     opts = JobOptions(task=task, source=source, out=out, progress=False, **kwargs)
     return Launcher(fleet.settings).run(opts)
 
@@ -100,8 +102,7 @@ def test_range_with_an_offset_start(fleet, tmp_path):
     assert summary.items == 250
 
 
-@pytest.mark.parametrize(("n", "batch_size"), [(1, None), (7, None), (1000, 64),
-                                             (100_000, None)])
+@pytest.mark.parametrize(("n", "batch_size"), [(1, None), (7, None), (1000, 64), (100_000, None)])
 def test_text_file_of_string_ids(fleet, tmp_path, n, batch_size):
     ids = [f"user-{i:06d}" for i in range(n)]
     src = tmp_path / "ids.txt"
@@ -129,7 +130,7 @@ def test_csv_file_by_column(fleet, tmp_path):
         w = csv.writer(f)
         w.writerow(["name", "item_id", "note"])
         for i in range(1000):
-            w.writerow([f"n{i}", str(i * 3), "a, quoted \"note\""])
+            w.writerow([f"n{i}", str(i * 3), 'a, quoted "note"'])
     out = tmp_path / "out.jsonl"
     summary = run_job(fleet, "double", str(src), out, column="item_id", batch_size=100)
     expected = [str(i * 3) for i in range(1000)]  # CSV cells are strings
@@ -160,8 +161,7 @@ def test_poison_items_become_error_records(fleet, tmp_path):
     bad = [i for i in range(n) if i % 7 == 0]
     for i, r in records.items():
         if i % 7 == 0:
-            assert r == {"id": i, "error": {"type": "ValueError",
-                                            "message": f"poison id {i}"}}
+            assert r == {"id": i, "error": {"type": "ValueError", "message": f"poison id {i}"}}
         else:
             assert r == {"id": i, "result": i + 1}  # the rest of the batch ran
     assert summary.status == "errors"
@@ -182,8 +182,13 @@ def test_module_function_from_an_included_module(fleet, tmp_path):
 
 @pytest.mark.parametrize(
     ("task", "batch_size"),
-    [("os:system", None), ("tests.fleet_tasks:system", None), ("tests.fleet_tasks:system", 2),
-     ("tests.fleet_tasks:_private", 2), ("tests.fleet_tasks:os.system", 2)],
+    [
+        ("os:system", None),
+        ("tests.fleet_tasks:system", None),
+        ("tests.fleet_tasks:system", 2),
+        ("tests.fleet_tasks:_private", 2),
+        ("tests.fleet_tasks:os.system", 2),
+    ],
 )
 def test_functions_not_allowed_are_refused_and_never_run(fleet, tmp_path, task, batch_size):
     marker = tmp_path / "pwned"
@@ -210,7 +215,11 @@ def fleet_cli(fleet, *args: str, stdin: bytes | None = None, timeout: float = 90
     s = fleet.settings
     return subprocess.run(
         [str(FLEET_BIN), "run", *args, "--broker", s.broker_url, "--backend", s.result_url],
-        input=stdin, capture_output=True, timeout=timeout, env=env, cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
         stdin=None if stdin is not None else subprocess.DEVNULL,
     )
 
@@ -230,8 +239,9 @@ def test_cli_success_exits_0_and_prints_a_json_summary(fleet, tmp_path):
 
 def test_cli_exits_1_when_items_failed(fleet, tmp_path):
     out = tmp_path / "out.jsonl"
-    p = fleet_cli(fleet, "poison", "--ids", "range:0:100", "--batch-size", "10",
-                  "--out", str(out), "--json")
+    p = fleet_cli(
+        fleet, "poison", "--ids", "range:0:100", "--batch-size", "10", "--out", str(out), "--json"
+    )
     assert p.returncode == 1, p.stderr.decode()
     summary = json.loads(p.stdout)
     assert summary["status"] == "errors"
@@ -244,8 +254,16 @@ def test_cli_exits_1_when_items_failed(fleet, tmp_path):
 def test_cli_reads_ids_from_stdin_and_writes_results_to_stdout(fleet, n, batch_size):
     # stdin is read once: the calibration probes must not swallow the IDs after them.
     ids = [f"id{i}" for i in range(n)]
-    p = fleet_cli(fleet, "echo", "--ids", "-", "--batch-size", batch_size, "--json",
-                  stdin=("\n".join(ids) + "\n").encode())
+    p = fleet_cli(
+        fleet,
+        "echo",
+        "--ids",
+        "-",
+        "--batch-size",
+        batch_size,
+        "--json",
+        stdin=("\n".join(ids) + "\n").encode(),
+    )
     assert p.returncode == 0, p.stderr.decode()
     records = by_id([json.loads(line) for line in p.stdout.splitlines()], ids)
     assert all(r["result"] == i for i, r in records.items())
@@ -276,10 +294,9 @@ def test_marking_batches_written_twice_counts_them_once(fleet):
     for _ in range(2):
         store.mark_written(job, [0, 3], 120, 50, 2)
     store.mark_written(job, [1], 160, 25, 0)
-    committed, written, offset, items, errors = store.journal(job)
+    _, written, offset, items, errors = store.journal(job)
     assert (offset, items, errors) == (160, 75, 2)
     assert [i for i in range(4) if written[i // 8] >> (7 - i % 8) & 1] == [0, 1, 3]
-
 
 
 # -- monitoring --------------------------------------------------------------------
@@ -308,23 +325,23 @@ def test_task_events_only_while_asked_for(fleet, tmp_path):
         # The receiver is listening once it hears an event of this test's own.
         with client.connection_for_write() as conn:
             dispatcher = client.events.Dispatcher(conn, enabled=True)
-            wait_until(lambda: dispatcher.send("fleet-probe") or seen("fleet-probe"), 20,
-                       "the event receiver to listen")
-        summary = run_job(fleet, "double", "range:0:200", tmp_path / "quiet.jsonl",
-                          batch_size=20)
+            wait_until(
+                lambda: dispatcher.send("fleet-probe") or seen("fleet-probe"),
+                20,
+                "the event receiver to listen",
+            )
+        summary = run_job(fleet, "double", "range:0:200", tmp_path / "quiet.jsonl", batch_size=20)
         assert summary.items == 200 and summary.batches == 10
         time.sleep(1)  # the workers' event buffers flush within a second
         assert not [e for e in events if e["type"].startswith("task-")]
 
         mark = len(events)
         client.control.enable_events()
-        summary = run_job(fleet, "double", "range:0:200", tmp_path / "watched.jsonl",
-                          batch_size=20)
+        summary = run_job(fleet, "double", "range:0:200", tmp_path / "watched.jsonl", batch_size=20)
         assert summary.items == 200
         wait_until(lambda: len(seen("task-received", mark)) >= 10, 20, "task-received events")
         assert {e["name"] for e in seen("task-received", mark)} == {"fleet.batch"}
-        wait_until(lambda: len(seen("task-succeeded", mark)) >= 10, 20,
-                   "task-succeeded events")
+        wait_until(lambda: len(seen("task-succeeded", mark)) >= 10, 20, "task-succeeded events")
     finally:
         client.control.disable_events()
         stop.set()

@@ -39,8 +39,7 @@ def autoscaled(make_fleet):
     def start(broker: str = "redis", policy: Policy = POLICY, **kwargs):
         fleet = make_fleet(0, broker, **kwargs)
         events: list[tuple[float, str]] = []
-        scaler = local_autoscaler(fleet, policy,
-                                  say=lambda m: events.append((time.monotonic(), m)))
+        scaler = local_autoscaler(fleet, policy, say=lambda m: events.append((time.monotonic(), m)))
         stop = threading.Event()
         thread = threading.Thread(target=scaler.run, args=(stop, 0.25), daemon=True)
         thread.start()
@@ -69,8 +68,11 @@ def start_job(fleet, task: str, n: int, out, **kwargs):
     result: dict = {}
 
     def go():
-        result["summary"] = Launcher(fleet.settings).run(JobOptions(
-            task=task, source=Source.parse(f"range:0:{n}"), out=out, progress=False, **kwargs))
+        result["summary"] = Launcher(fleet.settings).run(
+            JobOptions(
+                task=task, source=Source.parse(f"range:0:{n}"), out=out, progress=False, **kwargs
+            )
+        )
 
     thread = threading.Thread(target=go, daemon=True)
     thread.start()
@@ -79,8 +81,7 @@ def start_job(fleet, task: str, n: int, out, **kwargs):
 
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_from_zero_to_max_and_back_to_zero(autoscaled, tmp_path, broker):
-    fleet, scaler, events = autoscaled(broker, env={"FLEET_TEST_ITEM_MS": "150"},
-                                       lease_seconds=3)
+    fleet, _, events = autoscaled(broker, env={"FLEET_TEST_ITEM_MS": "150"}, lease_seconds=3)
     store = open_store(fleet.settings)
     time.sleep(1.0)
     assert live(fleet) == 0, "an idle fleet started an instance"
@@ -97,8 +98,10 @@ def test_from_zero_to_max_and_back_to_zero(autoscaled, tmp_path, broker):
         time.sleep(0.02)
     job.join(5)
     assert not job.is_alive(), "the job did not finish"
-    print(f"\n{broker}: first batch running {first_batch:.2f} s after the job was submitted "
-          "to a fleet of zero instances")
+    print(
+        f"\n{broker}: first batch running {first_batch:.2f} s after the job was submitted "
+        "to a fleet of zero instances"
+    )
     # The target is 5 s; the bound leaves room for a loaded machine.
     assert first_batch is not None and first_batch < 8.0
     assert peak == 2, f"the fleet never grew to its maximum: {events}"
@@ -111,16 +114,17 @@ def test_from_zero_to_max_and_back_to_zero(autoscaled, tmp_path, broker):
         time.sleep(0.2)
     idle_to_zero = time.monotonic() - finished
     assert not fleet.instances, f"still {len(fleet.instances)} instances 30 s after the job"
-    print(f"{broker}: back to zero instances {idle_to_zero:.1f} s after the job ended "
-          f"(scale-in delay {POLICY.scale_in_delay:g} s)")
+    print(
+        f"{broker}: back to zero instances {idle_to_zero:.1f} s after the job ended "
+        f"(scale-in delay {POLICY.scale_in_delay:g} s)"
+    )
     assert any("-> 0 instances" in m for _, m in events)
 
 
 def test_busy_instance_drained_mid_job_loses_nothing(autoscaled, tmp_path):
     """Scale-in that takes a busy instance (the race the idle check cannot close) is safe:
     the warm shutdown finishes the running batch and hands the reserved one back."""
-    fleet, scaler, events = autoscaled("redis", env={"FLEET_TEST_ITEM_MS": "80"},
-                                       lease_seconds=5)
+    fleet, scaler, events = autoscaled("redis", env={"FLEET_TEST_ITEM_MS": "80"}, lease_seconds=5)
     out = tmp_path / "out.jsonl"
     n = 120
     job, result = start_job(fleet, "slow", n, out, batch_size=8)
@@ -133,8 +137,7 @@ def test_busy_instance_drained_mid_job_loses_nothing(autoscaled, tmp_path):
         workers = store.workers()
         busy = [w["hostname"] for w in workers if w.get("active", 0) > 0]
         if len(workers) == 2 and busy:
-            victim = next(i for i in fleet.instances
-                          if busy[0].startswith(f"instance{i.index}-"))
+            victim = next(i for i in fleet.instances if busy[0].startswith(f"instance{i.index}-"))
         time.sleep(0.1)
     assert victim is not None, f"no busy instance to drain: {events}"
     # Keep the fleet at one instance from now on, and drain the busy one.
@@ -148,8 +151,9 @@ def test_busy_instance_drained_mid_job_loses_nothing(autoscaled, tmp_path):
     assert result["summary"].resent == 0, "a batch had to be re-sent: the drain lost it"
     log = (fleet.workdir / f"instance{inst.index}.log").read_text()
     shutdown = log.index("Warm shutdown")
-    assert re.search(r"fleet\.batch\[[^\]]+\] succeeded", log[shutdown:]), \
+    assert re.search(r"fleet\.batch\[[^\]]+\] succeeded", log[shutdown:]), (
         "the drained instance was not running a batch when it was drained"
+    )
     assert inst not in fleet.instances, "the drained instance was not removed"
 
 

@@ -35,15 +35,24 @@ class LocalFleetProcess:
         self.state_dir = tmp_path / "state"
         self.state_dir.mkdir(exist_ok=True)
         (tmp_path / "tmp").mkdir(exist_ok=True)
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("FLEET_", "CELERY_")) and k != "XDG_STATE_HOME"}
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("FLEET_", "CELERY_")) and k != "XDG_STATE_HOME"
+        }
         # TMPDIR: the fleet's private directory lands in tmp_path, to check it is removed.
         self.env.update(FLEET_STATE_DIR=str(self.state_dir), TMPDIR=str(tmp_path / "tmp"))
         self.log_path = tmp_path / "fleet-local.log"
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in cleanup
-        self.proc = subprocess.Popen([FLEET, "local", *args], env=self.env, cwd=ROOT,
-                                     stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [FLEET, "local", *args],
+            env=self.env,
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.started: list[psutil.Process] = []
 
     @property
@@ -71,16 +80,24 @@ class LocalFleetProcess:
 
     def cmd(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """Another `fleet` command in the same environment (no URLs given)."""
-        return subprocess.run([FLEET, *args], env=self.env, cwd=ROOT, capture_output=True,
-                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            [FLEET, *args],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
 
     def stop(self, sig: int, timeout: float = 90) -> int:
         os.kill(self.proc.pid, sig)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"fleet local did not exit within {timeout} s of signal {sig}:\n"
-                        f"{self.output()}")
+            pytest.fail(
+                f"fleet local did not exit within {timeout} s of signal {sig}:\n{self.output()}"
+            )
 
     def cleanup(self) -> None:
         """After a failed test: stop what this test started, by PID."""
@@ -148,12 +165,13 @@ def names(procs: list[psutil.Process]) -> list[str]:
     return out
 
 
-def assert_nothing_left(f: LocalFleetProcess, state: dict, started: list[psutil.Process],
-                        rc: int, sig: int) -> None:
+def assert_nothing_left(
+    f: LocalFleetProcess, state: dict, started: list[psutil.Process], rc: int, sig: int
+) -> None:
     # Exited by its own clean-up path, not killed by the signal.
     assert rc in (0, 128 + sig), f"exit code {rc}:\n{f.output()}"
     assert "Traceback" not in f.output(), f.output()
-    gone, left = psutil.wait_procs(started, timeout=10)
+    _, left = psutil.wait_procs(started, timeout=10)
     left = [p for p in left if alive(p)]
     assert not left, f"still running after fleet local exited: {names(left)}"
     assert not f.state_file.exists()
@@ -173,14 +191,27 @@ def check_env_exports(f: LocalFleetProcess, state: dict) -> None:
     proc = f.cmd("local", "--env", timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert all(line.startswith("export ") for line in proc.stdout.splitlines()), proc.stdout
-    keys = ("FLEET_BROKER_URL", "FLEET_RESULT_URL", "FLEET_QUEUE", "CELERY_BROKER_URL",
-            "CELERY_RESULT_BACKEND")
+    keys = (
+        "FLEET_BROKER_URL",
+        "FLEET_RESULT_URL",
+        "FLEET_QUEUE",
+        "CELERY_BROKER_URL",
+        "CELERY_RESULT_BACKEND",
+    )
     # A plain POSIX shell evaluates it and sees the fleet's settings.
-    script = ('eval "$1"; for k in ' + " ".join(keys)
-              + '; do printf "%s=%s\\n" "$k" "$(printenv "$k")"; done')
-    shell = subprocess.run(["sh", "-c", script, "sh", proc.stdout],
-                           env={"PATH": os.environ["PATH"]}, capture_output=True, text=True,
-                           timeout=30, check=True)
+    script = (
+        'eval "$1"; for k in '
+        + " ".join(keys)
+        + '; do printf "%s=%s\\n" "$k" "$(printenv "$k")"; done'
+    )
+    shell = subprocess.run(
+        ["sh", "-c", script, "sh", proc.stdout],
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     seen = dict(line.split("=", 1) for line in shell.stdout.splitlines())
     env = state["env"]
     assert seen["FLEET_BROKER_URL"] == env["FLEET_BROKER_URL"] == seen["CELERY_BROKER_URL"]
@@ -251,8 +282,14 @@ def test_fleet_demo_runs_the_example_task_and_leaves_nothing_behind(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "CELERY_"))}
     env.update(DEMO_TEST_MARK=marker, FLEET_STATE_DIR=str(tmp_path / "state"))
     out = tmp_path / "results.jsonl"
-    proc = subprocess.run([FLEET, "demo", "--ids", "5000", "--instances", "2", "--out", str(out)],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [FLEET, "demo", "--ids", "5000", "--instances", "2", "--out", str(out)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["id"] for r in records) == list(range(5000))

@@ -66,11 +66,11 @@ class SshHost:
 
 def start_sshd(name: str, root: Path, keys: Path) -> SshHost:
     port = free_port()
-    env = host_env(root, FLEET_BOOT_SCRIPT=str(BOOT_SCRIPT),
-                   FLEET_WHEELHOUSE=str(wheelhouse()))
+    env = host_env(root, FLEET_BOOT_SCRIPT=str(BOOT_SCRIPT), FLEET_WHEELHOUSE=str(wheelhouse()))
     setenv = " ".join(f"{k}={env[k]}" for k in sorted(env) if k.startswith("FLEET_"))
     config = root / "sshd_config"
-    config.write_text(textwrap.dedent(f"""\
+    config.write_text(
+        textwrap.dedent(f"""\
         Port {port}
         ListenAddress 127.0.0.1
         HostKey {keys}/host_key
@@ -83,9 +83,15 @@ def start_sshd(name: str, root: Path, keys: Path) -> SshHost:
         StrictModes no
         Subsystem sftp internal-sftp
         SetEnv {setenv}
-        """))
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=open(root / "sshd.log", "wb"), start_new_session=True)  # noqa: SIM115
+        """)
+    )
+    with open(root / "sshd.log", "wb") as log:
+        proc = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+        )
     wait_port(port, proc, f"sshd {name}", timeout=20)
     return SshHost(name, root, port, proc)
 
@@ -96,8 +102,9 @@ def keys(tmp_path_factory) -> Path:
         pytest.skip("openssh-server is not installed (Debian package in the Makefile)")
     d = tmp_path_factory.mktemp("keys")
     for name in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)],
-                       check=True)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True
+        )
     shutil.copy(d / "client_key.pub", d / "authorized_keys")
     # sshd refuses to start without its privilege separation directory.
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
@@ -109,9 +116,13 @@ def hosts(keys, tmp_path_factory):
     """Two hosts, each with the app (the old wheel) installed and its worker running."""
     with LocalFleet(0, "redis", workdir=tmp_path_factory.mktemp("fleet")) as fleet:
         base = tmp_path_factory.mktemp("base")
-        install = subprocess.run(["bash", str(BOOT_SCRIPT), "install", str(app_wheel())],
-                                 env=host_env(base, FLEET_WHEELHOUSE=str(wheelhouse())),
-                                 capture_output=True, text=True, timeout=180)
+        install = subprocess.run(
+            ["bash", str(BOOT_SCRIPT), "install", str(app_wheel())],
+            env=host_env(base, FLEET_WHEELHOUSE=str(wheelhouse())),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert install.returncode == 0, install.stderr
         started: list[SshHost] = []
         try:
@@ -122,10 +133,26 @@ def hosts(keys, tmp_path_factory):
                 settings = write_settings(fleet.settings, root / "settings.env")
                 env = host_env(root)
                 python = str(root / "opt" / "venv" / "bin" / "python")
-                for args in (["--settings", str(settings), "--node", f"{name}@test",
-                              "--systemd", "no", "--concurrency", "1"], ["start"]):
-                    r = subprocess.run([python, "-m", "app.boot", *args], env=env,
-                                       cwd=root / "opt", capture_output=True, text=True)
+                for args in (
+                    [
+                        "--settings",
+                        str(settings),
+                        "--node",
+                        f"{name}@test",
+                        "--systemd",
+                        "no",
+                        "--concurrency",
+                        "1",
+                    ],
+                    ["start"],
+                ):
+                    r = subprocess.run(
+                        [python, "-m", "app.boot", *args],
+                        env=env,
+                        cwd=root / "opt",
+                        capture_output=True,
+                        text=True,
+                    )
                     assert r.returncode == 0, r.stderr
                 started.append(start_sshd(name, root, keys))
             yield fleet, started
@@ -139,19 +166,19 @@ def hosts(keys, tmp_path_factory):
 
 
 def fleet_of(hosts: list[SshHost], keys: Path, **kw) -> Hosts:
-    return Hosts([Host(h.address) for h in hosts], user="root", key=str(keys / "client_key"),
-                 **kw)
+    return Hosts([Host(h.address) for h in hosts], user="root", key=str(keys / "client_key"), **kw)
 
 
 def test_deploy_rolls_one_host_at_a_time(hosts, keys):
-    fleet, (a, b) = hosts
+    _, (a, b) = hosts
     wheel = app_wheel(NEW_VERSION)
     old_pids = {h.name: h.worker_pid() for h in (a, b)}
     events: list[tuple[str, str, float]] = []
 
     def deploy(c, wheel):
-        return ops_tasks.deploy(c, wheel, 90, step=lambda s: events.append(
-            (c.port, s, time.time())))
+        return ops_tasks.deploy(
+            c, wheel, 90, step=lambda s: events.append((c.port, s, time.time()))
+        )
 
     ops = fleet_of([a, b], keys)
     try:
@@ -160,8 +187,9 @@ def test_deploy_rolls_one_host_at_a_time(hosts, keys):
         ops.close()
     assert [o.ok for o in outcomes] == [True, True], [o.error for o in outcomes]
     steps = ["drain", "install", "start", "wait", "done"]
-    assert [(port, s) for port, s, _ in events] == [(a.port, s) for s in steps] + \
-        [(b.port, s) for s in steps], "host b began before host a answered"
+    assert [(port, s) for port, s, _ in events] == [(a.port, s) for s in steps] + [
+        (b.port, s) for s in steps
+    ], "host b began before host a answered"
     a_done = next(t for port, s, t in events if port == a.port and s == "done")
     b_drain = next(t for port, s, t in events if port == b.port and s == "drain")
     assert outcomes[0].finished <= outcomes[1].started and a_done <= b_drain
@@ -176,8 +204,14 @@ def test_deploy_rolls_one_host_at_a_time(hosts, keys):
 def test_status_and_logs_show_each_host(hosts, keys):
     _, (a, b) = hosts
     runner = CliRunner()
-    how = ["--hosts", f"{a.address},{b.address}", "--user", "root",
-           "--key", str(keys / "client_key")]
+    how = [
+        "--hosts",
+        f"{a.address},{b.address}",
+        "--user",
+        "root",
+        "--key",
+        str(keys / "client_key"),
+    ]
     result = runner.invoke(cli, ["ops", "status", *how, "--json"])
     assert result.exit_code == 0, result.output
     rows = {r["address"]: r for r in json.loads(result.stdout)}
@@ -189,8 +223,7 @@ def test_status_and_logs_show_each_host(hosts, keys):
     logs = runner.invoke(cli, ["ops", "logs", *how, "--lines", "200"])
     assert logs.exit_code == 0, logs.output
     for host in (a, b):
-        mine = [line for line in logs.stdout.splitlines()
-                if line.startswith(f"{host.address} | ")]
+        mine = [line for line in logs.stdout.splitlines() if line.startswith(f"{host.address} | ")]
         assert any(f"{host.name}@test ready" in line for line in mine), logs.stdout[-2000:]
         other = b if host is a else a
         assert not any(f"{other.name}@test" in line for line in mine)
@@ -239,37 +272,52 @@ def test_connections_go_through_a_proxy_command(hosts, keys, tmp_path):
         ops.close()
     assert expand_proxy(SSM_PROXY, "i-0abc", 22, "ec2-user") == (
         "aws ssm start-session --target i-0abc --document-name AWS-StartSSHSession "
-        "--parameters portNumber=22")
+        "--parameters portNumber=22"
+    )
 
 
 def test_hosts_are_discovered_from_the_autoscaling_group(monkeypatch):
-    for key, value in {"AWS_DEFAULT_REGION": "eu-west-1", "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing"}.items():
+    for key, value in {
+        "AWS_DEFAULT_REGION": "eu-west-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+    }.items():
         monkeypatch.setenv(key, value)
     with mock_aws():
         ec2 = boto3.client("ec2")
         template = ec2.create_launch_template(
             LaunchTemplateName="workers",
-            LaunchTemplateData={"ImageId": "ami-12c6146b", "InstanceType": "c7i.xlarge"})
+            LaunchTemplateData={"ImageId": "ami-12c6146b", "InstanceType": "c7i.xlarge"},
+        )
         autoscaling = boto3.client("autoscaling")
         for stack, size in (("dev", 2), ("other", 1)):
             autoscaling.create_auto_scaling_group(
-                AutoScalingGroupName=f"{stack}-asg", MinSize=size, MaxSize=size,
-                DesiredCapacity=size, AvailabilityZones=["eu-west-1a"],
-                LaunchTemplate={"LaunchTemplateId": template["LaunchTemplate"]
-                                ["LaunchTemplateId"]},
-                Tags=[{"Key": "celery-fleet:stack", "Value": stack,
-                       "PropagateAtLaunch": True}])
-        members = autoscaling.describe_auto_scaling_groups(
-            AutoScalingGroupNames=["dev-asg"])["AutoScalingGroups"][0]["Instances"]
+                AutoScalingGroupName=f"{stack}-asg",
+                MinSize=size,
+                MaxSize=size,
+                DesiredCapacity=size,
+                AvailabilityZones=["eu-west-1a"],
+                LaunchTemplate={"LaunchTemplateId": template["LaunchTemplate"]["LaunchTemplateId"]},
+                Tags=[{"Key": "celery-fleet:stack", "Value": stack, "PropagateAtLaunch": True}],
+            )
+        members = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=["dev-asg"])[
+            "AutoScalingGroups"
+        ][0]["Instances"]
         ids = sorted(i["InstanceId"] for i in members)
-        ips = {i["InstanceId"]: i["PrivateIpAddress"] for r in
-               ec2.describe_instances(InstanceIds=ids)["Reservations"] for i in r["Instances"]}
+        ips = {
+            i["InstanceId"]: i["PrivateIpAddress"]
+            for r in ec2.describe_instances(InstanceIds=ids)["Reservations"]
+            for i in r["Instances"]
+        }
         assert sorted(h.address for h in discover("dev")) == sorted(ips.values())
-        assert [h.address for h in sorted(discover("dev", ssm=True),
-                                          key=lambda h: h.address)] == ids
+        assert [
+            h.address for h in sorted(discover("dev", ssm=True), key=lambda h: h.address)
+        ] == ids
         # One leaves service: a host being terminated is not deployed to.
-        autoscaling.enter_standby(InstanceIds=[ids[0]], AutoScalingGroupName="dev-asg",
-                                  ShouldDecrementDesiredCapacity=True)
+        autoscaling.enter_standby(
+            InstanceIds=[ids[0]],
+            AutoScalingGroupName="dev-asg",
+            ShouldDecrementDesiredCapacity=True,
+        )
         assert [h.instance_id for h in discover("dev")] == [ids[1]]
         assert discover("nothing") == []

@@ -87,15 +87,22 @@ def detect_seconds(settings: Settings) -> float:
         # kombu's check, every health_check_interval, drops an event-loop
         # BRPOP overdue by brpop_timeout (1 s) + health_check_interval.
         assert options.get("socket_timeout"), "a Redis broker client with no socket timeout"
-        broker = max(float(options["socket_timeout"]),
-                     1.0 + 2.0 * float(options.get("health_check_interval", 25)))
+        broker = max(
+            float(options["socket_timeout"]),
+            1.0 + 2.0 * float(options.get("health_check_interval", 25)),
+        )
     store = RedisStore(settings.result_url).r.connection_pool.connection_kwargs
     return max(broker, float(store["socket_timeout"]))
 
 
 def liveness_bound(settings: Settings, left: int) -> float:
-    return (detect_seconds(settings) + 3 * settings.lease_seconds + BATCH * ITEM_MS / 1000
-            + WORKER_BOOT + left * ITEM_MS / 1000 / SLOTS * SLOWDOWN)
+    return (
+        detect_seconds(settings)
+        + 3 * settings.lease_seconds
+        + BATCH * ITEM_MS / 1000
+        + WORKER_BOOT
+        + left * ITEM_MS / 1000 / SLOTS * SLOWDOWN
+    )
 
 
 # -- the fleet ------------------------------------------------------------------------------
@@ -108,8 +115,9 @@ def exec_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def report_file(tmp_path_factory) -> Path:
-    path = Path(os.environ.get("FLEET_NETNS_REPORT")
-                or tmp_path_factory.getbasetemp() / "partitions.jsonl")
+    path = Path(
+        os.environ.get("FLEET_NETNS_REPORT") or tmp_path_factory.getbasetemp() / "partitions.jsonl"
+    )
     print(f"\npartition tests: seed {SEED} (FLEET_NETNS_SEED), numbers in {path}")
     return path
 
@@ -118,8 +126,9 @@ def report_file(tmp_path_factory) -> Path:
 def shared(request, tmp_path_factory, exec_dir):
     workdir = tmp_path_factory.mktemp(f"netns-{request.param}")
     env = {"FLEET_NETNS_EXEC_DIR": str(exec_dir), "FLEET_NETNS_ITEM_MS": str(ITEM_MS)}
-    with NetFleet(workdir, request.param, hosts=HOSTS, env=env, lease_seconds=LEASE,
-                  include=TASKS) as f:
+    with NetFleet(
+        workdir, request.param, hosts=HOSTS, env=env, lease_seconds=LEASE, include=TASKS
+    ) as f:
         yield f
 
 
@@ -160,11 +169,25 @@ class Job:
         self.ids.write_text("".join(f"{tag}-{i:07d}\n" for i in range(self.n)))
         self.out = self.tmp / "out.jsonl"
         # Every output line has the same length: progress is the file size.
-        self.line_len = len(json.dumps({"id": f"{tag}-{0:07d}", "result": expected("x")},
-                                       separators=(",", ":"))) + 1
+        self.line_len = (
+            len(
+                json.dumps({"id": f"{tag}-{0:07d}", "result": expected("x")}, separators=(",", ":"))
+            )
+            + 1
+        )
         self.launch = self.fleet.launch(
-            ["netns_hash", "--ids", str(self.ids), "--batch-size", str(BATCH),
-             "--out", str(self.out), "--json"], "launch")
+            [
+                "netns_hash",
+                "--ids",
+                str(self.ids),
+                "--batch-size",
+                str(BATCH),
+                "--out",
+                str(self.out),
+                "--json",
+            ],
+            "launch",
+        )
         self.job = self.launch.job()
         self.started = time.monotonic()
 
@@ -180,16 +203,19 @@ class Job:
 
     def resume(self) -> None:
         self.launch = self.fleet.launch(
-            ["--resume", self.job, "--out", str(self.out), "--json"], "resume")
+            ["--resume", self.job, "--out", str(self.out), "--json"], "resume"
+        )
         assert self.launch.job() == self.job
 
     def finish(self, timeout: float) -> dict:
         try:
             code = self.launch.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"job {self.job} did not finish within {timeout:.0f} s of "
-                                 f"the heal; {self.written()}/{self.n} written; logs in "
-                                 f"{self.fleet.workdir}") from None
+            raise AssertionError(
+                f"job {self.job} did not finish within {timeout:.0f} s of "
+                f"the heal; {self.written()}/{self.n} written; logs in "
+                f"{self.fleet.workdir}"
+            ) from None
         err = self.launch.stderr.read_text(errors="replace")
         assert code == 0, f"fleet run exited with {code}: {err}"
         return self.launch.summary()
@@ -225,16 +251,33 @@ class Resumption:
 
     def probe(self, deadline: float) -> None:
         """A short job that gives idle hosts work once the job itself has ended."""
-        launch = self.fleet.launch(["netns_hash", "--ids", f"range:0:{20 * BATCH}",
-                                    "--batch-size", str(BATCH // 2), "--max-in-flight", "12"],
-                                   f"probe{self.probes}")
+        launch = self.fleet.launch(
+            [
+                "netns_hash",
+                "--ids",
+                f"range:0:{20 * BATCH}",
+                "--batch-size",
+                str(BATCH // 2),
+                "--max-in-flight",
+                "12",
+            ],
+            f"probe{self.probes}",
+        )
         self.probes += 1
         with contextlib.suppress(subprocess.TimeoutExpired):
             launch.wait(max(1.0, deadline - time.monotonic()))
 
 
-def verify(fleet: NetFleet, job: Job, exec_dir: Path, report_file: Path, request,
-           healed_at: float, left: int, **facts) -> Report:
+def verify(
+    fleet: NetFleet,
+    job: Job,
+    exec_dir: Path,
+    report_file: Path,
+    request,
+    healed_at: float,
+    left: int,
+    **facts,
+) -> Report:
     """The job finishes and every host runs IDs again within the bound; then the output."""
     bound = liveness_bound(fleet.settings, left)
     deadline = healed_at + bound
@@ -251,19 +294,29 @@ def verify(fleet: NetFleet, job: Job, exec_dir: Path, report_file: Path, request
             raise AssertionError(
                 f"not live {bound:.0f} s after the heal: job finished: {finished is not None} "
                 f"({job.written()}/{job.n} written), hosts that ran nothing since: {idle}, "
-                f"workers that exited: {exited}; logs in {fleet.workdir}; seed {SEED}")
+                f"workers that exited: {exited}; logs in {fleet.workdir}; seed {SEED}"
+            )
         if finished is not None:
             hosts.probe(deadline)
         time.sleep(0.05)
     summary = job.finish(1)
     report = check(job.ids, job.out, exec_dir, expected)
-    record = {"test": request.node.name, "seed": SEED, **facts, **report.as_dict(),
-              "finish_after_heal_s": round(finished, 1), "hosts_resumed_after_s": hosts.after,
-              "bound_s": round(bound, 1), "job_s": round(time.monotonic() - job.started, 1),
-              "resent": summary.get("resent")}
-    print(f"\n{request.node.name}: {report.line()} finish_after_heal={finished:.1f}s "
-          f"hosts_resumed={hosts.after} (bound {bound:.0f}s) resent={summary.get('resent')} "
-          f"{facts}")
+    record = {
+        "test": request.node.name,
+        "seed": SEED,
+        **facts,
+        **report.as_dict(),
+        "finish_after_heal_s": round(finished, 1),
+        "hosts_resumed_after_s": hosts.after,
+        "bound_s": round(bound, 1),
+        "job_s": round(time.monotonic() - job.started, 1),
+        "resent": summary.get("resent"),
+    }
+    print(
+        f"\n{request.node.name}: {report.line()} finish_after_heal={finished:.1f}s "
+        f"hosts_resumed={hosts.after} (bound {bound:.0f}s) resent={summary.get('resent')} "
+        f"{facts}"
+    )
     with open(report_file, "a") as f:
         f.write(json.dumps(record) + "\n")
     assert report.ok, f"{report.line()} {report.examples} (seed {SEED})"
@@ -271,8 +324,15 @@ def verify(fleet: NetFleet, job: Job, exec_dir: Path, report_file: Path, request
     return report
 
 
-def run_fault(fleet: NetFleet, tmp_path: Path, exec_dir: Path, report_file: Path, request,
-              fault: Callable[[], dict], n: int = N) -> Report:
+def run_fault(
+    fleet: NetFleet,
+    tmp_path: Path,
+    exec_dir: Path,
+    report_file: Path,
+    request,
+    fault: Callable[[], dict],
+    n: int = N,
+) -> Report:
     """A job with `fault` injected at a random point; `fault` returns once it has healed."""
     job = Job(fleet, tmp_path, n)
     at = random_point(request)
@@ -280,8 +340,7 @@ def run_fault(fleet: NetFleet, tmp_path: Path, exec_dir: Path, report_file: Path
     facts = {"at": round(at, 2), **fault()}
     healed_at = time.monotonic()
     left = job.n - job.written()
-    return verify(fleet, job, exec_dir, report_file, request, healed_at, left,
-                  **facts)
+    return verify(fleet, job, exec_dir, report_file, request, healed_at, left, **facts)
 
 
 def both(*ids: str):
@@ -400,15 +459,15 @@ def restart(fleet, server) -> dict:
 @ALL
 def test_broker_restarted(fleet, tmp_path, exec_dir, report_file, request):
     """SIGTERM to the broker, then the same server started again on its data."""
-    run_fault(fleet, tmp_path, exec_dir, report_file, request,
-              lambda: restart(fleet, fleet.broker))
+    run_fault(fleet, tmp_path, exec_dir, report_file, request, lambda: restart(fleet, fleet.broker))
 
 
 @REDIS
 def test_result_store_restarted(fleet, tmp_path, exec_dir, report_file, request):
     """SIGTERM to the result store, then started again on its append-only file."""
-    run_fault(fleet, tmp_path, exec_dir, report_file, request,
-              lambda: restart(fleet, fleet.results))
+    run_fault(
+        fleet, tmp_path, exec_dir, report_file, request, lambda: restart(fleet, fleet.results)
+    )
 
 
 # -- the launcher ------------------------------------------------------------------------------
@@ -424,8 +483,17 @@ def test_launcher_killed_and_resumed(fleet, tmp_path, exec_dir, report_file, req
     killed_with = job.written()
     job.resume()
     healed_at = time.monotonic()
-    verify(fleet, job, exec_dir, report_file, request, healed_at,
-           job.n - killed_with, at=round(at, 2), written_when_killed=killed_with)
+    verify(
+        fleet,
+        job,
+        exec_dir,
+        report_file,
+        request,
+        healed_at,
+        job.n - killed_with,
+        at=round(at, 2),
+        written_when_killed=killed_with,
+    )
 
 
 # -- several faults in one job -------------------------------------------------------------------
@@ -442,8 +510,14 @@ def test_soak_several_faults_in_one_job(fleet, tmp_path, exec_dir, report_file, 
     w0, w1 = fleet.hosts[0], fleet.hosts[1]
     steps = [
         ("kill w0", lambda: (fleet.kill_host(w0), fleet.restart_host(w0))),
-        ("cut w1", lambda: (fleet.net.link(w1.role, up=False), time.sleep(CUT_SECONDS),
-                            fleet.net.link(w1.role, up=True))),
+        (
+            "cut w1",
+            lambda: (
+                fleet.net.link(w1.role, up=False),
+                time.sleep(CUT_SECONDS),
+                fleet.net.link(w1.role, up=True),
+            ),
+        ),
         ("restart broker", lambda: restart(fleet, fleet.broker)),
         ("restart results", lambda: restart(fleet, fleet.results)),
     ]
@@ -453,5 +527,6 @@ def test_soak_several_faults_in_one_job(fleet, tmp_path, exec_dir, report_file, 
         step()
         done.append(f"{name}@{at:.2f}")
     healed_at = time.monotonic()
-    verify(fleet, job, exec_dir, report_file, request, healed_at,
-           job.n - job.written(), faults=done)
+    verify(
+        fleet, job, exec_dir, report_file, request, healed_at, job.n - job.written(), faults=done
+    )

@@ -74,6 +74,7 @@ def test_registering_the_same_function_again_is_harmless():
 
 def test_name_clash_is_an_error_naming_the_owner():
     with pytest.raises(ValueError) as info:
+
         @fleet_task(name="echo")
         def other_echo(item):
             return item
@@ -90,6 +91,7 @@ def test_name_clash_between_two_new_functions():
         return 1
 
     with pytest.raises(ValueError, match="already used"):
+
         @fleet_task(name="dup")
         def second(item):
             return 2
@@ -110,25 +112,28 @@ def test_resolves_a_plain_function_defined_in_an_allowed_module():
     assert task.transient == ()
 
 
-@pytest.mark.parametrize("name, allowed", [
-    ("os:system", ()),
-    ("os:system", ("os",)),  # a builtin, not a function defined there
-    ("subprocess:run", ("tests.fleet_tasks",)),  # module not allowed
-    ("tests.fleet_tasks:system", ALLOWED),  # imported into an allowed module, not defined there
-    ("tests.fleet_tasks:defined_here", ()),  # allowed list empty
-    ("tests.fleet_tasks:defined_here", ("tests",)),  # a parent package is not the module
-    ("tests.fleet_tasks:shared_task", ALLOWED),  # imported from celery
-    ("tests.fleet_tasks:fleet_task", ALLOWED),  # imported from app.registry
-    ("tests.fleet_tasks:os", ALLOWED),  # a module, not a function
-    ("tests.fleet_tasks:_private", ALLOWED),
-    ("tests.fleet_tasks:__import__", ALLOWED),
-    ("tests.fleet_tasks:defined_here.__globals__", ALLOWED),
-    ("tests.fleet_tasks:missing", ALLOWED),
-    ("tests.fleet_tasks:", ALLOWED),
-    ("tests.fleet_tasks", ALLOWED),
-    ("no_such_task", ALLOWED),
-    ("", ALLOWED),
-])
+@pytest.mark.parametrize(
+    "name, allowed",
+    [
+        ("os:system", ()),
+        ("os:system", ("os",)),  # a builtin, not a function defined there
+        ("subprocess:run", ("tests.fleet_tasks",)),  # module not allowed
+        ("tests.fleet_tasks:system", ALLOWED),  # imported into an allowed module, not defined there
+        ("tests.fleet_tasks:defined_here", ()),  # allowed list empty
+        ("tests.fleet_tasks:defined_here", ("tests",)),  # a parent package is not the module
+        ("tests.fleet_tasks:shared_task", ALLOWED),  # imported from celery
+        ("tests.fleet_tasks:fleet_task", ALLOWED),  # imported from app.registry
+        ("tests.fleet_tasks:os", ALLOWED),  # a module, not a function
+        ("tests.fleet_tasks:_private", ALLOWED),
+        ("tests.fleet_tasks:__import__", ALLOWED),
+        ("tests.fleet_tasks:defined_here.__globals__", ALLOWED),
+        ("tests.fleet_tasks:missing", ALLOWED),
+        ("tests.fleet_tasks:", ALLOWED),
+        ("tests.fleet_tasks", ALLOWED),
+        ("no_such_task", ALLOWED),
+        ("", ALLOWED),
+    ],
+)
 def test_refuses(name, allowed):
     with pytest.raises(UnknownTask) as info:
         resolve(name, allowed)
@@ -138,13 +143,15 @@ def test_refuses(name, allowed):
 
 
 def test_private_name_in_an_allowed_module_is_refused_even_if_a_function(tmp_path, monkeypatch):
-    (tmp_path / "fleet_reg_mod.py").write_text(textwrap.dedent("""
+    (tmp_path / "fleet_reg_mod.py").write_text(
+        textwrap.dedent("""
         def _helper(item):
             return item
 
         def public(item):
             return _helper(item)
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
         assert resolve("fleet_reg_mod:public", ("fleet_reg_mod",)).fn(5) == 5

@@ -17,6 +17,7 @@ logs, `fleet run` output and error messages.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -62,8 +63,9 @@ pytestmark = pytest.mark.timeout(180)
 def fleet(request, tmp_path_factory):
     """A TLS-only fleet with a random password, one worker instance; one per broker."""
     workdir = tmp_path_factory.mktemp(f"security-{request.param}")
-    with LocalFleet(1, request.param, include=TASKS, workdir=workdir, lease_seconds=3,
-                    tls=True) as f:
+    with LocalFleet(
+        1, request.param, include=TASKS, workdir=workdir, lease_seconds=3, tls=True
+    ) as f:
         yield f
 
 
@@ -80,8 +82,11 @@ def swap_password(url: str, new: str) -> str:
 
 
 def clean_env(tmp_path: Path, **fleet_vars: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("FLEET_", "CELERY_")) and k != "XDG_STATE_HOME"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("FLEET_", "CELERY_")) and k != "XDG_STATE_HOME"
+    }
     state = tmp_path / "state"
     state.mkdir(exist_ok=True)
     return {**env, "FLEET_STATE_DIR": str(state), **fleet_vars}
@@ -90,8 +95,11 @@ def clean_env(tmp_path: Path, **fleet_vars: str) -> dict[str, str]:
 def fleet_env(fleet: LocalFleet, tmp_path: Path, **changes: str) -> dict[str, str]:
     """The environment `fleet run` needs for `fleet` (URLs in the environment, never in argv)."""
     s = fleet.settings
-    urls = {"FLEET_BROKER_URL": s.broker_url, "FLEET_RESULT_URL": s.result_url,
-            "FLEET_TLS_CA_FILE": s.tls_ca_file}
+    urls = {
+        "FLEET_BROKER_URL": s.broker_url,
+        "FLEET_RESULT_URL": s.result_url,
+        "FLEET_TLS_CA_FILE": s.tls_ca_file,
+    }
     return clean_env(tmp_path, **{**urls, **changes})
 
 
@@ -99,21 +107,25 @@ def instance_log(fleet: LocalFleet) -> str:
     return (fleet.workdir / "instance0.log").read_text(errors="replace")
 
 
-
-
 def error_text(call) -> str:
     """The message of what `call()` raised (it must raise)."""
     try:
         call()
-    except Exception as exc:  # noqa: BLE001 - the test looks at any failure's text
+    except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     raise AssertionError("the call succeeded; it had to be refused")
 
 
 def raw_redis(port: int, **kwargs) -> redis.Redis:
     """A redis-py client that tries once (its default retries would hide nothing, slowly)."""
-    return redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=5, socket_timeout=5,
-                       retry=Retry(NoBackoff(), 0), **kwargs)
+    return redis.Redis(
+        host="127.0.0.1",
+        port=port,
+        socket_connect_timeout=5,
+        socket_timeout=5,
+        retry=Retry(NoBackoff(), 0),
+        **kwargs,
+    )
 
 
 def connect_once(conn: kombu.Connection) -> None:
@@ -124,11 +136,10 @@ def listening_ports(pid: int) -> set[int]:
     proc = psutil.Process(pid)
     ports = set()
     for p in (proc, *proc.children(recursive=True)):
-        try:
-            ports |= {c.laddr.port for c in p.net_connections("tcp")
-                      if c.status == psutil.CONN_LISTEN}
-        except psutil.NoSuchProcess:
-            pass
+        with contextlib.suppress(psutil.NoSuchProcess):
+            ports |= {
+                c.laddr.port for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN
+            }
     return ports
 
 
@@ -138,10 +149,16 @@ def normal_job(fleet: LocalFleet, out: Path, timeout: float = 30) -> float:
 
     def run() -> None:
         try:
-            result["summary"] = Launcher(fleet.settings).run(JobOptions(
-                task="double", source=Source.parse("range:0:2000"), batch_size=250, out=out,
-                progress=False))
-        except BaseException as exc:  # noqa: BLE001 - reported below
+            result["summary"] = Launcher(fleet.settings).run(
+                JobOptions(
+                    task="double",
+                    source=Source.parse("range:0:2000"),
+                    batch_size=250,
+                    out=out,
+                    progress=False,
+                )
+            )
+        except BaseException as exc:
             result["error"] = exc
 
     started = time.monotonic()
@@ -164,22 +181,37 @@ def publish(fleet: LocalFleet, messages: list[tuple[bytes, str, dict]]) -> None:
     """Publish raw messages (body, content type, headers) straight to the fleet's queue."""
     s = fleet.settings
     queue = kombu.Queue(s.queue, kombu.Exchange(s.queue, "direct"), routing_key=s.queue)
-    with kombu.Connection(s.broker_url, ssl=broker_ssl(s),
-                          transport_options=s.transport_options) as conn:
+    with kombu.Connection(
+        s.broker_url, ssl=broker_ssl(s), transport_options=s.transport_options
+    ) as conn:
         producer = conn.Producer()
         for body, content_type, headers in messages:
-            producer.publish(body, exchange=queue.exchange, routing_key=s.queue,
-                             declare=[queue], content_type=content_type,
-                             content_encoding="binary" if "pickle" in content_type
-                             or "serialize" in content_type else "utf-8",
-                             headers=headers)
+            producer.publish(
+                body,
+                exchange=queue.exchange,
+                routing_key=s.queue,
+                declare=[queue],
+                content_type=content_type,
+                content_encoding="binary"
+                if "pickle" in content_type or "serialize" in content_type
+                else "utf-8",
+                headers=headers,
+            )
 
 
 def task_headers(task: object = "fleet.batch", **changes: object) -> dict:
     task_id = str(uuid.uuid4())
-    headers = {"lang": "py", "task": task, "id": task_id, "root_id": task_id,
-               "parent_id": None, "group": None, "retries": 0, "argsrepr": "forged",
-               "kwargsrepr": "{}"}
+    headers = {
+        "lang": "py",
+        "task": task,
+        "id": task_id,
+        "root_id": task_id,
+        "parent_id": None,
+        "group": None,
+        "retries": 0,
+        "argsrepr": "forged",
+        "kwargsrepr": "{}",
+    }
     headers.update(changes)
     return {k: v for k, v in headers.items() if v is not ...}  # ...: leave the header out
 
@@ -204,12 +236,14 @@ def assert_nothing_held(fleet: LocalFleet) -> None:
 
     def idle() -> bool:
         workers = store.workers()
-        return bool(workers) and all(w.get("reserved") == 0 and w.get("active") == 0
-                                     for w in workers)
+        return bool(workers) and all(
+            w.get("reserved") == 0 and w.get("active") == 0 for w in workers
+        )
 
     wait_until(idle, 15, "the worker to hold no message")
-    with kombu.Connection(s.broker_url, ssl=broker_ssl(s),
-                          transport_options=s.transport_options) as conn:
+    with kombu.Connection(
+        s.broker_url, ssl=broker_ssl(s), transport_options=s.transport_options
+    ) as conn:
         if fleet.broker_kind == "redis":
             client = conn.default_channel.client
             assert client.llen(s.queue) == 0
@@ -254,8 +288,9 @@ def test_only_tls_is_served_and_certificates_and_host_names_are_checked(fleet):
             plain.ping()
         assert not isinstance(caught.value, redis.AuthenticationError), caught.value
     if fleet.broker_kind == "rabbitmq":
-        plain = amqp.Connection(f"127.0.0.1:{fleet.broker.port}", userid="fleet",
-                                password="not-sent", connect_timeout=5)
+        plain = amqp.Connection(
+            f"127.0.0.1:{fleet.broker.port}", userid="fleet", password="not-sent", connect_timeout=5
+        )
         started = time.monotonic()
         with pytest.raises((OSError, amqp.exceptions.AMQPError)):
             plain.connect()
@@ -273,9 +308,11 @@ def test_only_tls_is_served_and_certificates_and_host_names_are_checked(fleet):
     assert "certificate verify failed" in text, text
 
     # The right CA but another host name (the certificate names 127.0.0.1 only).
-    other = Settings(broker_url=s.broker_url.replace("@127.0.0.1:", "@localhost:"),
-                     result_url=s.result_url.replace("@127.0.0.1:", "@localhost:"),
-                     tls_ca_file=ca)
+    other = Settings(
+        broker_url=s.broker_url.replace("@127.0.0.1:", "@localhost:"),
+        result_url=s.result_url.replace("@127.0.0.1:", "@localhost:"),
+        tls_ca_file=ca,
+    )
     text = error_text(lambda: RedisStore(other.result_url, tls_ca_file=ca).ping())
     assert "certificate verify failed" in text and "mismatch" in text.lower(), text
     with make_app(other).connection_for_write() as conn:
@@ -292,6 +329,7 @@ def test_no_password_or_a_wrong_one_is_refused_by_broker_and_store(fleet):
     right = password(fleet)
     redis_servers = [fleet.results, *([fleet.broker] if fleet.broker_kind == "redis" else [])]
     for server in redis_servers:
+
         def client(pw: str | None, port: int = server.port) -> redis.Redis:
             return raw_redis(port, password=pw, ssl=True, ssl_ca_certs=ca)
 
@@ -307,8 +345,13 @@ def test_no_password_or_a_wrong_one_is_refused_by_broker_and_store(fleet):
         tls = broker_ssl(s)
 
         def amqp_login(user: str, pw: str) -> amqp.Connection:
-            return amqp.Connection(f"127.0.0.1:{fleet.broker.port}", userid=user, password=pw,
-                                   ssl=dict(tls), connect_timeout=5)
+            return amqp.Connection(
+                f"127.0.0.1:{fleet.broker.port}",
+                userid=user,
+                password=pw,
+                ssl=dict(tls),
+                connect_timeout=5,
+            )
 
         ok = amqp_login("fleet", right)
         ok.connect()
@@ -321,9 +364,15 @@ def test_no_password_or_a_wrong_one_is_refused_by_broker_and_store(fleet):
 
 
 def run_fleet(env: dict[str, str], *args: str) -> subprocess.Popen:
-    return subprocess.Popen([FLEET, "run", *args], env=env, cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [FLEET, "run", *args],
+        env=env,
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 90) -> tuple[int, str, str]:
@@ -340,26 +389,69 @@ def test_fleet_run_over_tls_and_its_failures_say_why_without_the_password(fleet,
     ids.write_text("".join(f"id-{i:08d}\n" for i in range(100_000)))  # 1.3 MB of IDs
     runs = {
         # A job over TLS, with the progress bar and the JSON summary.
-        "ok": run_fleet(fleet_env(fleet, tmp_path), "double", "--ids", "range:0:3000",
-                        "--out", str(tmp_path / "ok.jsonl"), "--progress", "--json"),
-        "both wrong": run_fleet(fleet_env(
-            fleet, tmp_path, FLEET_BROKER_URL=swap_password(s.broker_url, wrong),
-            FLEET_RESULT_URL=swap_password(s.result_url, wrong)),
-            "double", "--ids", "range:0:10", "--out", str(tmp_path / "a.jsonl")),
-        "no password": run_fleet(fleet_env(
-            fleet, tmp_path, FLEET_RESULT_URL=s.result_url.replace(f":{right}@", "@")),
-            "double", "--ids", "range:0:10", "--out", str(tmp_path / "e.jsonl")),
-        "broker wrong": run_fleet(fleet_env(
-            fleet, tmp_path, FLEET_BROKER_URL=swap_password(s.broker_url, wrong)),
-            "double", "--ids", "range:0:10", "--out", str(tmp_path / "b.jsonl")),
-        "broker unreachable": run_fleet(fleet_env(
-            fleet, tmp_path, FLEET_BROKER_URL=s.broker_url.replace(
-                f"127.0.0.1:{fleet.broker.port}", closed)),
-            "double", "--ids", "range:0:10", "--out", str(tmp_path / "c.jsonl")),
+        "ok": run_fleet(
+            fleet_env(fleet, tmp_path),
+            "double",
+            "--ids",
+            "range:0:3000",
+            "--out",
+            str(tmp_path / "ok.jsonl"),
+            "--progress",
+            "--json",
+        ),
+        "both wrong": run_fleet(
+            fleet_env(
+                fleet,
+                tmp_path,
+                FLEET_BROKER_URL=swap_password(s.broker_url, wrong),
+                FLEET_RESULT_URL=swap_password(s.result_url, wrong),
+            ),
+            "double",
+            "--ids",
+            "range:0:10",
+            "--out",
+            str(tmp_path / "a.jsonl"),
+        ),
+        "no password": run_fleet(
+            fleet_env(fleet, tmp_path, FLEET_RESULT_URL=s.result_url.replace(f":{right}@", "@")),
+            "double",
+            "--ids",
+            "range:0:10",
+            "--out",
+            str(tmp_path / "e.jsonl"),
+        ),
+        "broker wrong": run_fleet(
+            fleet_env(fleet, tmp_path, FLEET_BROKER_URL=swap_password(s.broker_url, wrong)),
+            "double",
+            "--ids",
+            "range:0:10",
+            "--out",
+            str(tmp_path / "b.jsonl"),
+        ),
+        "broker unreachable": run_fleet(
+            fleet_env(
+                fleet,
+                tmp_path,
+                FLEET_BROKER_URL=s.broker_url.replace(f"127.0.0.1:{fleet.broker.port}", closed),
+            ),
+            "double",
+            "--ids",
+            "range:0:10",
+            "--out",
+            str(tmp_path / "c.jsonl"),
+        ),
         # One batch bigger than a batch message may be: the launcher refuses it
         # before sending (the workers would refuse it too: see the raw messages).
-        "oversized": run_fleet(fleet_env(fleet, tmp_path), "echo", "--ids", str(ids),
-                               "--batch-size", "100000", "--out", str(tmp_path / "d.jsonl")),
+        "oversized": run_fleet(
+            fleet_env(fleet, tmp_path),
+            "echo",
+            "--ids",
+            str(ids),
+            "--batch-size",
+            "100000",
+            "--out",
+            str(tmp_path / "d.jsonl"),
+        ),
     }
     results = {name: finish(proc) for name, proc in runs.items()}
     for name, (_code, out, err) in results.items():
@@ -385,8 +477,9 @@ def test_fleet_run_over_tls_and_its_failures_say_why_without_the_password(fleet,
     scheme = s.broker_url.split("://")[0]
     assert code == 3, err
     assert f"cannot reach the broker at {scheme}://" in err and ":***@127.0.0.1:" in err, err
-    assert ("ACCESS_REFUSED" if fleet.broker_kind == "rabbitmq"
-            else "invalid username-password pair") in err, err
+    assert (
+        "ACCESS_REFUSED" if fleet.broker_kind == "rabbitmq" else "invalid username-password pair"
+    ) in err, err
     code, _, err = results["broker unreachable"]
     assert code == 3, err
     assert f"cannot reach the broker at {scheme}://" in err and f":***@{closed}" in err, err
@@ -401,20 +494,33 @@ def test_a_worker_with_a_wrong_password_says_so_without_it(fleet, tmp_path):
     """The worker's own error messages (Celery's banner, connection errors, heartbeat)."""
     s = fleet.settings
     wrong = "Wr0ng-" + uuid.uuid4().hex
-    env = {**fleet.worker_env(), "FLEET_BROKER_URL": swap_password(s.broker_url, wrong),
-           "FLEET_RESULT_URL": swap_password(s.result_url, wrong)}
+    env = {
+        **fleet.worker_env(),
+        "FLEET_BROKER_URL": swap_password(s.broker_url, wrong),
+        "FLEET_RESULT_URL": swap_password(s.result_url, wrong),
+    }
     log_path = fleet.workdir / "wrong-password-worker.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(worker_argv(sys.executable, "unused-queue", 1, "wrongpw@%h"),
-                                env=env, cwd=ROOT, stdout=log, stderr=log,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    refusal = ("ACCESS_REFUSED" if fleet.broker_kind == "rabbitmq"
-               else "invalid username-password pair")
+        proc = subprocess.Popen(
+            worker_argv(sys.executable, "unused-queue", 1, "wrongpw@%h"),
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    refusal = (
+        "ACCESS_REFUSED" if fleet.broker_kind == "rabbitmq" else "invalid username-password pair"
+    )
     try:
         # Redis: "consumer: Cannot connect to ...", retried for ever; RabbitMQ: the
         # refused login is an "Unrecoverable error" that ends the worker.
-        wait_until(lambda: refusal in log_path.read_text(errors="replace"), 30,
-                 "the worker to report the refused login")
+        wait_until(
+            lambda: refusal in log_path.read_text(errors="replace"),
+            30,
+            "the worker to report the refused login",
+        )
     finally:
         stop_process(proc, timeout=15)  # then its whole process group
     text = log_path.read_text(errors="replace")
@@ -439,20 +545,26 @@ class Exploit:
 
 def test_a_pickled_message_is_refused_and_never_unpickled(fleet, tmp_path):
     def body(path: Path) -> bytes:  # a fleet.batch message whose unpickling makes `path`
-        return pickle.dumps(((f"jsec-{uuid.uuid4().hex[:8]}", 0, "echo", [Exploit(str(path))]),
-                             {}, EMBED))
+        return pickle.dumps(
+            ((f"jsec-{uuid.uuid4().hex[:8]}", 0, "echo", [Exploit(str(path))]), {}, EMBED)
+        )
 
     # The payload works: unpickled here, it makes its file.
     control = tmp_path / "control"
-    pickle.loads(body(control))  # noqa: S301
+    pickle.loads(body(control))
     assert control.exists()
     marker = tmp_path / "unpickled"
     pids = pool_pids(fleet)
     before = instance_log(fleet).count("Refusing to deserialize untrusted content of type pickle")
     publish(fleet, [(body(marker), "application/x-python-serialize", task_headers())])
-    wait_until(lambda: instance_log(fleet).count(
-        "Refusing to deserialize untrusted content of type pickle") > before, 20,
-        "the worker to refuse the pickled message")
+    wait_until(
+        lambda: (
+            instance_log(fleet).count("Refusing to deserialize untrusted content of type pickle")
+            > before
+        ),
+        20,
+        "the worker to refuse the pickled message",
+    )
     assert normal_job(fleet, tmp_path / "after.jsonl") < 20
     assert not marker.exists(), "the pickled message was unpickled: code ran on the worker"
     assert_worker_unharmed(fleet, pids)
@@ -460,7 +572,8 @@ def test_a_pickled_message_is_refused_and_never_unpickled(fleet, tmp_path):
 
 
 def test_unknown_malformed_and_oversized_messages_are_refused_and_the_worker_goes_on(
-        fleet, tmp_path):
+    fleet, tmp_path
+):
     s = fleet.settings
     job = f"jsec-{uuid.uuid4().hex[:8]}"
 
@@ -469,7 +582,12 @@ def test_unknown_malformed_and_oversized_messages_are_refused_and_the_worker_goe
 
     json_type = "application/json"
     refused_batches = {  # batch number: payload the worker must refuse and announce
-        1: "abc", 2: 42, 3: None, 4: {"range": "ab"}, 5: {"lines": 5}, 6: {"ids": [1, 2]},
+        1: "abc",
+        2: 42,
+        3: None,
+        4: {"range": "ab"},
+        5: {"lines": 5},
+        6: {"ids": [1, 2]},
         7: {"range": [0, 10**12]},  # a tiny message naming a trillion IDs
         8: {"lines": "x" * (s.message_limit + 1)},  # more bytes than a message may hold
     }
@@ -514,13 +632,22 @@ def test_unknown_malformed_and_oversized_messages_are_refused_and_the_worker_goe
     def new_log() -> str:
         return instance_log(fleet)[log_before:]
 
-    wait_until(lambda: all(line in new_log() for line in expected_log), 20,
-             f"the worker to log every refusal: missing "
-             f"{[line for line in expected_log if line not in new_log()]}")
+    wait_until(
+        lambda: all(line in new_log() for line in expected_log),
+        20,
+        f"the worker to log every refusal: missing "
+        f"{[line for line in expected_log if line not in new_log()]}",
+    )
     store = RedisStore(s.result_url, tls_ca_file=s.tls_ca_file)
     announced: dict[int, str] = {}
-    wait_until(lambda: announced.update({d.batch: d.refused for d in store.wait_done(job, 0.5)})
-             or set(announced) >= set(refused_batches), 20, "every refusal to be announced")
+    wait_until(
+        lambda: (
+            announced.update({d.batch: d.refused for d in store.wait_done(job, 0.5)})
+            or set(announced) >= set(refused_batches)
+        ),
+        20,
+        "every refusal to be announced",
+    )
     assert set(announced) == set(refused_batches), announced
     assert all(announced.values()), announced
     assert "a batch payload is a list of IDs" in announced[1]
@@ -542,15 +669,20 @@ def test_unknown_malformed_and_oversized_messages_are_refused_and_the_worker_goe
 def test_the_password_is_in_no_process_listing_log_or_file_but_the_private_ones(fleet):
     """Run last for each fleet: its logs hold the jobs and the refusals of the tests above."""
     secret = password(fleet)
-    started = (fleet.broker.proc, fleet.results.proc, *fleet.broker.helpers,
-               fleet.instances[0].proc)
+    started = (
+        fleet.broker.proc,
+        fleet.results.proc,
+        *fleet.broker.helpers,
+        fleet.instances[0].proc,
+    )
     # What each process was started with: redis-server retitles itself at once
     # (`ps` then shows "redis-server 127.0.0.1:PORT"), which would hide a
     # password on its command line from a late look but not from an early one.
     for proc in started:
         assert secret not in " ".join(map(str, proc.args)), proc.args
-    listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True,
-                             check=True).stdout
+    listing = subprocess.run(
+        ["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True
+    ).stdout
     leaked = [line for line in listing.splitlines() if secret in line]
     assert not leaked, f"the password is in `ps`: {leaked}"
     # Not vacuous: every process of the fleet is in that listing.
@@ -571,8 +703,11 @@ def test_the_password_is_in_no_process_listing_log_or_file_but_the_private_ones(
         if path.is_file() and secret.encode() in path.read_bytes():
             holders.append(path)
             assert path.stat().st_mode & 0o777 == 0o600, path
-    expected = {fleet.workdir / "results.conf", fleet.broker.workdir / (
-        "broker.conf" if fleet.broker_kind == "redis" else "rabbitmq/rabbitmq.conf")}
+    expected = {
+        fleet.workdir / "results.conf",
+        fleet.broker.workdir
+        / ("broker.conf" if fleet.broker_kind == "redis" else "rabbitmq/rabbitmq.conf"),
+    }
     assert set(holders) == expected
     assert (fleet.tls_files.key.stat().st_mode & 0o777) == 0o600
     log = instance_log(fleet)
@@ -589,15 +724,23 @@ def test_fleet_local_tls_end_to_end(tmp_path):
     env = clean_env(tmp_path, TMPDIR=str(tmp_path))
     log_path = tmp_path / "fleet-local.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([FLEET, "local", "--tls", "--instances", "1", "--include",
-                                 "tests.fleet_tasks"], env=env, cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [FLEET, "local", "--tls", "--instances", "1", "--include", "tests.fleet_tasks"],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     state_file = tmp_path / "state" / "local.json"
     started: list[psutil.Process] = []
     try:
-        wait_until(lambda: state_file.exists() and "local fleet up" in log_path.read_text(), 60,
-                 "fleet local --tls to come up")
+        wait_until(
+            lambda: state_file.exists() and "local fleet up" in log_path.read_text(),
+            60,
+            "fleet local --tls to come up",
+        )
         started = psutil.Process(proc.pid).children(recursive=True)
         assert state_file.stat().st_mode & 0o777 == 0o600
         state = json.loads(state_file.read_text())["env"]
@@ -606,12 +749,18 @@ def test_fleet_local_tls_end_to_end(tmp_path):
         ca = state["FLEET_TLS_CA_FILE"]
         assert Path(ca).is_file()
         assert f"TLS only, certificates from the throwaway CA {ca}" in log_path.read_text()
-        exports = subprocess.run([FLEET, "local", "--env"], env=env, cwd=ROOT, text=True,
-                                 capture_output=True, timeout=60)
+        exports = subprocess.run(
+            [FLEET, "local", "--env"], env=env, cwd=ROOT, text=True, capture_output=True, timeout=60
+        )
         assert f"export FLEET_TLS_CA_FILE={ca}" in exports.stdout
-        done = subprocess.run([FLEET, "run", "double", "--ids", "range:0:500", "--out",
-                               str(tmp_path / "out.jsonl")], env=env, cwd=ROOT, text=True,
-                              capture_output=True, timeout=90)
+        done = subprocess.run(
+            [FLEET, "run", "double", "--ids", "range:0:500", "--out", str(tmp_path / "out.jsonl")],
+            env=env,
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+            timeout=90,
+        )
         assert done.returncode == 0, done.stderr
         assert len(read_output(tmp_path / "out.jsonl")) == 500
         secret = urlsplit(state["FLEET_BROKER_URL"]).password
@@ -637,17 +786,24 @@ def test_fleet_local_tls_end_to_end(tmp_path):
 # with the secrets put in as app/stack.py does; tests/infra/test_connection_tls.py takes
 # them from the Pulumi program itself.
 STACK_BROKER = "amqps://fleet:pw123@b-1234.mq.us-east-1.amazonaws.com:5671//"
-STACK_RESULTS = "rediss://:tok456@master.fleet.abc.use1.cache.amazonaws.com:6379/0" \
-                "?ssl_cert_reqs=required"
+STACK_RESULTS = (
+    "rediss://:tok456@master.fleet.abc.use1.cache.amazonaws.com:6379/0?ssl_cert_reqs=required"
+)
 
 
 def test_stack_urls_get_verified_tls_with_the_system_cas():
     s = Settings(broker_url=STACK_BROKER, result_url=STACK_RESULTS)
     conf = celery_config(s)
-    assert conf["broker_use_ssl"] == {"cert_reqs": ssl.CERT_REQUIRED, "ca_certs": None,
-                                      "server_hostname": "b-1234.mq.us-east-1.amazonaws.com"}
-    assert conf["redis_backend_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED,
-                                             "ssl_ca_certs": None, "ssl_check_hostname": True}
+    assert conf["broker_use_ssl"] == {
+        "cert_reqs": ssl.CERT_REQUIRED,
+        "ca_certs": None,
+        "server_hostname": "b-1234.mq.us-east-1.amazonaws.com",
+    }
+    assert conf["redis_backend_use_ssl"] == {
+        "ssl_cert_reqs": ssl.CERT_REQUIRED,
+        "ssl_ca_certs": None,
+        "ssl_check_hostname": True,
+    }
     app = make_app(s)
     params = app.backend.connparams  # Celery's own result backend (no connection made)
     assert params["connection_class"] is redis.SSLConnection
@@ -666,47 +822,84 @@ def test_stack_urls_get_verified_tls_with_the_system_cas():
 
 def test_tls_settings_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="turns TLS verification off"):
-        Settings(broker_url=STACK_BROKER,
-                 result_url=STACK_RESULTS.replace("=required", "=none"))
+        Settings(broker_url=STACK_BROKER, result_url=STACK_RESULTS.replace("=required", "=none"))
     with pytest.raises(ConfigError, match="turns TLS verification off"):
-        Settings(broker_url="rediss://:p@h:6379/0?ssl_check_hostname=false",
-                 result_url=STACK_RESULTS)
-    with pytest.raises(ConfigError, match="FLEET_TLS_CA_FILE=.*not a readable PEM"):
-        Settings.from_env({"FLEET_BROKER_URL": STACK_BROKER, "FLEET_RESULT_URL": STACK_RESULTS,
-                           "FLEET_TLS_CA_FILE": str(tmp_path / "missing.pem")})
+        Settings(
+            broker_url="rediss://:p@h:6379/0?ssl_check_hostname=false", result_url=STACK_RESULTS
+        )
+    with pytest.raises(ConfigError, match=r"FLEET_TLS_CA_FILE=.*not a readable PEM"):
+        Settings.from_env(
+            {
+                "FLEET_BROKER_URL": STACK_BROKER,
+                "FLEET_RESULT_URL": STACK_RESULTS,
+                "FLEET_TLS_CA_FILE": str(tmp_path / "missing.pem"),
+            }
+        )
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
     with pytest.raises(ConfigError, match="not a readable PEM"):
         Settings(broker_url=STACK_BROKER, result_url=STACK_RESULTS, tls_ca_file=str(garbage))
     ca = ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt"
-    s = Settings.from_env({"FLEET_BROKER_URL": STACK_BROKER, "FLEET_RESULT_URL": STACK_RESULTS,
-                           "FLEET_TLS_CA_FILE": ca})
+    s = Settings.from_env(
+        {
+            "FLEET_BROKER_URL": STACK_BROKER,
+            "FLEET_RESULT_URL": STACK_RESULTS,
+            "FLEET_TLS_CA_FILE": ca,
+        }
+    )
     assert s.tls_ca_file == ca and Settings.from_env(s.as_env()) == s
     assert celery_config(s)["broker_use_ssl"]["ca_certs"] == ca
 
 
-@pytest.mark.parametrize(("payload", "items"), [
-    ([1, 2, 3], 3), ({"lines": "a\nb"}, 2), ({"range": [5, 10]}, 5), ({"range": [9, 1]}, 0),
-    ([], 0),
-])
+@pytest.mark.parametrize(
+    ("payload", "items"),
+    [
+        ([1, 2, 3], 3),
+        ({"lines": "a\nb"}, 2),
+        ({"range": [5, 10]}, 5),
+        ({"range": [9, 1]}, 0),
+        ([], 0),
+    ],
+)
 def test_payloads_the_launcher_builds_pass(payload, items):
     assert check_payload(payload, 1024 * 1024) == items
 
 
-@pytest.mark.parametrize("payload", [
-    "abc", 42, None, {"lines": 5}, {"range": [0]}, {"range": [0, "9"]}, {"range": [0, True]},
-    {"range": [0, 1], "lines": "x"}, {"other": 1}, {"range": [0, MAX_BATCH_ITEMS + 1]},
-    {"lines": "x" * 101}, ["x" * 50, "y" * 50],
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "abc",
+        42,
+        None,
+        {"lines": 5},
+        {"range": [0]},
+        {"range": [0, "9"]},
+        {"range": [0, True]},
+        {"range": [0, 1], "lines": "x"},
+        {"other": 1},
+        {"range": [0, MAX_BATCH_ITEMS + 1]},
+        {"lines": "x" * 101},
+        ["x" * 50, "y" * 50],
+    ],
+)
 def test_payloads_the_launcher_never_builds_are_refused(payload):
     with pytest.raises(BadPayload):
         check_payload(payload, 100)
 
 
-@pytest.mark.parametrize(("job", "batch", "task"), [
-    (123, 0, "echo"), ("", 0, "echo"), ("j", -1, "echo"), ("j", True, "echo"),
-    ("j", 2**32, "echo"), ("j", "0", "echo"), ("j", 0, None), ("j", 0, ["echo"]),
-])
+@pytest.mark.parametrize(
+    ("job", "batch", "task"),
+    [
+        (123, 0, "echo"),
+        ("", 0, "echo"),
+        ("j", -1, "echo"),
+        ("j", True, "echo"),
+        ("j", 2**32, "echo"),
+        ("j", "0", "echo"),
+        ("j", 0, None),
+        ("j", 0, ["echo"]),
+    ],
+)
 def test_malformed_batch_addresses_are_refused(job, batch, task):
     with pytest.raises(BadPayload):
         check_address(job, batch, task)

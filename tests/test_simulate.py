@@ -34,8 +34,12 @@ def test_same_seed_same_run_and_seeds_differ():
     stormy = replace(TARGET, items=200_000, spot_rate=20.0)
     a = simulate(stormy, TARGET_POLICY)
     b = simulate(stormy, TARGET_POLICY)
-    assert (a.makespan, a.instance_seconds, a.interruptions, a.timeline) == \
-        (b.makespan, b.instance_seconds, b.interruptions, b.timeline)
+    assert (a.makespan, a.instance_seconds, a.interruptions, a.timeline) == (
+        b.makespan,
+        b.instance_seconds,
+        b.interruptions,
+        b.timeline,
+    )
     others = {simulate(replace(stormy, seed=s), TARGET_POLICY).interruptions for s in range(2, 6)}
     assert others - {a.interruptions}, "the seed changes nothing"
 
@@ -76,8 +80,9 @@ def test_ideal_bound():
 def test_cli_table_json_and_plot(tmp_path):
     png = tmp_path / "sim.png"
     runner = CliRunner()
-    result = runner.invoke(cli, ["simulate", "--items", "100000", "--max-instances", "10",
-                                 "--plot", str(png)])
+    result = runner.invoke(
+        cli, ["simulate", "--items", "100000", "--max-instances", "10", "--plot", str(png)]
+    )
     assert result.exit_code == 0, result.output
     assert "| autoscaled |" in result.output and "| ideal bound |" in result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

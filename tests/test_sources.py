@@ -55,14 +55,18 @@ def ids_of(path: Path, **kw) -> list:
 
 # -- text ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("data", [
-    b"a\nb\nc\n",
-    b"a\nb\nc",  # no newline after the last line
-    b"a\r\nb\r\nc\r\n",  # CRLF
-    b"a\r\nb\r\nc",
-    b"\xef\xbb\xbfa\nb\nc\n",  # UTF-8 BOM
-    b"\xef\xbb\xbfa\r\nb\r\nc",
-])
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"a\nb\nc\n",
+        b"a\nb\nc",  # no newline after the last line
+        b"a\r\nb\r\nc\r\n",  # CRLF
+        b"a\r\nb\r\nc",
+        b"\xef\xbb\xbfa\nb\nc\n",  # UTF-8 BOM
+        b"\xef\xbb\xbfa\r\nb\r\nc",
+    ],
+)
 def test_text_line_ends_bom_and_last_line(tmp_path, data):
     path = text_file(tmp_path, data)
     src = Source.parse(str(path))
@@ -77,17 +81,20 @@ def test_text_keeps_ids_verbatim(tmp_path):
     assert ids_of(path) == ids
 
 
-@pytest.mark.parametrize("data, line", [
-    (b"a\n\nb\n", 2),
-    (b"\na\n", 1),
-    (b"a\nb\n\n", 3),  # a trailing blank line
-    (b"a\nb\n\n\n", 3),
-    (b"a\r\n\r\nb\r\n", 2),
-    (b"a\r\nb\r\n\r\n", 3),
-    (b"a\r\nb\r\n\r", 3),
-    (b"\r\n", 1),
-    (b"\n", 1),
-])
+@pytest.mark.parametrize(
+    "data, line",
+    [
+        (b"a\n\nb\n", 2),
+        (b"\na\n", 1),
+        (b"a\nb\n\n", 3),  # a trailing blank line
+        (b"a\nb\n\n\n", 3),
+        (b"a\r\n\r\nb\r\n", 2),
+        (b"a\r\nb\r\n\r\n", 3),
+        (b"a\r\nb\r\n\r", 3),
+        (b"\r\n", 1),
+        (b"\n", 1),
+    ],
+)
 def test_empty_line_names_its_number(tmp_path, data, line):
     path = text_file(tmp_path, data)
     msg = input_error(Source.parse(str(path)).count)
@@ -96,12 +103,15 @@ def test_empty_line_names_its_number(tmp_path, data, line):
     assert str(path) in msg
 
 
-@pytest.mark.parametrize("data, line", [
-    (b"ok\n\xff\xfe\nok\n", 2),
-    (b"\xc3\n", 1),
-    (b"a\nb\nc\nd\xe2\x82", 4),  # truncated at the end, no final newline
-    (b"a\r\nb\r\n\x80\r\n", 3),
-])
+@pytest.mark.parametrize(
+    "data, line",
+    [
+        (b"ok\n\xff\xfe\nok\n", 2),
+        (b"\xc3\n", 1),
+        (b"a\nb\nc\nd\xe2\x82", 4),  # truncated at the end, no final newline
+        (b"a\r\nb\r\n\x80\r\n", 3),
+    ],
+)
 def test_invalid_utf8_names_its_line(tmp_path, data, line):
     path = text_file(tmp_path, data)
     msg = input_error(Source.parse(str(path)).count)
@@ -166,8 +176,12 @@ def test_unknown_format(tmp_path):
 
 
 def test_format_from_suffix(tmp_path):
-    for name, fmt, kw in [("a.csv", "csv", {"column": "id"}), ("a.jsonl", "jsonl", {"field": "id"}),
-                          ("a.NDJSON", "jsonl", {"field": "id"}), ("a.ids", "text", {})]:
+    for name, fmt, kw in [
+        ("a.csv", "csv", {"column": "id"}),
+        ("a.jsonl", "jsonl", {"field": "id"}),
+        ("a.NDJSON", "jsonl", {"field": "id"}),
+        ("a.ids", "text", {}),
+    ]:
         path = text_file(tmp_path, b"x\n", name)
         assert Source.parse(str(path), **kw).fmt == fmt
 
@@ -181,7 +195,10 @@ def test_meta_round_trip(tmp_path):
 def test_text_batches_travel_as_one_string_each(tmp_path):
     path = text_file(tmp_path, b"a\nb\r\nc\nd\n")
     assert payloads(Source.parse(str(path)), [1, 2, 5]) == [
-        {"lines": "a"}, {"lines": "b\nc"}, {"lines": "d"}]
+        {"lines": "a"},
+        {"lines": "b\nc"},
+        {"lines": "d"},
+    ]
 
 
 def test_stdin(monkeypatch):
@@ -197,6 +214,7 @@ def test_stdin_jsonl(monkeypatch):
 
 
 # -- csv ----------------------------------------------------------------------
+
 
 def write_csv(tmp_path: Path, rows: list[list[str]], name: str = "ids.csv", **kw) -> Path:
     path = tmp_path / name
@@ -282,6 +300,7 @@ def test_csv_over_many_blocks(tmp_path):
 
 # -- jsonl --------------------------------------------------------------------
 
+
 def test_jsonl_field(tmp_path):
     data = b'{"id": 1, "x": [1]}\n{"id": "a"}\r\n{"x": 0, "id": -5}'
     path = text_file(tmp_path, data, "ids.jsonl")
@@ -301,17 +320,20 @@ def test_jsonl_malformed_line(tmp_path):
     assert "line 3:" in msg and "not JSON" in msg
 
 
-@pytest.mark.parametrize("line, words", [
-    (b'{"id": [1, 2]}', ["must be a string or an integer", "list"]),
-    (b'{"id": {"a": 1}}', ["dict"]),
-    (b'{"id": 1.5}', ["float"]),
-    (b'{"id": true}', ["bool"]),
-    (b'{"id": null}', ["got nothing"]),
-    (b'{"other": 1}', ["got nothing"]),
-    (b'{"id": ""}', ["empty"]),
-    (b'[1, 2]', ["expected an object"]),
-    (b'"just a string"', ["expected an object"]),
-])
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        (b'{"id": [1, 2]}', ["must be a string or an integer", "list"]),
+        (b'{"id": {"a": 1}}', ["dict"]),
+        (b'{"id": 1.5}', ["float"]),
+        (b'{"id": true}', ["bool"]),
+        (b'{"id": null}', ["got nothing"]),
+        (b'{"other": 1}', ["got nothing"]),
+        (b'{"id": ""}', ["empty"]),
+        (b"[1, 2]", ["expected an object"]),
+        (b'"just a string"', ["expected an object"]),
+    ],
+)
 def test_jsonl_bad_ids_name_the_line(tmp_path, line, words):
     path = text_file(tmp_path, b'{"id": 1}\n' + line + b'\n{"id": 3}\n', "ids.jsonl")
     msg = input_error(Source.parse(str(path), field="id").count)
@@ -327,10 +349,17 @@ def test_jsonl_empty_line(tmp_path):
 
 # -- range --------------------------------------------------------------------
 
-@pytest.mark.parametrize("spec, bounds", [
-    ("range:10", (0, 10)), ("range:5:8", (5, 8)), ("range:-3:2", (-3, 2)),
-    ("range:0:1", (0, 1)), ("range: 2 : 4 ", (2, 4)),
-])
+
+@pytest.mark.parametrize(
+    "spec, bounds",
+    [
+        ("range:10", (0, 10)),
+        ("range:5:8", (5, 8)),
+        ("range:-3:2", (-3, 2)),
+        ("range:0:1", (0, 1)),
+        ("range: 2 : 4 ", (2, 4)),
+    ],
+)
 def test_range(spec, bounds):
     src = Source.parse(spec)
     assert src.fmt == "range"
@@ -343,15 +372,27 @@ def test_range(spec, bounds):
 def test_range_batches_follow_the_sizes():
     src = Source.parse("range:0:10")
     assert payloads(src, BatchPlan((1, 1, 1), 4).sizes()) == [
-        {"range": [0, 1]}, {"range": [1, 2]}, {"range": [2, 3]}, {"range": [3, 7]},
-        {"range": [7, 10]}]
+        {"range": [0, 1]},
+        {"range": [1, 2]},
+        {"range": [2, 3]},
+        {"range": [3, 7]},
+        {"range": [7, 10]},
+    ]
 
 
-@pytest.mark.parametrize("spec, words", [
-    ("range:", ["bad range"]), ("range:x", ["bad range", "range:START:STOP"]),
-    ("range:1:2:3", ["bad range"]), ("range:1.5", ["bad range"]), ("range:a:9", ["bad range"]),
-    ("range:0", ["is empty"]), ("range:5:5", ["is empty"]), ("range:9:3", ["is empty"]),
-])
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("range:", ["bad range"]),
+        ("range:x", ["bad range", "range:START:STOP"]),
+        ("range:1:2:3", ["bad range"]),
+        ("range:1.5", ["bad range"]),
+        ("range:a:9", ["bad range"]),
+        ("range:0", ["is empty"]),
+        ("range:5:5", ["is empty"]),
+        ("range:9:3", ["is empty"]),
+    ],
+)
 def test_range_errors(spec, words):
     msg = input_error(Source.parse, spec)
     for word in words:
@@ -360,6 +401,7 @@ def test_range_errors(spec, words):
 
 
 # -- batches across 1 MiB blocks -------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def big_text(tmp_path_factory) -> tuple[Path, list[str]]:
@@ -372,17 +414,26 @@ def big_text(tmp_path_factory) -> tuple[Path, list[str]]:
     return path, ids
 
 
-@pytest.mark.parametrize("layout", [
-    BatchPlan((1, 1, 1), 1000), BatchPlan((1, 1), 65_536), BatchPlan((), 7),
-    BatchPlan((1,), 199_999), BatchPlan((), 1_000_000), BatchPlan((3, 5), 100_003),
-])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        BatchPlan((1, 1, 1), 1000),
+        BatchPlan((1, 1), 65_536),
+        BatchPlan((), 7),
+        BatchPlan((1,), 199_999),
+        BatchPlan((), 1_000_000),
+        BatchPlan((3, 5), 100_003),
+    ],
+)
 def test_batches_across_block_boundaries(big_text, layout):
     path, ids = big_text
     src = Source.parse(str(path))
     batches = list(src.batches(layout.sizes()))
     sizes = layout.sizes()
-    expected = [min(next(sizes), len(ids) - k) for k in itertools.accumulate(
-        [0] + [len(list(expand(b))) for b in batches[:-1]])]
+    expected = [
+        min(next(sizes), len(ids) - k)
+        for k in itertools.accumulate([0] + [len(list(expand(b))) for b in batches[:-1]])
+    ]
     assert [len(list(expand(b))) for b in batches] == expected
     assert flat(batches) == ids
 
@@ -412,14 +463,17 @@ def test_jsonl_line_numbers_across_real_blocks(tmp_path):
 
 _id_text = st.text(
     st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r"),
-    min_size=1, max_size=12,
+    min_size=1,
+    max_size=12,
 ).filter(lambda s: not re.fullmatch(r"[ \t\f\v]*", s) and not s.startswith("\ufeff"))
 
 _layouts = st.builds(
-    BatchPlan, st.lists(st.integers(1, 4), max_size=4).map(tuple), st.integers(1, 40))
+    BatchPlan, st.lists(st.integers(1, 4), max_size=4).map(tuple), st.integers(1, 40)
+)
 
-_fast = settings(max_examples=60, deadline=None,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture])
+_fast = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 def _round_trip(path: Path, fmt_kw: dict, layout: BatchPlan, block: int) -> list:
@@ -441,9 +495,14 @@ def _round_trip(path: Path, fmt_kw: dict, layout: BatchPlan, block: int) -> list
 
 
 @_fast
-@given(ids=st.lists(_id_text, min_size=1, max_size=80), layout=_layouts,
-       crlf=st.booleans(), final_newline=st.booleans(), bom=st.booleans(),
-       block=st.sampled_from([1, 2, 5, 64, 1 << 20]))
+@given(
+    ids=st.lists(_id_text, min_size=1, max_size=80),
+    layout=_layouts,
+    crlf=st.booleans(),
+    final_newline=st.booleans(),
+    bom=st.booleans(),
+    block=st.sampled_from([1, 2, 5, 64, 1 << 20]),
+)
 def test_text_round_trip(tmp_path, ids, layout, crlf, final_newline, bom, block):
     eol = "\r\n" if crlf else "\n"
     data = eol.join(ids) + (eol if final_newline else "")
@@ -453,8 +512,11 @@ def test_text_round_trip(tmp_path, ids, layout, crlf, final_newline, bom, block)
 
 
 @_fast
-@given(ids=st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=80),
-       layout=_layouts, block=st.sampled_from([1, 3, 64, 1 << 20]))
+@given(
+    ids=st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=80),
+    layout=_layouts,
+    block=st.sampled_from([1, 3, 64, 1 << 20]),
+)
 def test_jsonl_round_trip(tmp_path, ids, layout, block):
     path = tmp_path / "prop.jsonl"
     path.write_text("".join(json.dumps({"n": i % 3, "id": i}) + "\n" for i in ids))
@@ -462,8 +524,7 @@ def test_jsonl_round_trip(tmp_path, ids, layout, block):
 
 
 @_fast
-@given(ids=st.lists(st.integers(-(10**30), 10**30), min_size=1, max_size=80),
-       layout=_layouts)
+@given(ids=st.lists(st.integers(-(10**30), 10**30), min_size=1, max_size=80), layout=_layouts)
 def test_csv_round_trip(tmp_path, ids, layout):
     path = write_csv(tmp_path, [["other", "id"]] + [["x,y", str(i)] for i in ids], "prop.csv")
     assert _round_trip(path, {"column": "id"}, layout, 1 << 20) == [str(i) for i in ids]
@@ -491,8 +552,12 @@ def test_nth_newline_finds_the_kth_line_end(lengths, data):
 
 
 @_fast
-@given(total=st.integers(1, 5000), probe=st.lists(st.integers(1, 3), max_size=4),
-       size=st.integers(1, 700), tail=st.integers(0, 6))
+@given(
+    total=st.integers(1, 5000),
+    probe=st.lists(st.integers(1, 3), max_size=4),
+    size=st.integers(1, 700),
+    tail=st.integers(0, 6),
+)
 def test_layout_counts_the_batches_it_cuts(total, probe, size, tail):
     layout = BatchPlan(tuple(probe), size, total, tail)
     sizes = layout.sizes()
@@ -501,7 +566,7 @@ def test_layout_counts_the_batches_it_cuts(total, probe, size, tail):
         cut.append(min(next(sizes), left))
         left -= cut[-1]
     assert layout.count() == len(cut)
-    body = cut[len(probe):]
+    body = cut[len(probe) :]
     # Never larger than the batch size, and only the last wave is cut finer.
     assert all(n <= size for n in body)
     fine = [n for n in body if n < size]

@@ -31,14 +31,20 @@ VISIBILITY = 1860  # what the stack sets on the queue for the default max batch 
 @pytest.fixture(scope="module")
 def aws(tmp_path_factory):
     """A moto server with the queue and bucket the stack would create."""
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     port = free_port()
-    moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    moto = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_port(port, moto, "moto_server")
         endpoint = f"http://127.0.0.1:{port}"
@@ -56,11 +62,15 @@ def aws(tmp_path_factory):
 def sqs_settings(aws, queue: str) -> Settings:
     port, endpoint = aws
     url = boto3.client("sqs", endpoint_url=endpoint).create_queue(
-        QueueName=queue, Attributes={"VisibilityTimeout": str(VISIBILITY)})["QueueUrl"]
+        QueueName=queue, Attributes={"VisibilityTimeout": str(VISIBILITY)}
+    )["QueueUrl"]
     return Settings(
         broker_url=f"sqs://testing:testing@127.0.0.1:{port}",
         result_url=f"s3://fleet-results/{queue}?endpoint_url={endpoint}&region=us-east-1",
-        queue=queue, include=TASKS, aws_region="us-east-1", sqs_queue_url=url,
+        queue=queue,
+        include=TASKS,
+        aws_region="us-east-1",
+        sqs_queue_url=url,
         lease_seconds=2,
     )
 
@@ -78,8 +88,9 @@ def test_job_completes_with_errors_recorded(aws, tmp_path):
     settings = sqs_settings(aws, "fleet-basic")
     out = tmp_path / "out.jsonl"
     with LocalFleet(2, settings=settings, workdir=tmp_path / "fleet"):
-        summary = Launcher(settings).run(JobOptions(
-            task="poison", source=Source.parse("range:0:1500"), out=out, progress=False))
+        summary = Launcher(settings).run(
+            JobOptions(task="poison", source=Source.parse("range:0:1500"), out=out, progress=False)
+        )
     rows = check_exactly_once(out, 1500)
     assert summary.items == 1500
     assert summary.errors == sum(1 for i in range(1500) if i % 7 == 0)
@@ -92,12 +103,23 @@ def test_killed_worker_batch_is_recovered_before_visibility_timeout(aws, tmp_pat
     settings = sqs_settings(aws, "fleet-kill")
     out = tmp_path / "out.jsonl"
     n = 400
-    with LocalFleet(2, settings=settings, workdir=tmp_path / "fleet",
-                    env={"FLEET_TEST_ITEM_MS": "10"}) as fleet:
+    with LocalFleet(
+        2, settings=settings, workdir=tmp_path / "fleet", env={"FLEET_TEST_ITEM_MS": "10"}
+    ) as fleet:
         result: dict = {}
-        launcher = threading.Thread(target=lambda: result.update(summary=Launcher(settings).run(
-            JobOptions(task="slow", source=Source.parse(f"range:0:{n}"), batch_size=25,
-                       out=out, progress=False))))
+        launcher = threading.Thread(
+            target=lambda: result.update(
+                summary=Launcher(settings).run(
+                    JobOptions(
+                        task="slow",
+                        source=Source.parse(f"range:0:{n}"),
+                        batch_size=25,
+                        out=out,
+                        progress=False,
+                    )
+                )
+            )
+        )
         started = time.monotonic()
         launcher.start()
         victim = fleet.instances[0].proc

@@ -58,9 +58,12 @@ def make_stack(settings, stack: str = "dev") -> None:
     ssm = boto3.client("ssm")
     prefix = f"/celery-fleet/{stack}/"
     broker = urlsplit(settings.broker_url)
-    params = {"broker_url": broker._replace(netloc=f"@{broker.hostname}:{broker.port}").geturl(),
-              "result_url": settings.result_url, "queue": settings.queue,
-              "broker_password_parameter": f"{prefix}broker_password"}
+    params = {
+        "broker_url": broker._replace(netloc=f"@{broker.hostname}:{broker.port}").geturl(),
+        "result_url": settings.result_url,
+        "queue": settings.queue,
+        "broker_password_parameter": f"{prefix}broker_password",
+    }
     for key, value in params.items():
         ssm.put_parameter(Name=prefix + key, Value=value, Type="String")
     ssm.put_parameter(Name=f"{prefix}broker_password", Value=broker.password, Type="SecureString")
@@ -71,20 +74,33 @@ def make_stack(settings, stack: str = "dev") -> None:
     )["LaunchTemplate"]["LaunchTemplateId"]
     for name, size in ((stack, 2), ("other", 1)):
         autoscaling.create_auto_scaling_group(
-            AutoScalingGroupName=f"{name}-asg", MinSize=0, MaxSize=5, DesiredCapacity=size,
-            AvailabilityZones=["eu-west-1a"], LaunchTemplate={"LaunchTemplateId": template},
-            Tags=[{"Key": STACK_TAG, "Value": name, "PropagateAtLaunch": True}])
-    spot = ec2.run_instances(ImageId="ami-12c6146b", InstanceType="m7i.xlarge", MinCount=1,
-                             MaxCount=1, InstanceMarketOptions={"MarketType": "spot"},
-                             Placement={"AvailabilityZone": "eu-west-1b"})
-    autoscaling.attach_instances(InstanceIds=[spot["Instances"][0]["InstanceId"]],
-                                 AutoScalingGroupName=f"{stack}-asg")
+            AutoScalingGroupName=f"{name}-asg",
+            MinSize=0,
+            MaxSize=5,
+            DesiredCapacity=size,
+            AvailabilityZones=["eu-west-1a"],
+            LaunchTemplate={"LaunchTemplateId": template},
+            Tags=[{"Key": STACK_TAG, "Value": name, "PropagateAtLaunch": True}],
+        )
+    spot = ec2.run_instances(
+        ImageId="ami-12c6146b",
+        InstanceType="m7i.xlarge",
+        MinCount=1,
+        MaxCount=1,
+        InstanceMarketOptions={"MarketType": "spot"},
+        Placement={"AvailabilityZone": "eu-west-1b"},
+    )
+    autoscaling.attach_instances(
+        InstanceIds=[spot["Instances"][0]["InstanceId"]], AutoScalingGroupName=f"{stack}-asg"
+    )
 
 
-def test_stack_status_counts_instances_workers_queue_and_batches(make_fleet, tmp_path,
-                                                                  monkeypatch):
-    for key, value in {"AWS_DEFAULT_REGION": "eu-west-1", "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing"}.items():
+def test_stack_status_counts_instances_workers_queue_and_batches(make_fleet, tmp_path, monkeypatch):
+    for key, value in {
+        "AWS_DEFAULT_REGION": "eu-west-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+    }.items():
         monkeypatch.setenv(key, value)
     # One worker with a slot per CPU; each batch (one item) busy for 3 s. Short leases:
     # the worker's heartbeat (with its running batches) comes every half second.
@@ -92,9 +108,20 @@ def test_stack_status_counts_instances_workers_queue_and_batches(make_fleet, tmp
     slots = len(fleet.cpus)
     batches, in_flight = slots + 4, slots + 2
     summary: list = []
-    job = threading.Thread(target=lambda: summary.append(Launcher(fleet.settings).run(JobOptions(
-        task="slow", source=Source.parse(f"range:0:{batches}"), out=tmp_path / "out.jsonl",
-        batch_size=1, max_in_flight=in_flight, progress=False))))
+    job = threading.Thread(
+        target=lambda: summary.append(
+            Launcher(fleet.settings).run(
+                JobOptions(
+                    task="slow",
+                    source=Source.parse(f"range:0:{batches}"),
+                    out=tmp_path / "out.jsonl",
+                    batch_size=1,
+                    max_in_flight=in_flight,
+                    progress=False,
+                )
+            )
+        )
+    )
     runner = CliRunner()
     with mock_aws():
         make_stack(fleet.settings)
@@ -104,8 +131,14 @@ def test_stack_status_counts_instances_workers_queue_and_batches(make_fleet, tmp
             result = runner.invoke(cli, ["status", "--stack", "dev", "--json"])
             assert result.exit_code == 0, result.output
             status = json.loads(result.stdout)
-            seen.append((status["running_batches"], status["queue"]["waiting"],
-                         status["held_back"], [w["active"] for w in status["workers"]]))
+            seen.append(
+                (
+                    status["running_batches"],
+                    status["queue"]["waiting"],
+                    status["held_back"],
+                    [w["active"] for w in status["workers"]],
+                )
+            )
             # Every slot busy, the rest of what is in flight waiting, the rest held back.
             if seen[-1] == (slots, in_flight - slots, batches - in_flight, [slots]):
                 break
@@ -138,10 +171,14 @@ def fleet_local(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "CELERY_"))}
     env.update(FLEET_STATE_DIR=str(tmp_path / "state"))
     log = open(tmp_path / "fleet.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([str(FLEET_BIN), "local", "-n", "1", "--flower",
-                             "--include", TASKS[0]], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True,
-                            cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen(
+        [str(FLEET_BIN), "local", "-n", "1", "--flower", "--include", TASKS[0]],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     try:
         yield proc, env, tmp_path / "fleet.log"
     finally:
@@ -176,8 +213,9 @@ def test_local_fleet_with_flower_and_status(fleet_local):
         workers = {w["hostname"]: w for w in workers} if isinstance(workers, list) else workers
         time.sleep(0.5)
     assert len(workers) == 1 and next(iter(workers)).startswith("instance0-"), workers
-    status = subprocess.run([str(FLEET_BIN), "status", "--json"], env=env, capture_output=True,
-                            text=True, timeout=60)
+    status = subprocess.run(
+        [str(FLEET_BIN), "status", "--json"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
     assert report["source"] == "the local fleet"

@@ -72,8 +72,14 @@ BROKERS = os.environ.get("FLEET_WATCHDOG_TEST_BROKERS", "redis").split(",")
 def shared(request, tmp_path_factory):
     workdir = tmp_path_factory.mktemp(f"watchdog-{request.param}")
     env = {"FLEET_TEST_ITEM_MS": str(ITEM_MS), "FLEET_WATCHDOG_SECONDS": str(GRACE)}
-    with LocalFleet(2, request.param, include=(*TASKS, "tests.watchdog_block"),
-                    workdir=workdir, lease_seconds=LEASE, env=env) as fleet:
+    with LocalFleet(
+        2,
+        request.param,
+        include=(*TASKS, "tests.watchdog_block"),
+        workdir=workdir,
+        lease_seconds=LEASE,
+        env=env,
+    ) as fleet:
         yield fleet
 
 
@@ -140,8 +146,6 @@ def assert_exactly_once(summary: JobSummary, out: Path, n: int) -> None:
     assert all(r["result"] == 2 * r["id"] for r in records)
 
 
-
-
 def log_path(fleet: LocalFleet, index: int) -> Path:
     return fleet.workdir / f"instance{index}.log"
 
@@ -172,8 +176,11 @@ def stamp_of(text: str, marker: str, last: bool = False) -> float | None:
 def node_of(fleet: LocalFleet, index: int) -> str:
     store = RedisStore(fleet.settings.result_url)
     pid = fleet.instances[index].proc.pid
-    return wait_until(lambda: next((w["hostname"] for w in store.workers()
-                                    if w.get("pid") == pid), None), 30, "the worker's heartbeat")
+    return wait_until(
+        lambda: next((w["hostname"] for w in store.workers() if w.get("pid") == pid), None),
+        30,
+        "the worker's heartbeat",
+    )
 
 
 def running(fleet: LocalFleet) -> int:
@@ -184,9 +191,13 @@ def wait_restarted(fleet: LocalFleet, index: int, old_pid: int, timeout: float) 
     """Wait until instance `index` runs under a new pid that heartbeats; when that was."""
     store = RedisStore(fleet.settings.result_url)
     inst = fleet.instances[index]
-    wait_until(lambda: inst.proc.pid != old_pid
-               and any(w.get("pid") == inst.proc.pid for w in store.workers()),
-               timeout, f"instance{index} to come back under a new pid")
+    wait_until(
+        lambda: (
+            inst.proc.pid != old_pid and any(w.get("pid") == inst.proc.pid for w in store.workers())
+        ),
+        timeout,
+        f"instance{index} to come back under a new pid",
+    )
     return time.monotonic()
 
 
@@ -196,8 +207,11 @@ def assert_consumes_again(fleet: LocalFleet, tmp_path: Path) -> None:
     job = Background(fleet, tmp_path / "again.jsonl", 1600, 100)
     assert_exactly_once(job.result(60), tmp_path / "again.jsonl", 1600)
     for inst, offset in zip(fleet.instances, offsets, strict=True):
-        done = len(re.findall(r"Task fleet\.batch\[[^]]+\] succeeded",
-                              log_since(fleet, inst.index, offset)))
+        done = len(
+            re.findall(
+                r"Task fleet\.batch\[[^]]+\] succeeded", log_since(fleet, inst.index, offset)
+            )
+        )
         print(f"instance{inst.index} ran {done} of the fresh job's 16 batches")
         assert done, f"instance{inst.index} took no batch after its restart"
 
@@ -311,8 +325,10 @@ def test_worker_busy_with_long_batches_is_not_restarted(fleet):
         time.sleep(0.1)
     wait_until(lambda: len(store.committed(job, range(4))) == 4, 60, "all four batches")
     waited = waiting[-1] - waiting[0] if waiting else 0.0
-    print(f"two batches waited {waited:.1f} s behind two long ones; all done in "
-          f"{time.monotonic() - started:.1f} s")
+    print(
+        f"two batches waited {waited:.1f} s behind two long ones; all done in "
+        f"{time.monotonic() - started:.1f} s"
+    )
     assert waited > BOUND, "the short batches did not wait longer than the bound"
     assert [i.proc.pid for i in fleet.instances] == pids
     assert fleet.supervisor.exits == []
@@ -338,24 +354,28 @@ def test_workers_that_stop_consuming_are_restarted_and_the_job_completes(fleet, 
     wait_until(lambda: running(fleet) == 2, 30, "both slots to run a batch")
     client = make_app(fleet.settings)
     queue = fleet.settings.queue
-    replies = client.control.cancel_consumer(queue, destination=[nodes[0]], reply=True,
-                                             timeout=5)
+    replies = client.control.cancel_consumer(queue, destination=[nodes[0]], reply=True, timeout=5)
     assert replies == [{nodes[0]: {"ok": f"no longer consuming from {queue}"}}]
-    client.control.broadcast("fleet_test_block", arguments={"seconds": 300},
-                             destination=[nodes[1]])
+    client.control.broadcast("fleet_test_block", arguments={"seconds": 300}, destination=[nodes[1]])
     faulted = time.monotonic()
-    wait_until(lambda: "blocking the main thread" in log_since(fleet, 1, offsets[1]), 10,
-               "instance1 to block")
+    wait_until(
+        lambda: "blocking the main thread" in log_since(fleet, 1, offsets[1]),
+        10,
+        "instance1 to block",
+    )
     assert [i.proc.pid for i in fleet.instances] == old_pids  # alive, and taking nothing
 
     detected = []
     for inst in fleet.instances:
-        wait_until(lambda i=inst: "watchdog: stuck" in log_since(fleet, i.index,
-                                                                  offsets[i.index]),
-                   BOUND + 30, f"the watchdog to report instance{inst.index}")
+        wait_until(
+            lambda i=inst: "watchdog: stuck" in log_since(fleet, i.index, offsets[i.index]),
+            BOUND + 30,
+            f"the watchdog to report instance{inst.index}",
+        )
         detected.append(time.monotonic() - faulted)
-    back = [wait_restarted(fleet, i.index, old_pids[i.index], 60) - faulted
-            for i in fleet.instances]
+    back = [
+        wait_restarted(fleet, i.index, old_pids[i.index], 60) - faulted for i in fleet.instances
+    ]
     summary = job.result(90)
     cancelled, blocked = (log_since(fleet, i.index, offsets[i.index]) for i in fleet.instances)
 
@@ -363,14 +383,19 @@ def test_workers_that_stop_consuming_are_restarted_and_the_job_completes(fleet, 
     # a batch and did not (consumer cancelled and its last batch done; main
     # thread blocked) to the watchdog's report.
     before = cancelled.split("watchdog: stuck")[0]
-    free_at = max(stamp_of(cancelled, "Canceling queue"),
-                  stamp_of(before, "succeeded", last=True) or 0)
-    took = [stamp_of(cancelled, "watchdog: stuck") - free_at,
-            stamp_of(blocked, "watchdog: stuck") - stamp_of(blocked, "blocking the main thread")]
+    free_at = max(
+        stamp_of(cancelled, "Canceling queue"), stamp_of(before, "succeeded", last=True) or 0
+    )
+    took = [
+        stamp_of(cancelled, "watchdog: stuck") - free_at,
+        stamp_of(blocked, "watchdog: stuck") - stamp_of(blocked, "blocking the main thread"),
+    ]
     for index in (0, 1):
-        print(f"instance{index}: stuck -> detected {took[index]:.2f} s (bound {BOUND:g} s), "
-              f"fault -> detected {detected[index]:.1f} s, fault -> back under a new pid "
-              f"{back[index]:.1f} s")
+        print(
+            f"instance{index}: stuck -> detected {took[index]:.2f} s (bound {BOUND:g} s), "
+            f"fault -> detected {detected[index]:.1f} s, fault -> back under a new pid "
+            f"{back[index]:.1f} s"
+        )
     print(f"job {summary.wall_seconds:.1f} s, {summary.resent} batches re-sent")
     assert max(took) <= BOUND + SLACK, f"detected {took} s after the workers were stuck"
     # What the watchdog saw, and how each worker went: the cancelled one with a

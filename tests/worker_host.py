@@ -9,6 +9,7 @@ redirected with the FLEET_* variables app/host/ and scripts/fleet-boot.sh read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -35,23 +36,29 @@ def _digest(*parts: str, sources: tuple[str, ...] = SOURCES) -> str:
     h = hashlib.sha256("\0".join(parts).encode())
     for entry in sources:
         path = ROOT / entry
-        files = [path] if path.is_file() else sorted(
-            p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+        files = (
+            [path]
+            if path.is_file()
+            else sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+        )
         for f in files:
             h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
 
 
 def _pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _publish(built: Path, target: Path) -> Path:
-    try:
-        built.rename(target)  # atomic: a half-built directory is never seen
-    except OSError:  # another run got there first
-        pass
+    # Atomic: a half-built directory is never seen; another run may have got there first.
+    with contextlib.suppress(OSError):
+        built.rename(target)
     return target
 
 
@@ -114,11 +121,14 @@ def host_env(root: Path, **extra: str) -> dict[str, str]:
     """The environment of a host whose every path is under `root`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "CELERY_"))}
     env.update(
-        FLEET_APP_DIR=str(root / "opt"), FLEET_ENV_FILE=str(root / "etc" / "env"),
-        FLEET_SYSTEMD_DIR=str(root / "systemd"), FLEET_RUN_DIR=str(root / "run"),
+        FLEET_APP_DIR=str(root / "opt"),
+        FLEET_ENV_FILE=str(root / "etc" / "env"),
+        FLEET_SYSTEMD_DIR=str(root / "systemd"),
+        FLEET_RUN_DIR=str(root / "run"),
         FLEET_BOOT_ENV=str(root / "etc" / "boot.env"),
         # This interpreter, so that a machine without python3.11 installs nothing.
-        FLEET_PYTHON=sys.executable, FLEET_OFFLINE_INSTALL="1",
+        FLEET_PYTHON=sys.executable,
+        FLEET_OFFLINE_INSTALL="1",
     )
     env.update(extra)
     return env
@@ -131,8 +141,9 @@ def write_settings(settings: Settings, path: Path) -> Path:
     return path
 
 
-def wait_worker(settings: Settings, node: str, timeout: float = 60,
-                proc: subprocess.Popen | None = None) -> dict[str, Any]:
+def wait_worker(
+    settings: Settings, node: str, timeout: float = 60, proc: subprocess.Popen | None = None
+) -> dict[str, Any]:
     """The heartbeat of worker `node` once it is in the result store."""
     store = open_store(settings)
     deadline = time.monotonic() + timeout
@@ -148,6 +159,11 @@ def wait_worker(settings: Settings, node: str, timeout: float = 60,
 
 def run_job(settings: Settings, out: Path, n: int = 200) -> Any:
     """Run the shipped example task (app.tasks.process_id) over range:0:n."""
-    opts = JobOptions(task="process_id", source=Source.parse(f"range:0:{n}"), out=out,
-                      batch_size=max(1, n // 8), progress=False)
+    opts = JobOptions(
+        task="process_id",
+        source=Source.parse(f"range:0:{n}"),
+        out=out,
+        batch_size=max(1, n // 8),
+        progress=False,
+    )
     return Launcher(settings).run(opts)

@@ -64,8 +64,12 @@ class CeleryWorker:
 
     def alive(self) -> bool:
         if self.unit:
-            return subprocess.run(["systemctl", "is-active", "--quiet", self.unit],
-                                  check=False).returncode == 0
+            return (
+                subprocess.run(
+                    ["systemctl", "is-active", "--quiet", self.unit], check=False
+                ).returncode
+                == 0
+            )
         if self.pid is None:
             self._info()
         return self.pid is not None and pid_alive(self.pid)
@@ -74,8 +78,10 @@ class CeleryWorker:
         sig = signal.SIGQUIT if cold else signal.SIGTERM
         if self.unit:
             if cold:
-                subprocess.run(["systemctl", "kill", "--kill-whom=main",
-                                f"--signal={sig.name}", self.unit], check=False)
+                subprocess.run(
+                    ["systemctl", "kill", "--kill-whom=main", f"--signal={sig.name}", self.unit],
+                    check=False,
+                )
             # A stopped unit is not restarted (Restart=always restarts only on
             # its own exit); for a warm stop this is the SIGTERM itself.
             subprocess.run(["systemctl", "stop", "--no-block", self.unit], check=False)
@@ -88,10 +94,20 @@ class CeleryWorker:
 
 
 class Agent:
-    def __init__(self, imds: Imds, worker: Worker, autoscaling: Any | None, instance_id: str,
-                 group: str | None, hook: str | None, *, idle_grace: float = 10.0,
-                 heartbeat_every: float = 20.0, clock: Callable[[], float] = time.monotonic,
-                 say: Callable[[str], None] = log.info) -> None:
+    def __init__(
+        self,
+        imds: Imds,
+        worker: Worker,
+        autoscaling: Any | None,
+        instance_id: str,
+        group: str | None,
+        hook: str | None,
+        *,
+        idle_grace: float = 10.0,
+        heartbeat_every: float = 20.0,
+        clock: Callable[[], float] = time.monotonic,
+        say: Callable[[str], None] = log.info,
+    ) -> None:
         self.imds = imds
         self.worker = worker
         self.autoscaling = autoscaling if group else None
@@ -114,8 +130,10 @@ class Agent:
     def step(self) -> None:
         now = self.clock()
         if not self.handed_back and (notice := self.imds.spot_action()) is not None:
-            self.say(f"Spot interruption notice ({notice.get('action')} at {notice.get('time')}):"
-                     " handing the worker's batches back")
+            self.say(
+                f"Spot interruption notice ({notice.get('action')} at {notice.get('time')}):"
+                " handing the worker's batches back"
+            )
             self.worker.stop(cold=True)
             self.handed_back = True
         if not self.draining and self.imds.target_lifecycle_state() == "Terminated":
@@ -141,16 +159,21 @@ class Agent:
     def set_protection(self, protected: bool) -> None:
         if self.autoscaling is not None:
             self.autoscaling.set_instance_protection(
-                InstanceIds=[self.instance_id], AutoScalingGroupName=self.group,
-                ProtectedFromScaleIn=protected)
+                InstanceIds=[self.instance_id],
+                AutoScalingGroupName=self.group,
+                ProtectedFromScaleIn=protected,
+            )
             self.say(f"scale-in protection {'set' if protected else 'lifted'}")
         self.protected = protected
 
     def _hold_lifecycle(self, now: float) -> None:
         if self.completed or self.autoscaling is None or not self.hook:
             return
-        action = dict(LifecycleHookName=self.hook, AutoScalingGroupName=self.group,
-                      InstanceId=self.instance_id)
+        action = dict(
+            LifecycleHookName=self.hook,
+            AutoScalingGroupName=self.group,
+            InstanceId=self.instance_id,
+        )
         if self.worker.alive():
             if self.last_heartbeat is None or now - self.last_heartbeat >= self.heartbeat_every:
                 self.autoscaling.record_lifecycle_action_heartbeat(**action)
@@ -166,7 +189,7 @@ class Agent:
         while not stop.is_set():
             try:
                 self.step()
-            except Exception:  # noqa: BLE001 - metadata or API blips: try again next poll
+            except Exception:
                 log.warning("agent step failed", exc_info=True)
             stop.wait(poll)
         # A stopped agent must not leave the instance protected for ever.
@@ -175,28 +198,41 @@ class Agent:
                 self.set_protection(False)
 
 
-def discover(autoscaling: Any, instance_id: str, group: str | None,
-             hook: str | None) -> tuple[str | None, str | None]:
+def discover(
+    autoscaling: Any, instance_id: str, group: str | None, hook: str | None
+) -> tuple[str | None, str | None]:
     """The group and termination hook: as configured, else asked of the Auto Scaling API."""
     if not group:
-        found = autoscaling.describe_auto_scaling_instances(
-            InstanceIds=[instance_id])["AutoScalingInstances"]
+        found = autoscaling.describe_auto_scaling_instances(InstanceIds=[instance_id])[
+            "AutoScalingInstances"
+        ]
         group = found[0]["AutoScalingGroupName"] if found else None
     if group and not hook:
         hooks = autoscaling.describe_lifecycle_hooks(AutoScalingGroupName=group)["LifecycleHooks"]
-        hook = next((h["LifecycleHookName"] for h in hooks
-                     if h["LifecycleTransition"] == "autoscaling:EC2_INSTANCE_TERMINATING"), None)
+        hook = next(
+            (
+                h["LifecycleHookName"]
+                for h in hooks
+                if h["LifecycleTransition"] == "autoscaling:EC2_INSTANCE_TERMINATING"
+            ),
+            None,
+        )
     return group, hook
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.agent", description=__doc__.split("\n")[0])
     parser.add_argument("--poll", type=float, default=5.0, help="seconds between polls")
-    parser.add_argument("--idle-grace", type=float, default=10.0,
-                        help="seconds idle before scale-in protection is lifted")
+    parser.add_argument(
+        "--idle-grace",
+        type=float,
+        default=10.0,
+        help="seconds idle before scale-in protection is lifted",
+    )
     parser.add_argument("--unit", default=WORKER_UNIT, help="the worker's systemd unit")
-    parser.add_argument("--node", default=f"celery@{socket.gethostname()}",
-                        help="the worker's Celery node name")
+    parser.add_argument(
+        "--node", default=f"celery@{socket.gethostname()}", help="the worker's Celery node name"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s fleet-agent: %(message)s")
 
@@ -206,20 +242,32 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     imds = Imds()
     instance_id = imds.instance_id()
-    region = (os.environ.get("AWS_DEFAULT_REGION") or settings.aws_region
-              or imds.get("placement/region"))
+    region = (
+        os.environ.get("AWS_DEFAULT_REGION") or settings.aws_region or imds.get("placement/region")
+    )
     autoscaling = boto3.client("autoscaling", region_name=region)
     try:
-        group, hook = discover(autoscaling, instance_id,
-                               os.environ.get("FLEET_AUTOSCALING_GROUP") or None,
-                               os.environ.get("FLEET_LIFECYCLE_HOOK") or None)
+        group, hook = discover(
+            autoscaling,
+            instance_id,
+            os.environ.get("FLEET_AUTOSCALING_GROUP") or None,
+            os.environ.get("FLEET_LIFECYCLE_HOOK") or None,
+        )
     except botocore.exceptions.ClientError as exc:
-        log.warning("cannot find this instance's group or hook (%s); handling Spot notices only",
-                    exc)
+        log.warning(
+            "cannot find this instance's group or hook (%s); handling Spot notices only", exc
+        )
         group = hook = None
     log.info("watching %s (%s) in group %s, hook %s", args.node, instance_id, group, hook)
-    agent = Agent(imds, CeleryWorker(open_store(settings), args.node, args.unit), autoscaling,
-                  instance_id, group, hook, idle_grace=args.idle_grace)
+    agent = Agent(
+        imds,
+        CeleryWorker(open_store(settings), args.node, args.unit),
+        autoscaling,
+        instance_id,
+        group,
+        hook,
+        idle_grace=args.idle_grace,
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -60,35 +60,55 @@ COMMANDS = ("configure", "start", "restart", "drain", "wait", "status", "logs")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m app.boot",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m app.boot", description=__doc__.split("\n")[0])
     manager = argparse.ArgumentParser(add_help=False)
-    manager.add_argument("--systemd", choices=("auto", "yes", "no"),
-                         default=os.environ.get("FLEET_SYSTEMD") or "auto",
-                         help="use systemd units (auto: when systemd is PID 1)")
+    manager.add_argument(
+        "--systemd",
+        choices=("auto", "yes", "no"),
+        default=os.environ.get("FLEET_SYSTEMD") or "auto",
+        help="use systemd units (auto: when systemd is PID 1)",
+    )
     sub = parser.add_subparsers(dest="command")
 
-    conf = sub.add_parser("configure", parents=[manager],
-                          help="write the environment file and units; start the worker")
+    conf = sub.add_parser(
+        "configure",
+        parents=[manager],
+        help="write the environment file and units; start the worker",
+    )
     conf.add_argument("--stack", help="read settings from SSM Parameter Store")
-    conf.add_argument("--ssm-prefix", default=os.environ.get("FLEET_SSM_PREFIX") or None,
-                      help="the stack's parameters, /celery-fleet/<stack>/ (FLEET_SSM_PREFIX)")
-    conf.add_argument("--settings", default=os.environ.get("FLEET_SETTINGS_FILE") or None,
-                      metavar="FILE", help="read settings from a file of FLEET_* lines")
+    conf.add_argument(
+        "--ssm-prefix",
+        default=os.environ.get("FLEET_SSM_PREFIX") or None,
+        help="the stack's parameters, /celery-fleet/<stack>/ (FLEET_SSM_PREFIX)",
+    )
+    conf.add_argument(
+        "--settings",
+        default=os.environ.get("FLEET_SETTINGS_FILE") or None,
+        metavar="FILE",
+        help="read settings from a file of FLEET_* lines",
+    )
     conf.add_argument("--concurrency", type=int, help="pool size (default: usable CPUs)")
     conf.add_argument("--node", help="the worker's Celery node name (default: celery@HOST)")
     conf.add_argument("--user", default=SERVICE_USER, help="the worker unit's user")
-    conf.add_argument("--agent", choices=("auto", "yes", "no"), default="auto",
-                      help="install the drain agent unit (auto: on EC2)")
-    conf.add_argument("--no-start", action="store_true",
-                      help="write files and enable units, start nothing")
-    conf.add_argument("--foreground", action="store_true",
-                      help="no systemd: run the worker in this process")
+    conf.add_argument(
+        "--agent",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="install the drain agent unit (auto: on EC2)",
+    )
+    conf.add_argument(
+        "--no-start", action="store_true", help="write files and enable units, start nothing"
+    )
+    conf.add_argument(
+        "--foreground", action="store_true", help="no systemd: run the worker in this process"
+    )
     conf.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    for name, text in (("start", "start the worker"),
-                       ("restart", "warm-stop (finish batches) and start the worker"),
-                       ("drain", "warm-stop the worker and wait until it has exited")):
+    for name, text in (
+        ("start", "start the worker"),
+        ("restart", "warm-stop (finish batches) and start the worker"),
+        ("drain", "warm-stop the worker and wait until it has exited"),
+    ):
         sub.add_parser(name, parents=[manager], help=text)
     wait = sub.add_parser("wait", parents=[manager], help="wait until the worker answers")
     wait.add_argument("--timeout", type=float, default=120.0)
@@ -111,11 +131,23 @@ def run_configure(args: argparse.Namespace, paths: HostPaths) -> int:
     settings, extra, source = load_settings(args.settings, stack, os.environ)
     use_systemd = not args.foreground and want_systemd(args.systemd)
     agent = {"yes": True, "no": False}.get(args.agent, on_ec2())
-    report = configure(paths, settings, extra, source, concurrency=args.concurrency,
-                       node=args.node, use_systemd=use_systemd, start=not args.no_start,
-                       agent=agent, foreground=args.foreground, user=args.user)
-    say(f"settings from {report.source}; {report.concurrency} worker processes "
-        f"({available_cpus()} usable CPUs); node {report.node}")
+    report = configure(
+        paths,
+        settings,
+        extra,
+        source,
+        concurrency=args.concurrency,
+        node=args.node,
+        use_systemd=use_systemd,
+        start=not args.no_start,
+        agent=agent,
+        foreground=args.foreground,
+        user=args.user,
+    )
+    say(
+        f"settings from {report.source}; {report.concurrency} worker processes "
+        f"({available_cpus()} usable CPUs); node {report.node}"
+    )
     for path in report.files:
         say(f"wrote {path}")
     for action in report.actions:
@@ -157,8 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "wait":
             status = wait_online(paths, service, args.timeout)
-            say(f"{status['node']} answers: version {status['worker_version']}, "
-                f"{status['concurrency']} processes")
+            say(
+                f"{status['node']} answers: version {status['worker_version']}, "
+                f"{status['concurrency']} processes"
+            )
             return 0
         getattr(service, args.command)()
         say(f"{args.command}: done ({service.name})")

@@ -28,8 +28,9 @@ def stack_from_prefix(prefix: str) -> str:
     return stack
 
 
-def load_settings(settings_file: str | None, stack: str | None,
-                  environ: Mapping[str, str]) -> tuple[Settings, dict[str, str], str]:
+def load_settings(
+    settings_file: str | None, stack: str | None, environ: Mapping[str, str]
+) -> tuple[Settings, dict[str, str], str]:
     """(settings, other variables to keep, where they came from)."""
     if settings_file and stack:
         raise ConfigError("give either a settings file or a stack, not both.")
@@ -45,13 +46,19 @@ def load_settings(settings_file: str | None, stack: str | None,
         return settings_from_stack(stack), {}, f"SSM Parameter Store (stack {stack})"
     if environ.get("FLEET_BROKER_URL"):
         return Settings.from_env(dict(environ)), {}, "the environment"
-    raise ConfigError("no settings: give --stack NAME, --ssm-prefix PREFIX (FLEET_SSM_PREFIX), "
-                      "--settings FILE (FLEET_SETTINGS_FILE), or FLEET_BROKER_URL and "
-                      "FLEET_RESULT_URL in the environment.")
+    raise ConfigError(
+        "no settings: give --stack NAME, --ssm-prefix PREFIX (FLEET_SSM_PREFIX), "
+        "--settings FILE (FLEET_SETTINGS_FILE), or FLEET_BROKER_URL and "
+        "FLEET_RESULT_URL in the environment."
+    )
 
 
-def host_env(settings: Settings, extra: Mapping[str, str], concurrency: int | None = None,
-             node: str | None = None) -> dict[str, str]:
+def host_env(
+    settings: Settings,
+    extra: Mapping[str, str],
+    concurrency: int | None = None,
+    node: str | None = None,
+) -> dict[str, str]:
     """The environment file of this host: the settings, its size and its worker's name."""
     env = {**extra, **settings.as_env()}
     env["FLEET_CONCURRENCY"] = str(concurrency or settings.concurrency or available_cpus())
@@ -81,9 +88,15 @@ class Report:
         return bool(self.files or self.actions)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"changed": self.changed, "files": self.files, "actions": self.actions,
-                "systemd": self.systemd, "concurrency": self.concurrency, "node": self.node,
-                "source": self.source}
+        return {
+            "changed": self.changed,
+            "files": self.files,
+            "actions": self.actions,
+            "systemd": self.systemd,
+            "concurrency": self.concurrency,
+            "node": self.node,
+            "source": self.source,
+        }
 
 
 def ensure_user(user: str, home: Path) -> bool:
@@ -91,16 +104,36 @@ def ensure_user(user: str, home: Path) -> bool:
         pwd.getpwnam(user)
         return False
     except KeyError:
-        run_command(["useradd", "--system", "--no-create-home", "--home-dir", str(home),
-              "--shell", "/sbin/nologin", user])
+        run_command(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--home-dir",
+                str(home),
+                "--shell",
+                "/sbin/nologin",
+                user,
+            ]
+        )
         return True
 
 
-def configure(paths: HostPaths, settings: Settings, extra: Mapping[str, str], source: str, *,
-              concurrency: int | None = None, node: str | None = None,
-              use_systemd: bool = False, start: bool = True, agent: bool = False,
-              foreground: bool = False, user: str = SERVICE_USER,
-              python: str = sys.executable) -> Report:
+def configure(
+    paths: HostPaths,
+    settings: Settings,
+    extra: Mapping[str, str],
+    source: str,
+    *,
+    concurrency: int | None = None,
+    node: str | None = None,
+    use_systemd: bool = False,
+    start: bool = True,
+    agent: bool = False,
+    foreground: bool = False,
+    user: str = SERVICE_USER,
+    python: str = sys.executable,
+) -> Report:
     env = host_env(settings, extra, concurrency, node)
     files = {paths.env_file: (render_env(env), 0o600)}
     units = [WORKER_UNIT, *([AGENT_UNIT] if agent else [])]
@@ -108,14 +141,14 @@ def configure(paths: HostPaths, settings: Settings, extra: Mapping[str, str], so
         files[paths.systemd_dir / WORKER_UNIT] = (worker_unit(paths, env, python, user), 0o644)
         if agent:
             files[paths.systemd_dir / AGENT_UNIT] = (agent_unit(paths, env, python), 0o644)
-    written = [str(path) for path, (text, mode) in files.items()
-               if write_if_changed(path, text, mode)]
+    written = [
+        str(path) for path, (text, mode) in files.items() if write_if_changed(path, text, mode)
+    ]
     # What systemd was last told about: after a failed reload or restart the
     # files are already written, and the next run must still apply them.
     state = hashlib.sha256(repr(sorted((str(p), t) for p, (t, _) in files.items())).encode())
     applied = paths.env_file.with_name(".systemd-applied")
-    report = Report(written, [], "", int(env["FLEET_CONCURRENCY"]), env["FLEET_NODE_NAME"],
-                    source)
+    report = Report(written, [], "", int(env["FLEET_CONCURRENCY"]), env["FLEET_NODE_NAME"], source)
     if foreground:
         report.systemd = "not used (--foreground)"
         return report

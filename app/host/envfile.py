@@ -43,7 +43,7 @@ def parse_env(text: str) -> dict[str, str]:
         key, _, value = line.partition("=")
         key, value = key.strip(), value.strip()
         if key.startswith("export "):
-            key = key[len("export "):].strip()
+            key = key[len("export ") :].strip()
         if len(value) >= 2 and value[0] == value[-1] == '"':
             out, chars = [], iter(value[1:-1])
             for c in chars:
@@ -59,8 +59,9 @@ def read_env(path: Path) -> dict[str, str]:
     try:
         return parse_env(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist; run `python -m app.boot` (configure) "
-                          "first.") from None
+        raise ConfigError(
+            f"{path} does not exist; run `python -m app.boot` (configure) first."
+        ) from None
 
 
 def write_if_changed(path: Path, text: str, mode: int) -> bool:

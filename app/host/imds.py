@@ -15,10 +15,12 @@ IMDS_ENDPOINT = "http://169.254.169.254"
 class Imds:
     """An IMDSv2 client: a session token from PUT /latest/api/token, then GETs with it."""
 
-    def __init__(self, endpoint: str | None = None, timeout: float = 2.0,
-                 token_ttl: int = 21600) -> None:
-        self.endpoint = (endpoint or os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT")
-                         or IMDS_ENDPOINT).rstrip("/")
+    def __init__(
+        self, endpoint: str | None = None, timeout: float = 2.0, token_ttl: int = 21600
+    ) -> None:
+        self.endpoint = (
+            endpoint or os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or IMDS_ENDPOINT
+        ).rstrip("/")
         self.timeout = timeout
         self.token_ttl = token_ttl
         self._token: tuple[str, float] | None = None
@@ -26,12 +28,13 @@ class Imds:
     def token(self, renew: bool = False) -> str:
         if renew or self._token is None or time.monotonic() > self._token[1]:
             request = urllib.request.Request(
-                f"{self.endpoint}/latest/api/token", method="PUT",
-                headers={"X-aws-ec2-metadata-token-ttl-seconds": str(self.token_ttl)})
+                f"{self.endpoint}/latest/api/token",
+                method="PUT",
+                headers={"X-aws-ec2-metadata-token-ttl-seconds": str(self.token_ttl)},
+            )
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 # Renewed a minute early, so a request never carries an expired token.
-                self._token = (response.read().decode(),
-                               time.monotonic() + self.token_ttl - 60)
+                self._token = (response.read().decode(), time.monotonic() + self.token_ttl - 60)
         return self._token[0]
 
     def get(self, path: str) -> str | None:
@@ -39,7 +42,8 @@ class Imds:
         for renew in (False, True):
             request = urllib.request.Request(
                 f"{self.endpoint}/latest/meta-data/{path}",
-                headers={"X-aws-ec2-metadata-token": self.token(renew)})
+                headers={"X-aws-ec2-metadata-token": self.token(renew)},
+            )
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return response.read().decode()
@@ -62,5 +66,5 @@ class Imds:
         return json.loads(raw) if raw else None
 
     def target_lifecycle_state(self) -> str | None:
-        """"InService", or "Terminated" once the group holds the instance for termination."""
+        """ "InService", or "Terminated" once the group holds the instance for termination."""
         return self.get("autoscaling/target-lifecycle-state")

@@ -39,8 +39,10 @@ class WorkerService(Protocol):
 def run_command(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(list(argv), capture_output=True, text=True, check=False)
     if check and result.returncode != 0:
-        raise BootError(f"`{' '.join(argv)}` failed ({result.returncode}): "
-                        f"{(result.stderr or result.stdout).strip()}")
+        raise BootError(
+            f"`{' '.join(argv)}` failed ({result.returncode}): "
+            f"{(result.stderr or result.stdout).strip()}"
+        )
     return result
 
 
@@ -77,8 +79,17 @@ class Systemd:
         self.ctl("stop", self.unit)
 
     def logs_argv(self, lines: int, follow: bool) -> list[str]:
-        return ["journalctl", "--unit", self.unit, "--lines", str(lines), "--no-pager",
-                "--output", "short-iso", *(["--follow"] if follow else [])]
+        return [
+            "journalctl",
+            "--unit",
+            self.unit,
+            "--lines",
+            str(lines),
+            "--no-pager",
+            "--output",
+            "short-iso",
+            *(["--follow"] if follow else []),
+        ]
 
 
 def pid_alive(pid: int) -> bool:
@@ -123,10 +134,15 @@ class Pidfile:
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.paths.logfile, "ab") as log:
             proc = subprocess.Popen(
-                host_argv(env), env=worker_environ(env), cwd=self.paths.app_dir,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                host_argv(env),
+                env=worker_environ(env),
+                cwd=self.paths.app_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 # Its own session: it outlives this command and the SSH session that ran it.
-                start_new_session=True)
+                start_new_session=True,
+            )
         write_if_changed(self.paths.pidfile, f"{proc.pid}\n", 0o644)
 
     def drain(self) -> None:

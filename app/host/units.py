@@ -15,6 +15,7 @@ from app.settings import stop_seconds
 
 SERVICE_USER = "celery-fleet"
 
+
 def _unit_arg(arg: str) -> str:
     # systemd expands %specifiers and $VARIABLES in ExecStart; neither is meant here.
     arg = arg.replace("\\", "\\\\").replace("%", "%%").replace("$", "$$")
@@ -88,9 +89,11 @@ WantedBy=multi-user.target
 
 def on_ec2() -> bool:
     """Whether this machine is an EC2 instance (where the drain agent has metadata to read)."""
-    for path, mark in (("/sys/devices/virtual/dmi/id/sys_vendor", "Amazon EC2"),
-                       ("/sys/devices/virtual/dmi/id/board_asset_tag", "i-"),
-                       ("/sys/hypervisor/uuid", "ec2")):
+    for path, mark in (
+        ("/sys/devices/virtual/dmi/id/sys_vendor", "Amazon EC2"),
+        ("/sys/devices/virtual/dmi/id/board_asset_tag", "i-"),
+        ("/sys/hypervisor/uuid", "ec2"),
+    ):
         with contextlib.suppress(OSError):
             if Path(path).read_text().strip().startswith(mark):
                 return True

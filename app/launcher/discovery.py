@@ -20,7 +20,8 @@ def state_file(env: Mapping[str, str] | None = None) -> Path:
     """Where `fleet local` keeps the running local fleet's state."""
     env = os.environ if env is None else env
     base = env.get("FLEET_STATE_DIR") or os.path.join(
-        env.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "celery-fleet")
+        env.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "celery-fleet"
+    )
     return Path(base) / "local.json"
 
 
@@ -35,8 +36,12 @@ def read_local_state() -> dict[str, Any] | None:
     return state
 
 
-def resolve_settings(broker: str | None = None, backend: str | None = None,
-                     stack: str | None = None, **overrides: object) -> Settings:
+def resolve_settings(
+    broker: str | None = None,
+    backend: str | None = None,
+    stack: str | None = None,
+    **overrides: object,
+) -> Settings:
     """A stack's SSM parameters; else `broker`/`backend`, then FLEET_* variables, then the
     local fleet. `overrides` (queue=..., say) win where they are not None."""
     if stack:

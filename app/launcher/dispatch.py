@@ -30,9 +30,17 @@ class InFlight:
 class Dispatch:
     """The state of one pass over a job's batches."""
 
-    def __init__(self, launcher: Launcher, job: str, task: str, opts: JobOptions,
-                 out: IO[bytes], out_path: str | None, progress: Progress,
-                 batches: int | None = None) -> None:
+    def __init__(
+        self,
+        launcher: Launcher,
+        job: str,
+        task: str,
+        opts: JobOptions,
+        out: IO[bytes],
+        out_path: str | None,
+        progress: Progress,
+        batches: int | None = None,
+    ) -> None:
         self.launcher = launcher
         # How many batches the job is cut into: known from the plan, or
         # counted when a stream of unknown length runs out.
@@ -57,8 +65,13 @@ class Dispatch:
     def max_in_flight(self) -> int:
         return self.opts.max_in_flight or in_flight_limit(self.launcher.slots())
 
-    def loop(self, payloads: Iterator[Any], written_bits: bytes, committed_bits: bytes,
-             interrupted: list[bool]) -> None:
+    def loop(
+        self,
+        payloads: Iterator[Any],
+        written_bits: bytes,
+        committed_bits: bytes,
+        interrupted: list[bool],
+    ) -> None:
         last_check = time.monotonic()
         while True:
             backlog = self.fill(payloads, written_bits, committed_bits)
@@ -77,8 +90,9 @@ class Dispatch:
                 self.unreported = 0
                 last_check = now
 
-    def fill(self, payloads: Iterator[Any], written_bits: bytes,
-             committed_bits: bytes) -> list[int]:
+    def fill(
+        self, payloads: Iterator[Any], written_bits: bytes, committed_bits: bytes
+    ) -> list[int]:
         """Send batches until the in-flight limit; those committed on an earlier pass
         are not sent but returned, to be written."""
         backlog = []
@@ -111,7 +125,8 @@ class Dispatch:
             self.store.cancel(self.job)
             raise BadInput(
                 f"batch {batch} takes {len(body):,} bytes, more than the {limit:,} a batch "
-                "message may hold on this broker; use a smaller --batch-size.")
+                "message may hold on this broker; use a smaller --batch-size."
+            )
         return body
 
     def collect(self) -> None:
@@ -136,7 +151,7 @@ class Dispatch:
         pending = sorted({b for b in batches if b not in self.written})
         # A few batches per round trip, so memory stays bounded however many finished.
         for i in range(0, len(pending), WRITE_CHUNK):
-            self._write_chunk(pending[i:i + WRITE_CHUNK])
+            self._write_chunk(pending[i : i + WRITE_CHUNK])
 
     def _write_chunk(self, batches: list[int]) -> None:
         items = errors = 0
@@ -164,7 +179,7 @@ class Dispatch:
         """Re-send batches whose lease lapsed, or that sit unstarted while slots are idle."""
         busy = self.store.busy_slots()
         prefix = f"{self.job}/"
-        running = {int(m[len(prefix):]) for m in busy if m.startswith(prefix)}
+        running = {int(m[len(prefix) :]) for m in busy if m.startswith(prefix)}
         lost = []
         unstarted = []
         for b, f in self.inflight.items():

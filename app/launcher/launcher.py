@@ -64,9 +64,8 @@ class Launcher:
             raise Unreachable(str(exc)) from None
         conn = self.celery.connection_for_write()
         try:
-            conn.ensure_connection(max_retries=2, interval_start=0.2, interval_step=0.5,
-                                   timeout=5)
-        except Exception as exc:  # noqa: BLE001 - kombu raises transport-specific errors
+            conn.ensure_connection(max_retries=2, interval_start=0.2, interval_step=0.5, timeout=5)
+        except Exception as exc:
             raise Unreachable(
                 f"cannot reach the broker at {redact(self.settings.broker_url)}: {exc}"
             ) from None
@@ -78,8 +77,11 @@ class Launcher:
         at, n = self._slots_cache
         now = time.monotonic()
         if now - at > 2.0:
-            n = sum(int(w.get("concurrency", 0)) for w in self.store.workers()
-                    if w.get("queue", self.settings.queue) == self.settings.queue)
+            n = sum(
+                int(w.get("concurrency", 0))
+                for w in self.store.workers()
+                if w.get("queue", self.settings.queue) == self.settings.queue
+            )
             self._slots_cache = (now, n)
         return n
 
@@ -91,24 +93,43 @@ class Launcher:
         Kept as bytes while the batch is in flight: compact, and a re-send
         costs no encoding.
         """
-        return _encode([[job, batch, task, pack(payload)], {},
-                        {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+        return _encode(
+            [
+                [job, batch, task, pack(payload)],
+                {},
+                {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
+            ]
+        )
 
     def send(self, job: str, batch: int, body: bytes) -> None:
         amqp = self.celery.amqp
         # Celery would build the body and a repr of the arguments itself; both
         # cost more than the batch for a large list of IDs.
         message = amqp.create_task_message(
-            uuid(), "fleet.batch", (), {}, argsrepr=f"[{job!r}, {batch}, ...]", kwargsrepr="{}",
+            uuid(),
+            "fleet.batch",
+            (),
+            {},
+            argsrepr=f"[{job!r}, {batch}, ...]",
+            kwargsrepr="{}",
         )._replace(body=body)
         try:
             with self.celery.producer_or_acquire() as producer:
                 amqp.send_task_message(
-                    producer, "fleet.batch", message, queue=self.settings.queue, retry=True,
+                    producer,
+                    "fleet.batch",
+                    message,
+                    queue=self.settings.queue,
+                    retry=True,
                     # About a minute of retrying rides out a broker restart.
-                    retry_policy={"max_retries": 30, "interval_start": 0.2, "interval_step": 0.5,
-                                  "interval_max": 2.0},
-                    content_type="application/json", content_encoding="utf-8",
+                    retry_policy={
+                        "max_retries": 30,
+                        "interval_start": 0.2,
+                        "interval_step": 0.5,
+                        "interval_max": 2.0,
+                    },
+                    content_type="application/json",
+                    content_encoding="utf-8",
                 )
         except kombu.exceptions.OperationalError as exc:
             raise Unreachable(
@@ -123,8 +144,9 @@ class Launcher:
         faster than the slots it has (see app/autoscale.py). `completed`:
         batches written since the last call, for the stack's dashboard.
         """
-        self.store.advertise_backlog(self.settings.queue, job, batches,
-                                     max(5.0, 3 * self.settings.lease_seconds))
+        self.store.advertise_backlog(
+            self.settings.queue, job, batches, max(5.0, 3 * self.settings.lease_seconds)
+        )
         if self.settings.stack:
             self._metrics.publish(batches, completed)
 
@@ -153,8 +175,12 @@ class Launcher:
         try:
             with interrupt_guard() as interrupted:
                 stream, self._stream = self._stream, None
-                run.loop(stream if stream is not None else source.batches(plan.sizes()),
-                         written_bits, committed_bits, interrupted)
+                run.loop(
+                    stream if stream is not None else source.batches(plan.sizes()),
+                    written_bits,
+                    committed_bits,
+                    interrupted,
+                )
         finally:
             # Best effort: the entry lapses by itself if the store is gone.
             with contextlib.suppress(Exception):
@@ -168,9 +194,14 @@ class Launcher:
         meta.update(status=status, batches=run.batches or 0)
         self.store.put_meta(job, meta)
         return JobSummary(
-            job=job, status=status, items=progress.items, errors=progress.errors,
-            batches=run.batches or 0, resent=run.resent,
-            wall_seconds=time.monotonic() - started, out=out_path or "-",
+            job=job,
+            status=status,
+            items=progress.items,
+            errors=progress.errors,
+            batches=run.batches or 0,
+            resent=run.resent,
+            wall_seconds=time.monotonic() - started,
+            out=out_path or "-",
             seconds_per_item=meta.get("seconds_per_item"),
         )
 
@@ -187,17 +218,22 @@ class Launcher:
         assert opts.task and opts.source is not None
         job = new_job_id()
         meta: dict[str, Any] = {
-            "task": opts.task, "source": opts.source.as_meta(), "total": total,
+            "task": opts.task,
+            "source": opts.source.as_meta(),
+            "total": total,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "out": str(opts.out) if opts.out else "-", "status": "running",
+            "out": str(opts.out) if opts.out else "-",
+            "status": "running",
         }
         if opts.batch_size:
             meta["layout"] = {"probe": [], "size": opts.batch_size}
         else:
             meta["layout"], meta["seconds_per_item"] = self._calibrate(job, opts, total)
         self.store.put_meta(job, meta)
-        say(f"job {job}: {total if total is not None else 'streamed'} IDs from "
-            f"{opts.source.spec}, task {opts.task}, batches of {meta['layout']['size']}")
+        say(
+            f"job {job}: {total if total is not None else 'streamed'} IDs from "
+            f"{opts.source.spec}, task {opts.task}, batches of {meta['layout']['size']}"
+        )
         return job, meta
 
     def _resume_meta(self, opts: JobOptions) -> dict[str, Any]:
@@ -211,8 +247,7 @@ class Launcher:
             raise BadInput(f"job {opts.resume} ran task {meta['task']!r}, not {opts.task!r}.")
         if opts.source and opts.source.spec != meta["source"]["spec"]:
             raise BadInput(
-                f"job {opts.resume} read IDs from {meta['source']['spec']}, "
-                f"not {opts.source.spec}."
+                f"job {opts.resume} read IDs from {meta['source']['spec']}, not {opts.source.spec}."
             )
         if meta["source"]["spec"] == "-":
             raise BadInput(f"job {opts.resume} read its IDs from stdin, which cannot be re-read.")
@@ -221,8 +256,9 @@ class Launcher:
 
     # -- calibration ------------------------------------------------------
 
-    def _calibrate(self, job: str, opts: JobOptions,
-                   total: int | None) -> tuple[dict[str, Any], float]:
+    def _calibrate(
+        self, job: str, opts: JobOptions, total: int | None
+    ) -> tuple[dict[str, Any], float]:
         """Run one-ID batches on up to one slot each, and size batches from their timing.
 
         The probes are the job's first batches, so nothing is computed twice.
@@ -241,12 +277,10 @@ class Launcher:
         stream = opts.source.batches(sizes())
         payloads = list(zip(range(len(probe)), stream, strict=False))
         if not payloads:  # only stdin gets here: files are counted first
-            raise BadInput(f"{'stdin' if opts.source.streamed else opts.source.spec} "
-                           "holds no IDs.")
+            raise BadInput(f"{'stdin' if opts.source.streamed else opts.source.spec} holds no IDs.")
         for batch, payload in payloads:
             self.send(job, batch, self.encode(job, batch, opts.task, payload))
-        timings = self._wait_for_probes(job, {b for b, _ in payloads},
-                                        (total or 0) - len(payloads))
+        timings = self._wait_for_probes(job, {b for b, _ in payloads}, (total or 0) - len(payloads))
         # The probes are committed now; the main loop writes them like any
         # batch found committed on resume.
         # The fastest probe: a probe slowed by a busy neighbour or a cold
@@ -255,10 +289,14 @@ class Launcher:
         ranged = opts.source.fmt == "range"  # ranges travel as two numbers, whatever their size
         sample = [i for _, p in payloads for i in expand(p)] if opts.source.streamed else None
         size = batch_size(
-            per_item, opts.target_seconds, total, slots,
+            per_item,
+            opts.target_seconds,
+            total,
+            slots,
             max_batch_seconds=self.settings.max_batch_seconds,
             message_limit=None if ranged else self.settings.message_limit,
-            id_bytes=8 if ranged else id_bytes(opts.source, sample))
+            id_bytes=8 if ranged else id_bytes(opts.source, sample),
+        )
         if opts.source.streamed:
             # stdin cannot be read again: go on from where the probes stopped.
             size_after.append(size)
@@ -286,6 +324,7 @@ class Launcher:
                 say("waiting for a worker to come up...")
                 waited = time.monotonic()
         return timings
+
 
 def id_bytes(source: Source, sample: list[Any] | None = None) -> int:
     """A generous size of one ID in a JSON message, from the first IDs (or `sample`)."""

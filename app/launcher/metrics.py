@@ -42,11 +42,23 @@ class StackMetrics:
         if now - at < self.PERIOD and (held != 0 or value == 0):
             return
         dimensions = [{"Name": METRIC_DIMENSION, "Value": self.stack}]
-        data = [{"MetricName": HELD_BATCHES_METRIC, "Value": float(held), "Unit": "Count",
-                 "Dimensions": dimensions}]
+        data = [
+            {
+                "MetricName": HELD_BATCHES_METRIC,
+                "Value": float(held),
+                "Unit": "Count",
+                "Dimensions": dimensions,
+            }
+        ]
         if self.completed:
-            data.append({"MetricName": BATCHES_COMPLETED_METRIC, "Value": float(self.completed),
-                         "Unit": "Count", "Dimensions": dimensions})
+            data.append(
+                {
+                    "MetricName": BATCHES_COMPLETED_METRIC,
+                    "Value": float(self.completed),
+                    "Unit": "Count",
+                    "Dimensions": dimensions,
+                }
+            )
         self.last = (now, held)
         try:
             if self.client is None:
@@ -55,6 +67,8 @@ class StackMetrics:
                 self.client = boto3.client("cloudwatch", region_name=self.region)
             self.client.put_metric_data(Namespace=METRIC_NAMESPACE, MetricData=data)
             self.completed = 0
-        except Exception as exc:  # noqa: BLE001 - scaling hint and dashboard only
-            say(f"could not publish {HELD_BATCHES_METRIC} to CloudWatch ({exc}); the fleet "
-                "scales on queue depth alone")
+        except Exception as exc:
+            say(
+                f"could not publish {HELD_BATCHES_METRIC} to CloudWatch ({exc}); the fleet "
+                "scales on queue depth alone"
+            )

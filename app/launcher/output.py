@@ -34,7 +34,7 @@ def open_output(out: Path | None, offset: int | None) -> tuple[IO[bytes], str | 
         return sys.stdout.buffer, None
     try:
         if offset is None:
-            return open(out, "wb"), str(out)  # noqa: SIM115 - closed by the launcher
+            return open(out, "wb"), str(out)
         handle = open(out, "r+b" if out.exists() else "wb")  # noqa: SIM115
     except OSError as exc:
         raise BadInput(f"cannot write {out}: {exc.strerror}.") from None
@@ -65,8 +65,15 @@ class Progress:
         from tqdm import tqdm  # imported only when shown: it costs start-up time
 
         self.bar = tqdm(
-            total=total, initial=self.items, unit=" ids", unit_scale=True, file=sys.stderr,
-            mininterval=0.5, smoothing=0.05, dynamic_ncols=True, desc=job,
+            total=total,
+            initial=self.items,
+            unit=" ids",
+            unit_scale=True,
+            file=sys.stderr,
+            mininterval=0.5,
+            smoothing=0.05,
+            dynamic_ncols=True,
+            desc=job,
         )
 
     def close(self) -> None:

@@ -45,12 +45,23 @@ class BatchPlan:
     def from_meta(cls, layout: dict[str, Any], total: int | None) -> BatchPlan:
         """The plan kept with a job (see as_meta)."""
         size = layout["size"]
-        return cls(tuple(layout["probe"]), size, total, layout.get("tail", 0),
-                   layout.get("share", 2), layout.get("floor", max(1, size // 8)))
+        return cls(
+            tuple(layout["probe"]),
+            size,
+            total,
+            layout.get("tail", 0),
+            layout.get("share", 2),
+            layout.get("floor", max(1, size // 8)),
+        )
 
     def as_meta(self) -> dict[str, Any]:
-        return {"probe": list(self.probe), "size": self.size, "tail": self.tail,
-                "share": self.share, "floor": self._floor()}
+        return {
+            "probe": list(self.probe),
+            "size": self.size,
+            "tail": self.tail,
+            "share": self.share,
+            "floor": self._floor(),
+        }
 
     def _floor(self) -> int:
         return max(1, self.size // 16 if self.floor is None else self.floor)
@@ -98,9 +109,16 @@ def probe_count(slots: int, total: int | None) -> int:
     return min(max(1, slots), PROBE_LIMIT, total or PROBE_LIMIT)
 
 
-def batch_size(per_item: float, target: float, total: int | None, slots: int, *,
-               max_batch_seconds: float, message_limit: int | None = None,
-               id_bytes: int = 8) -> int:
+def batch_size(
+    per_item: float,
+    target: float,
+    total: int | None,
+    slots: int,
+    *,
+    max_batch_seconds: float,
+    message_limit: int | None = None,
+    id_bytes: int = 8,
+) -> int:
     """IDs per batch: about `target` seconds of work at `per_item` seconds an ID.
 
     Never near a batch's hard time limit, at least BATCHES_PER_SLOT batches

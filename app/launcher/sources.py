@@ -35,8 +35,9 @@ class Source:
     field: str | None = None
 
     @classmethod
-    def parse(cls, spec: str, fmt: str | None = None, column: str | None = None,
-              field: str | None = None) -> Source:
+    def parse(
+        cls, spec: str, fmt: str | None = None, column: str | None = None, field: str | None = None
+    ) -> Source:
         if spec.startswith("range:"):
             _parse_range(spec)
             return cls(spec, "range")
@@ -123,7 +124,7 @@ class Source:
         if self.spec.startswith("s3://"):
             return _open_s3(self.spec)
         try:
-            return open(self.spec, "rb")  # noqa: SIM115 - closed by _blocks
+            return open(self.spec, "rb")
         except OSError as exc:
             raise InputError(f"cannot read {self.spec}: {exc.strerror}.") from None
 
@@ -165,7 +166,7 @@ def _regroup(blocks: Iterable[list[Any]], sizes: Iterator[int]) -> Iterator[list
     for block in blocks:
         pos = 0
         while pos < len(block):
-            take = block[pos:pos + need - len(batch)]
+            take = block[pos : pos + need - len(batch)]
             batch.extend(take)
             pos += len(take)
             if len(batch) == need:
@@ -176,8 +177,9 @@ def _regroup(blocks: Iterable[list[Any]], sizes: Iterator[int]) -> Iterator[list
         yield batch
 
 
-def _line_batches(chunks: Iterable[tuple[str, int, int]],
-                  sizes: Iterator[int]) -> Iterator[dict[str, str]]:
+def _line_batches(
+    chunks: Iterable[tuple[str, int, int]], sizes: Iterator[int]
+) -> Iterator[dict[str, str]]:
     """{"lines": ...} payloads of next(sizes) lines each, cut from checked text chunks."""
     parts: list[str] = []
     have, need = 0, next(sizes)
@@ -238,7 +240,7 @@ def _text_chunks(fobj: IO[bytes], name: str) -> Iterator[tuple[str, int, int]]:
         if cut < 0:
             tail = data
             continue
-        tail = data[cut + 1:]
+        tail = data[cut + 1 :]
         text, n = _check(data[:cut], name, line_no)
         yield text, line_no, n
         line_no += n
@@ -272,8 +274,9 @@ def _check(data: bytes, name: str, line_no: int) -> tuple[str, int]:
     return text, text.count("\n") + 1
 
 
-def _jsonl_blocks(lines: Iterable[tuple[list[str], int]], name: str,
-                  field: str) -> Iterator[list[Any]]:
+def _jsonl_blocks(
+    lines: Iterable[tuple[list[str], int]], name: str, field: str
+) -> Iterator[list[Any]]:
     for block, line_no in lines:
         ids = []
         for offset, line in enumerate(block):
@@ -337,5 +340,5 @@ def _open_s3(url: str) -> IO[bytes]:
         raise InputError(f"bad S3 source {url!r}: write s3://BUCKET/KEY.")
     try:
         return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"]
-    except Exception as exc:  # noqa: BLE001 - botocore raises many kinds
+    except Exception as exc:
         raise InputError(f"cannot read {url}: {exc}") from None

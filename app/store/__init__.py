@@ -1,7 +1,7 @@
 """Result stores: the contract (base.py) and one module per backend (redis.py, s3.py).
 
-    from app.store import open_store
-    store = open_store(settings)       # the backend the result URL names
+from app.store import open_store
+store = open_store(settings)       # the backend the result URL names
 """
 
 from __future__ import annotations

@@ -133,7 +133,10 @@ class RedisStore:
         # mid-job, but a store that is down at the start should be said at once
         # (with it, a refused connection took over a minute to report).
         quick = redis.Redis.from_url(
-            self.url, socket_connect_timeout=5, socket_timeout=10, **self._tls,
+            self.url,
+            socket_connect_timeout=5,
+            socket_timeout=10,
+            **self._tls,
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), retries=3),
         )
         try:
@@ -178,8 +181,12 @@ class RedisStore:
             keys=[k["ok"], k["result"] + str(done.batch), k["done"]],
             # The counts travel with the lines: a later pass writes the batch
             # without its announcement.
-            args=[done.batch, b"%d %d\n" % (done.items, done.errors) + lines,
-                  _json.encode(done), self.ttl],
+            args=[
+                done.batch,
+                b"%d %d\n" % (done.items, done.errors) + lines,
+                _json.encode(done),
+                self.ttl,
+            ],
             client=pipe,
         )
         pipe.zrem(LEASES_KEY, f"{job}/{done.batch}")
@@ -271,11 +278,12 @@ class RedisStore:
                 continue
             cut = raw.index(b"\n")
             items, errors = raw[:cut].split()
-            out.append((int(items), int(errors), memoryview(raw)[cut + 1:]))  # no copy
+            out.append((int(items), int(errors), memoryview(raw)[cut + 1 :]))  # no copy
         return out
 
-    def mark_written(self, job: str, batches: list[int], offset: int | None,
-                     items: int, errors: int) -> None:
+    def mark_written(
+        self, job: str, batches: list[int], offset: int | None, items: int, errors: int
+    ) -> None:
         """Journal that `batches` are in the output (ending at `offset`) and free their results.
 
         Safe to repeat: the client retries a call whose reply timed out, and
@@ -294,5 +302,10 @@ class RedisStore:
         pipe.mget([k["ok"], k["written"], k["offset"]])
         pipe.hmget(k["stats"], ["items", "errors"])
         (ok, written, offset), (items, errors) = pipe.execute()
-        return (ok or b"", written or b"", None if offset is None else int(offset),
-                int(items or 0), int(errors or 0))
+        return (
+            ok or b"",
+            written or b"",
+            None if offset is None else int(offset),
+            int(items or 0),
+            int(errors or 0),
+        )

@@ -48,7 +48,9 @@ class S3Store:
         self.prefix = parts.path.strip("/")
         self.prefix = f"{self.prefix}/" if self.prefix else ""
         self.s3 = boto3.client(
-            "s3", region_name=opts.get("region"), endpoint_url=opts.get("endpoint_url"),
+            "s3",
+            region_name=opts.get("region"),
+            endpoint_url=opts.get("endpoint_url"),
             config=botocore.config.Config(retries={"max_attempts": 10, "mode": "adaptive"}),
         )
         self._errors = botocore.exceptions
@@ -81,20 +83,24 @@ class S3Store:
     def _list(self, prefix: str) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for page in self.s3.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=prefix):
+            Bucket=self.bucket, Prefix=prefix
+        ):
             out.extend(page.get("Contents", []))
         return out
 
     def _fresh(self, prefix: str, seconds: float) -> list[dict[str, Any]]:
         """Objects under prefix written less than `seconds` ago."""
         now = datetime.now(UTC).timestamp()
-        return [o for o in self._list(prefix)
-                if now - o["LastModified"].timestamp() <= seconds + CLOCK_SLACK]
+        return [
+            o
+            for o in self._list(prefix)
+            if now - o["LastModified"].timestamp() <= seconds + CLOCK_SLACK
+        ]
 
     def ping(self) -> None:
         try:
             self.s3.head_bucket(Bucket=self.bucket)
-        except Exception as exc:  # noqa: BLE001 - botocore raises many kinds
+        except Exception as exc:
             raise StoreUnavailable(
                 f"cannot reach the result store at {redact(self.url)}: {exc}"
             ) from None
@@ -102,8 +108,9 @@ class S3Store:
     # -- jobs -------------------------------------------------------------
 
     def put_meta(self, job: str, meta: dict[str, Any]) -> None:
-        self.s3.put_object(Bucket=self.bucket, Key=self._key("jobs", job, "meta.json"),
-                           Body=_json.encode(meta))
+        self.s3.put_object(
+            Bucket=self.bucket, Key=self._key("jobs", job, "meta.json"), Body=_json.encode(meta)
+        )
 
     def get_meta(self, job: str) -> dict[str, Any] | None:
         raw = self._get(self._key("jobs", job, "meta.json"))
@@ -123,11 +130,17 @@ class S3Store:
     def commit(self, job: str, done: Done, lines: bytes) -> bool:
         head = _json.encode(done) + b"\n"
         try:
-            self.s3.put_object(Bucket=self.bucket, Key=self._batch_key(job, done.batch),
-                               Body=head + lines, IfNoneMatch="*")
+            self.s3.put_object(
+                Bucket=self.bucket,
+                Key=self._batch_key(job, done.batch),
+                Body=head + lines,
+                IfNoneMatch="*",
+            )
         except self._errors.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed",
-                                                             "ConditionalRequestConflict"):
+            if exc.response.get("Error", {}).get("Code") in (
+                "PreconditionFailed",
+                "ConditionalRequestConflict",
+            ):
                 return False
             raise
         finally:
@@ -135,8 +148,9 @@ class S3Store:
         return True
 
     def announce(self, job: str, done: Done) -> None:
-        self.s3.put_object(Bucket=self.bucket, Key=self._key("jobs", job, "refused"),
-                           Body=_json.encode(done))
+        self.s3.put_object(
+            Bucket=self.bucket, Key=self._key("jobs", job, "refused"), Body=_json.encode(done)
+        )
 
     def renew_lease(self, job: str, batch: int, seconds: float) -> None:
         self.s3.put_object(Bucket=self.bucket, Key=self._key("leases", job, batch), Body=b"")
@@ -145,8 +159,11 @@ class S3Store:
         self.s3.delete_object(Bucket=self.bucket, Key=self._key("leases", job, batch))
 
     def register_worker(self, name: str, info: dict[str, Any], seconds: float) -> None:
-        self.s3.put_object(Bucket=self.bucket, Key=self._key("workers", name),
-                           Body=_json.encode(dict(info, lease=seconds)))
+        self.s3.put_object(
+            Bucket=self.bucket,
+            Key=self._key("workers", name),
+            Body=_json.encode(dict(info, lease=seconds)),
+        )
 
     def unregister_worker(self, name: str) -> None:
         self.s3.delete_object(Bucket=self.bucket, Key=self._key("workers", name))
@@ -167,25 +184,31 @@ class S3Store:
         return out
 
     def workers(self) -> list[dict[str, Any]]:
-        return [dict(info, name=key.rsplit("/", 1)[-1])
-                for key, info in self._live_records(self._key("workers", ""))]
+        return [
+            dict(info, name=key.rsplit("/", 1)[-1])
+            for key, info in self._live_records(self._key("workers", ""))
+        ]
 
     def busy_slots(self) -> set[str]:
         base = len(self._key("leases", ""))
-        return {o["Key"][base:]
-                for o in self._fresh(self._key("leases", ""), self.lease_seconds)}
+        return {o["Key"][base:] for o in self._fresh(self._key("leases", ""), self.lease_seconds)}
 
     def advertise_backlog(self, queue: str, job: str, batches: int, seconds: float) -> None:
         key = self._key("backlog", queue, job)
         if batches > 0:
-            self.s3.put_object(Bucket=self.bucket, Key=key,
-                               Body=_json.encode({"batches": batches, "lease": seconds}))
+            self.s3.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=_json.encode({"batches": batches, "lease": seconds}),
+            )
         else:
             self.s3.delete_object(Bucket=self.bucket, Key=key)
 
     def backlog(self, queue: str) -> int:
-        return sum(int(info.get("batches", 0))
-                   for _, info in self._live_records(self._key("backlog", queue, "")))
+        return sum(
+            int(info.get("batches", 0))
+            for _, info in self._live_records(self._key("backlog", queue, ""))
+        )
 
     def wait_done(self, job: str, timeout: float) -> list[Done]:
         """Batches committed since the last call (fetched, so `results` costs nothing more)."""
@@ -203,7 +226,7 @@ class S3Store:
                 raw = self._get(obj["Key"])
                 if raw is None:
                     continue
-                head, _, lines = raw.partition(b"\n")
+                head, _, _ = raw.partition(b"\n")
                 done = msgspec.convert(_decode(head), Done)
                 self._fetched[(job, batch)] = raw
                 seen.add(batch)
@@ -223,22 +246,25 @@ class S3Store:
                 continue
             cut = raw.index(b"\n")
             done = msgspec.convert(_decode(raw[:cut]), Done)
-            out.append((done.items, done.errors, memoryview(raw)[cut + 1:]))
+            out.append((done.items, done.errors, memoryview(raw)[cut + 1 :]))
         return out
 
-    def mark_written(self, job: str, batches: list[int], offset: int | None,
-                     items: int, errors: int) -> None:
+    def mark_written(
+        self, job: str, batches: list[int], offset: int | None, items: int, errors: int
+    ) -> None:
         journal = self._journal(job)
         bits = bytearray(journal["written"])
         for b in batches:
             set_bit(bits, b)
-        journal.update(written=bytes(bits), items=journal["items"] + items,
-                       errors=journal["errors"] + errors)
+        journal.update(
+            written=bytes(bits), items=journal["items"] + items, errors=journal["errors"] + errors
+        )
         if offset is not None:
             journal["offset"] = offset
         body = dict(journal, written=base64.b64encode(journal["written"]).decode())
-        self.s3.put_object(Bucket=self.bucket, Key=self._key("jobs", job, "journal.json"),
-                           Body=_json.encode(body))
+        self.s3.put_object(
+            Bucket=self.bucket, Key=self._key("jobs", job, "journal.json"), Body=_json.encode(body)
+        )
 
     def _journal(self, job: str) -> dict[str, Any]:
         raw = self._get(self._key("jobs", job, "journal.json"))

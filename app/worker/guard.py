@@ -45,9 +45,11 @@ def _problem(request: Request, payload: object) -> str | None:
     if options is not None and not isinstance(options, dict):
         return f"the message options must be an object, not {short_repr(options)}"
     limits = request.time_limits
-    if (not isinstance(limits, list | tuple) or len(limits) != 2
-            or not all(x is None or (isinstance(x, Real) and not isinstance(x, bool))
-                       for x in limits)):
+    if (
+        not isinstance(limits, list | tuple)
+        or len(limits) != 2
+        or not all(x is None or (isinstance(x, Real) and not isinstance(x, bool)) for x in limits)
+    ):
         return f"timelimit must be [hard, soft] in seconds, not {short_repr(limits)}"
     return None
 
@@ -60,7 +62,7 @@ class GuardedRequest(Request):
             payload = self._body if self._decoded else message.payload
         except InvalidTaskError:
             raise
-        except Exception as exc:  # noqa: BLE001 - any malformed message is refused, not fatal
+        except Exception as exc:
             raise InvalidTaskError(f"malformed task message: {exc!r:.300}") from None
         problem = _problem(self, payload)
         if problem:
@@ -82,16 +84,25 @@ class GuardedConsumer(Consumer):
             if isinstance(headers, dict) and "task" in headers:  # protocol 2
                 task, task_id = headers.get("task"), headers.get("id")
                 if not isinstance(task, str) or not isinstance(task_id, str):
-                    return self.on_invalid_task(None, message, InvalidTaskError(
-                        f"malformed task message: the task name and id must be strings, "
-                        f"not {short_repr(task)} and {short_repr(task_id)}"))
+                    return self.on_invalid_task(
+                        None,
+                        message,
+                        InvalidTaskError(
+                            f"malformed task message: the task name and id must be strings, "
+                            f"not {short_repr(task)} and {short_repr(task_id)}"
+                        ),
+                    )
             try:
                 return on_task_received(message)
             except passed_on:
                 raise
-            except Exception as exc:  # noqa: BLE001 - a bad message must not end the worker
-                log.error("refused a malformed task message (headers %s): %r",
-                          short_repr(headers), exc, exc_info=True)
+            except Exception as exc:
+                log.error(
+                    "refused a malformed task message (headers %s): %r",
+                    short_repr(headers),
+                    exc,
+                    exc_info=True,
+                )
                 if not message.acknowledged:
                     message.reject_log_error(log, self.connection_errors)
                 return None

@@ -38,8 +38,10 @@ def taken_batches() -> dict[str, int]:
     Advertised with each heartbeat: the drain agent and the local autoscaler
     take only an instance that has taken none.
     """
-    return {"reserved": len(worker_state.reserved_requests),
-            "active": len(worker_state.active_requests)}
+    return {
+        "reserved": len(worker_state.reserved_requests),
+        "active": len(worker_state.active_requests),
+    }
 
 
 # Messages taken and event-loop turns of the main thread: the watchdog's proof it consumes.
@@ -76,16 +78,22 @@ class _Heartbeat:
         store = open_store(settings)
         grace = grace_seconds(settings)
         liveness = None if grace is None else Liveness(settings, concurrency, controller, grace)
-        info = {"hostname": hostname, "concurrency": concurrency, "pid": os.getpid(),
-                "version": app_version(), "queue": settings.queue}
+        info = {
+            "hostname": hostname,
+            "concurrency": concurrency,
+            "pid": os.getpid(),
+            "version": app_version(),
+            "queue": settings.queue,
+        }
         period = settings.lease_seconds / 3
 
         def beat() -> None:
             while not self.stop.is_set():
                 try:
-                    store.register_worker(self.name, {**info, **taken_batches()},
-                                          settings.lease_seconds)
-                except Exception:  # noqa: BLE001 - retried on the next beat
+                    store.register_worker(
+                        self.name, {**info, **taken_batches()}, settings.lease_seconds
+                    )
+                except Exception:
                     log.warning("worker heartbeat failed", exc_info=True)
                 self.stop.wait(period)
             with contextlib.suppress(Exception):
@@ -101,8 +109,9 @@ class _Heartbeat:
         self.thread = threading.Thread(target=beat, name="fleet-heartbeat", daemon=True)
         self.thread.start()
         if liveness is not None:
-            threading.Thread(target=watch, args=(liveness,), name="fleet-watchdog",
-                             daemon=True).start()
+            threading.Thread(
+                target=watch, args=(liveness,), name="fleet-watchdog", daemon=True
+            ).start()
 
     def close(self) -> None:
         self.stop.set()

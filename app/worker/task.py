@@ -48,7 +48,7 @@ def lease(store: Store, job: str, batch: int, seconds: float):
         while True:
             try:
                 store.renew_lease(job, batch, seconds)
-            except Exception:  # noqa: BLE001 - a missed renewal only risks a duplicate run
+            except Exception:
                 log.warning("could not renew the lease of %s/%s", job, batch, exc_info=True)
             if stop.wait(seconds / 3):
                 return
@@ -62,8 +62,9 @@ def lease(store: Store, job: str, batch: int, seconds: float):
         thread.join()
 
 
-@shared_task(name="fleet.batch", bind=True, acks_late=True, reject_on_worker_lost=True,
-             ignore_result=True)
+@shared_task(
+    name="fleet.batch", bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True
+)
 def fleet_batch(self: Task, job: str, batch: int, task_name: str, payload) -> int:
     settings: Settings = self.app.fleet_settings
     store = store_for(settings)
@@ -87,6 +88,7 @@ def fleet_batch(self: Task, job: str, batch: int, task_name: str, payload) -> in
         return 0
     with lease(store, job, batch, settings.lease_seconds):
         outcome = run_batch(task, payload)
-    store.commit(job, Done(batch, outcome.items, outcome.errors, outcome.seconds, me),
-                 outcome.lines)
+    store.commit(
+        job, Done(batch, outcome.items, outcome.errors, outcome.seconds, me), outcome.lines
+    )
     return outcome.items

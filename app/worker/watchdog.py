@@ -40,8 +40,9 @@ def grace_seconds(settings: Settings, env: Mapping[str, str] | None = None) -> f
     if value == 0:
         return None
     if not 0 < value < float("inf"):
-        log.error("FLEET_WATCHDOG_SECONDS=%r is not a number of seconds (0: off); using %s",
-                  raw, default)
+        log.error(
+            "FLEET_WATCHDOG_SECONDS=%r is not a number of seconds (0: off); using %s", raw, default
+        )
         return default
     return value
 
@@ -83,8 +84,9 @@ class Watchdog:
     only delays the watchdog).
     """
 
-    def __init__(self, grace: float, ready: Callable[[], int],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, grace: float, ready: Callable[[], int], clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.grace = grace
         self.ready = ready
         self.clock = clock
@@ -94,8 +96,9 @@ class Watchdog:
         self.last_ready = 0
         self.loop_stalled = False
 
-    def check(self, received: int, held: int, concurrency: int,
-              turns: int | None = None) -> float | None:
+    def check(
+        self, received: int, held: int, concurrency: int, turns: int | None = None
+    ) -> float | None:
         """Seconds this worker has been starving work, once that reaches the grace; else None.
 
         `received` and `turns` count the messages the consumer took and the
@@ -110,7 +113,7 @@ class Watchdog:
             return None
         try:
             self.last_ready = self.ready()
-        except Exception as exc:  # noqa: BLE001 - unknown is not stuck: restart the clock
+        except Exception as exc:
             log.debug("watchdog: cannot read the queue depth (%s)", exc)
             self.last_ready = 0
         if self.last_ready <= 0:
@@ -126,8 +129,13 @@ class Watchdog:
 # -- the action -------------------------------------------------------------------
 
 
-def exit_worker(reason: str, stopping: Callable[[], bool], respond_seconds: float,
-                stop_seconds: float, poll: float = 0.2) -> None:
+def exit_worker(
+    reason: str,
+    stopping: Callable[[], bool],
+    respond_seconds: float,
+    stop_seconds: float,
+    poll: float = 0.2,
+) -> None:
     """Warm-shut the worker down with WATCHDOG_EXIT_CODE; os._exit if that does not happen.
 
     Called from a thread other than the main one. `stopping()` says whether
@@ -136,8 +144,11 @@ def exit_worker(reason: str, stopping: Callable[[], bool], respond_seconds: floa
     """
     from celery.worker import state as worker_state
 
-    log.error("watchdog: %s; restarting the worker (warm shutdown, exit code %d)",
-              reason, WATCHDOG_EXIT_CODE)
+    log.error(
+        "watchdog: %s; restarting the worker (warm shutdown, exit code %d)",
+        reason,
+        WATCHDOG_EXIT_CODE,
+    )
     # What Celery's SIGTERM handler does, with a non-zero exit code; the main
     # loop checks it at least once a second.
     worker_state.should_stop = WATCHDOG_EXIT_CODE
@@ -172,8 +183,9 @@ def blueprint_stopping(controller: object) -> Callable[[], bool]:
 class Liveness:
     """The watchdog as the heartbeat runs it: the rule, its broker reader, and the action."""
 
-    def __init__(self, settings: Settings, concurrency: int, controller: object,
-                 grace: float) -> None:
+    def __init__(
+        self, settings: Settings, concurrency: int, controller: object, grace: float
+    ) -> None:
         self.settings = settings
         self.concurrency = concurrency
         self.controller = controller
@@ -189,19 +201,27 @@ class Liveness:
         """Why this worker is stuck, or None; `held`: the batches it holds."""
         try:
             starving = self.rule.check(progress.taken, held, self.concurrency, progress.turns)
-        except Exception:  # noqa: BLE001 - the watchdog must never stop the heartbeat
+        except Exception:
             log.warning("watchdog check failed", exc_info=True)
             return None
         if starving is None:
             return None
-        could = (f"{self.concurrency - held} free slot(s)" if held < self.concurrency
-                 else "its event loop has not turned since the last check")
-        return (f"stuck: {self.rule.last_ready} message(s) ready on queue "
-                f"{self.settings.queue!r} and {could}, but no message received for "
-                f"{starving:.1f} s (grace {self.rule.grace:g} s)")
+        could = (
+            f"{self.concurrency - held} free slot(s)"
+            if held < self.concurrency
+            else "its event loop has not turned since the last check"
+        )
+        return (
+            f"stuck: {self.rule.last_ready} message(s) ready on queue "
+            f"{self.settings.queue!r} and {could}, but no message received for "
+            f"{starving:.1f} s (grace {self.rule.grace:g} s)"
+        )
 
     def restart(self, reason: str) -> None:
         """Exit the worker for its supervisor to restart it (does not return)."""
-        exit_worker(reason, blueprint_stopping(self.controller),
-                    respond_seconds=min(self.rule.grace, RESPOND_SECONDS),
-                    stop_seconds=self.settings.max_batch_seconds + STOP_MARGIN_SECONDS)
+        exit_worker(
+            reason,
+            blueprint_stopping(self.controller),
+            respond_seconds=min(self.rule.grace, RESPOND_SECONDS),
+            stop_seconds=self.settings.max_batch_seconds + STOP_MARGIN_SECONDS,
+        )

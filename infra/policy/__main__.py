@@ -8,7 +8,7 @@ from pulumi_policy import EnforcementLevel, PolicyPack
 # Pulumi runs this directory as a script; make rules.py importable by name.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rules import POLICIES  # noqa: E402
+from rules import POLICIES
 
 PolicyPack(
     name="celery-fleet-security",

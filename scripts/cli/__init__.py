@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import ClassVar
 
 import click
 
@@ -23,7 +24,7 @@ class LazyGroup(click.Group):
     (Fabric, boto3, price tables, matplotlib) are not its to pay.
     """
 
-    COMMANDS = {
+    COMMANDS: ClassVar[dict[str, str]] = {
         "cost": "scripts.cli.cost:cost",
         "demo": "scripts.cli.demo:demo",
         "local": "scripts.cli.local:local",

@@ -12,8 +12,10 @@ from scripts.cost import PRICES, StackSettings, estimate, render, stack_file
 
 @click.command("cost")
 @click.option(
-    "--stack", "stack", metavar="NAME",
-    help="Read Pulumi.NAME.yaml of the Pulumi project here (or in a parent directory)."
+    "--stack",
+    "stack",
+    metavar="NAME",
+    help="Read Pulumi.NAME.yaml of the Pulumi project here (or in a parent directory).",
 )
 @click.option(
     "--config",

@@ -25,14 +25,33 @@ def _serial_seconds_per_item(fn, rounds: int = 5, n: int = 4000) -> float:
 
 
 @click.command()
-@click.option("--ids", "n_ids", type=click.IntRange(min=1), default=1_000_000, show_default=True,
-              help="How many IDs to run the example task over.")
-@click.option("--instances", "-n", type=click.IntRange(min=1), default=None,
-              help="Worker instances (default: one per usable CPU).")
-@click.option("--broker", "broker_kind", type=click.Choice(["redis", "rabbitmq"]),
-              default="redis", show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Keep the results here (default: a temporary file, removed).")
+@click.option(
+    "--ids",
+    "n_ids",
+    type=click.IntRange(min=1),
+    default=1_000_000,
+    show_default=True,
+    help="How many IDs to run the example task over.",
+)
+@click.option(
+    "--instances",
+    "-n",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker instances (default: one per usable CPU).",
+)
+@click.option(
+    "--broker",
+    "broker_kind",
+    type=click.Choice(["redis", "rabbitmq"]),
+    default="redis",
+    show_default=True,
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Keep the results here (default: a temporary file, removed).",
+)
 def demo(n_ids, instances, broker_kind, out):
     """Start a local fleet, run the example task over --ids IDs, report, tear down."""
     from app import tasks  # noqa: F401 - registers process_id (the launcher does not import it)
@@ -45,17 +64,25 @@ def demo(n_ids, instances, broker_kind, out):
     task = resolve("process_id", ["app.tasks"])
     per_item = _serial_seconds_per_item(task.fn)
     cpus = available_cpus()
-    click.echo(f"example task: {per_item * 1e6:.1f} us per ID on one core here; "
-               f"{n_ids:,} IDs is {per_item * n_ids:.1f} s of CPU over {cpus} CPUs", err=True)
+    click.echo(
+        f"example task: {per_item * 1e6:.1f} us per ID on one core here; "
+        f"{n_ids:,} IDs is {per_item * n_ids:.1f} s of CPU over {cpus} CPUs",
+        err=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         target = out or Path(tmp) / "results.jsonl"
         try:
             click.echo("starting a local fleet...", err=True)
             with LocalFleet(instances or cpus, broker_kind) as fleet:
                 click.echo(fleet.describe(), err=True)
-                summary = Launcher(fleet.settings).run(JobOptions(
-                    task="process_id", source=Source.parse(f"range:0:{n_ids}"), out=target,
-                    progress=True))
+                summary = Launcher(fleet.settings).run(
+                    JobOptions(
+                        task="process_id",
+                        source=Source.parse(f"range:0:{n_ids}"),
+                        out=target,
+                        progress=True,
+                    )
+                )
         except (JobError, LocalFleetError) as exc:
             fail(str(exc), getattr(exc, "exit_code", 1))
         # Timed again after the job: a shared machine's speed drifts, and the

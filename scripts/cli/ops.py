@@ -22,22 +22,37 @@ if TYPE_CHECKING:
 
 
 def host_options(fn):
-    for decorator in reversed([
-        click.option("--stack", metavar="NAME",
-                     help="The stack's in-service instances (autoscaling group by tag)."),
-        click.option("--hosts", metavar="H1,H2", help="Hosts instead: [user@]host[:port],..."),
-        click.option("--region", help="AWS region (default: your AWS configuration)."),
-        click.option("--user", default="ec2-user", show_default=True, help="SSH user."),
-        click.option("--port", type=int, default=22, show_default=True, help="SSH port."),
-        click.option("--key", type=click.Path(exists=True, dir_okay=False),
-                     help="SSH private key (default: your agent and ~/.ssh keys)."),
-        click.option("--ssm", is_flag=True,
-                     help="Connect through Session Manager (no open port needed)."),
-        click.option("--proxy-command", metavar="CMD",
-                     help="Any other ProxyCommand (%h host, %p port, %r user)."),
-        click.option("--push-key", is_flag=True,
-                     help="Send --key's public key with EC2 Instance Connect first."),
-    ]):
+    for decorator in reversed(
+        [
+            click.option(
+                "--stack",
+                metavar="NAME",
+                help="The stack's in-service instances (autoscaling group by tag).",
+            ),
+            click.option("--hosts", metavar="H1,H2", help="Hosts instead: [user@]host[:port],..."),
+            click.option("--region", help="AWS region (default: your AWS configuration)."),
+            click.option("--user", default="ec2-user", show_default=True, help="SSH user."),
+            click.option("--port", type=int, default=22, show_default=True, help="SSH port."),
+            click.option(
+                "--key",
+                type=click.Path(exists=True, dir_okay=False),
+                help="SSH private key (default: your agent and ~/.ssh keys).",
+            ),
+            click.option(
+                "--ssm", is_flag=True, help="Connect through Session Manager (no open port needed)."
+            ),
+            click.option(
+                "--proxy-command",
+                metavar="CMD",
+                help="Any other ProxyCommand (%h host, %p port, %r user).",
+            ),
+            click.option(
+                "--push-key",
+                is_flag=True,
+                help="Send --key's public key with EC2 Instance Connect first.",
+            ),
+        ]
+    ):
         fn = decorator(fn)
     return fn
 
@@ -55,8 +70,9 @@ def make_hosts(stack, hosts, region, user, port, key, ssm, proxy_command, push_k
             raise click.ClickException(f"no in-service instance in stack {stack!r}.")
     else:
         found = [Host(h.strip()) for h in hosts.split(",") if h.strip()]
-    proxy = proxy_command or (SSM_PROXY + (f" --region {region}" if region else "")
-                              if ssm else None)
+    proxy = proxy_command or (
+        SSM_PROXY + (f" --region {region}" if region else "") if ssm else None
+    )
     if push_key and not key:
         raise click.UsageError("--push-key needs --key (its .pub is what is sent).")
     pusher = instance_connect_pusher(key, user, session) if push_key else None
@@ -76,18 +92,28 @@ def ops() -> None:
 @ops.command()
 @click.argument("wheel", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @host_options
-@click.option("--at-a-time", "-n", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Hosts deployed to at once.")
-@click.option("--timeout", type=float, default=300, show_default=True,
-              help="Seconds a new worker may take to answer.")
+@click.option(
+    "--at-a-time",
+    "-n",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Hosts deployed to at once.",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=300,
+    show_default=True,
+    help="Seconds a new worker may take to answer.",
+)
 def deploy(wheel, at_a_time, timeout, **how):
     """Roll WHEEL out: per host drain, install, start, wait; stop at the first failure."""
     hosts = make_hosts(**how)
     say = lambda m: click.echo(m, err=True)  # noqa: E731
 
     def deploy_one(c: Connection, wheel: Path, timeout: float) -> dict[str, Any]:
-        return tasks.deploy(c, wheel, timeout,
-                                step=lambda s: say(f"{label(c)}: {s}"))
+        return tasks.deploy(c, wheel, timeout, step=lambda s: say(f"{label(c)}: {s}"))
 
     try:
         outcomes = rolling(hosts, deploy_one, wheel, timeout, at_a_time=at_a_time, say=say)
@@ -106,8 +132,13 @@ def restart(at_a_time, timeout, **how):
     """Rolling warm restart: each worker finishes its batches, restarts and answers."""
     hosts = make_hosts(**how)
     try:
-        outcomes = rolling(hosts, tasks.restart, timeout, at_a_time=at_a_time,
-                           say=lambda m: click.echo(m, err=True))
+        outcomes = rolling(
+            hosts,
+            tasks.restart,
+            timeout,
+            at_a_time=at_a_time,
+            say=lambda m: click.echo(m, err=True),
+        )
     finally:
         hosts.close()
     _finish(outcomes)
@@ -158,20 +189,26 @@ def status(as_json, **how):
         outcomes = everywhere(hosts, tasks.status)
     finally:
         hosts.close()
-    rows = [dict(o.result, address=o.host) if o.ok else {"address": o.host, "error": o.error}
-            for o in outcomes]
+    rows = [
+        dict(o.result, address=o.host) if o.ok else {"address": o.host, "error": o.error}
+        for o in outcomes
+    ]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
-        click.echo(f"{'host':<24} {'cores':>5} {'conc':>4} {'running':>7} {'held':>4} "
-                   f"{'version':<10} {'worker':<8}")
+        click.echo(
+            f"{'host':<24} {'cores':>5} {'conc':>4} {'running':>7} {'held':>4} "
+            f"{'version':<10} {'worker':<8}"
+        )
         for r in rows:
             if "error" in r and r.get("cores") is None:
                 click.echo(f"{r['address']:<24} error: {r['error']}")
                 continue
             state = "online" if r["online"] else ("up" if r["running"] else "stopped")
-            click.echo(f"{r['address']:<24} {r['cores']:>5} {r['concurrency']:>4} "
-                       f"{r['active'] if r['active'] is not None else '-':>7} "
-                       f"{r['reserved'] if r['reserved'] is not None else '-':>4} "
-                       f"{r['version']:<10} {state:<8}")
+            click.echo(
+                f"{r['address']:<24} {r['cores']:>5} {r['concurrency']:>4} "
+                f"{r['active'] if r['active'] is not None else '-':>7} "
+                f"{r['reserved'] if r['reserved'] is not None else '-':>4} "
+                f"{r['version']:<10} {state:<8}"
+            )
     _finish(outcomes)

@@ -28,36 +28,91 @@ class BatchSize(click.ParamType):
 
 @click.command()
 @click.argument("task", required=False)
-@click.option("--ids", "ids", metavar="SOURCE",
-              help="A file (one ID per line; .csv with --column; .jsonl with --field), "
-                   "'-' for stdin, s3://BUCKET/KEY, or range:START:STOP.")
+@click.option(
+    "--ids",
+    "ids",
+    metavar="SOURCE",
+    help="A file (one ID per line; .csv with --column; .jsonl with --field), "
+    "'-' for stdin, s3://BUCKET/KEY, or range:START:STOP.",
+)
 @click.option("--column", help="The ID column of a CSV source (by header name).")
 @click.option("--field", "field_", help="The ID field of a JSON-lines source.")
-@click.option("--format", "fmt", type=click.Choice(["text", "csv", "jsonl"]),
-              help="Input format when the file name does not say (e.g. for stdin).")
-@click.option("--batch-size", type=BatchSize(), default="auto", show_default=True,
-              help="IDs per batch; auto calibrates on the first IDs.")
-@click.option("--target-seconds", type=click.FloatRange(min=0.01), default=2.0,
-              show_default=True, help="With --batch-size auto: aimed-at run time of one batch.")
-@click.option("--max-in-flight", type=click.IntRange(min=1),
-              help="Batches on the broker at once (default: twice the worker slots).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the JSON lines here instead of stdout.")
-@click.option("--resume", metavar="JOB",
-              help="Finish an earlier job: re-send only what is missing.")
-@click.option("--broker", metavar="URL",
-              help="Broker URL (default: FLEET_BROKER_URL or the local fleet).")
-@click.option("--backend", metavar="URL",
-              help="Result store URL (default: FLEET_RESULT_URL or the local fleet).")
-@click.option("--stack", metavar="NAME",
-              help="A deployed stack: read its broker and result store from SSM Parameter Store.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "csv", "jsonl"]),
+    help="Input format when the file name does not say (e.g. for stdin).",
+)
+@click.option(
+    "--batch-size",
+    type=BatchSize(),
+    default="auto",
+    show_default=True,
+    help="IDs per batch; auto calibrates on the first IDs.",
+)
+@click.option(
+    "--target-seconds",
+    type=click.FloatRange(min=0.01),
+    default=2.0,
+    show_default=True,
+    help="With --batch-size auto: aimed-at run time of one batch.",
+)
+@click.option(
+    "--max-in-flight",
+    type=click.IntRange(min=1),
+    help="Batches on the broker at once (default: twice the worker slots).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the JSON lines here instead of stdout.",
+)
+@click.option(
+    "--resume", metavar="JOB", help="Finish an earlier job: re-send only what is missing."
+)
+@click.option(
+    "--broker", metavar="URL", help="Broker URL (default: FLEET_BROKER_URL or the local fleet)."
+)
+@click.option(
+    "--backend",
+    metavar="URL",
+    help="Result store URL (default: FLEET_RESULT_URL or the local fleet).",
+)
+@click.option(
+    "--stack",
+    metavar="NAME",
+    help="A deployed stack: read its broker and result store from SSM Parameter Store.",
+)
 @click.option("--queue", help="Queue the workers consume (default: FLEET_QUEUE or 'fleet').")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print the summary as JSON (on stdout with --out, else on stderr).")
-@click.option("--progress/--no-progress", default=None,
-              help="Progress bar on stderr (default: when stderr is a terminal).")
-def run(task, ids, column, field_, fmt, batch_size, target_seconds, max_in_flight, out, resume,
-        broker, backend, stack, queue, as_json, progress):
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the summary as JSON (on stdout with --out, else on stderr).",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bar on stderr (default: when stderr is a terminal).",
+)
+def run(
+    task,
+    ids,
+    column,
+    field_,
+    fmt,
+    batch_size,
+    target_seconds,
+    max_in_flight,
+    out,
+    resume,
+    broker,
+    backend,
+    stack,
+    queue,
+    as_json,
+    progress,
+):
     """Run TASK over every ID of --ids on the fleet.
 
     TASK is a function registered with @fleet_task, or module:function from a
@@ -77,8 +132,13 @@ def run(task, ids, column, field_, fmt, batch_size, target_seconds, max_in_fligh
         fail("give either --stack or --broker/--backend, not both.", 2)
     settings = resolve_settings(broker, backend, stack, queue=queue)
     opts = JobOptions(
-        task=task, source=source, batch_size=batch_size, target_seconds=target_seconds,
-        max_in_flight=max_in_flight, out=out, resume=resume,
+        task=task,
+        source=source,
+        batch_size=batch_size,
+        target_seconds=target_seconds,
+        max_in_flight=max_in_flight,
+        out=out,
+        resume=resume,
         progress=sys.stderr.isatty() if progress is None else progress,
     )
     try:
@@ -94,8 +154,11 @@ def run(task, ids, column, field_, fmt, batch_size, target_seconds, max_in_fligh
         f"job {summary.job}: {summary.status}, {summary.items:,} items, {summary.errors:,} "
         f"errors, {summary.wall_seconds:.2f} s, {summary.items_per_second:,.0f} items/s"
         + (f", {summary.resent} batches re-sent" if summary.resent else "")
-        + (f"; resume with: fleet run --resume {summary.job}"
-           if summary.status == "interrupted" else ""),
+        + (
+            f"; resume with: fleet run --resume {summary.job}"
+            if summary.status == "interrupted"
+            else ""
+        ),
         err=True,
     )
     finish({"ok": 0, "errors": 1, "interrupted": 130}[summary.status])

@@ -9,12 +9,16 @@ import click
 
 
 @click.command()
-@click.option("--stack", metavar="NAME",
-              help="A deployed stack: its instances (by the celery-fleet:stack tag) and "
-                   "its broker and result store (SSM Parameter Store).")
+@click.option(
+    "--stack",
+    metavar="NAME",
+    help="A deployed stack: its instances (by the celery-fleet:stack tag) and "
+    "its broker and result store (SSM Parameter Store).",
+)
 @click.option("--region", help="AWS region of the stack (default: your AWS configuration).")
-@click.option("--broker", metavar="URL", help="Broker URL (default: FLEET_BROKER_URL or the "
-                                              "local fleet).")
+@click.option(
+    "--broker", metavar="URL", help="Broker URL (default: FLEET_BROKER_URL or the local fleet)."
+)
 @click.option("--backend", metavar="URL", help="Result store URL.")
 @click.option("--queue", help="The fleet's queue (default: FLEET_QUEUE or 'fleet').")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")

@@ -63,15 +63,19 @@ class Provider(Protocol):
     def drain(self, node_id: str) -> None: ...  # stop taking batches, finish, then go
 
 
-
 # -- the local provider ---------------------------------------------------
 
 
 class LocalProvider:
     """Worker processes of a LocalFleet, each pinned like a machine of its CPU share."""
 
-    def __init__(self, fleet: LocalFleet, store: Store, max_instances: int,
-                 drain_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        fleet: LocalFleet,
+        store: Store,
+        max_instances: int,
+        drain_timeout: float | None = None,
+    ) -> None:
         assert fleet.settings is not None
         self.fleet = fleet
         self.store = store
@@ -100,21 +104,25 @@ class LocalProvider:
                 continue
             prefix = self._prefix(inst)
             info = next((w for name, w in seen.items() if name.startswith(prefix)), None)
-            out.append(Node(
-                id=str(inst.index),
-                slots=int(info["concurrency"]) if info else len(inst.cpus),
-                ready=info is not None,
-                taken=int(info.get("reserved", 0)) if info else 0,
-                running=int(info.get("active", 0)) if info else 0,
-                draining=inst.draining,
-            ))
+            out.append(
+                Node(
+                    id=str(inst.index),
+                    slots=int(info["concurrency"]) if info else len(inst.cpus),
+                    ready=info is not None,
+                    taken=int(info.get("reserved", 0)) if info else 0,
+                    running=int(info.get("active", 0)) if info else 0,
+                    draining=inst.draining,
+                )
+            )
         return out
 
     def launch(self, count: int) -> None:
         for _ in range(count):
             # The CPU share fewest live instances use, as a new machine would bring its own.
-            used = [sum(1 for i in self.fleet.instances if i.proc is not None and i.cpus == c)
-                    for c in self.cpu_sets]
+            used = [
+                sum(1 for i in self.fleet.instances if i.proc is not None and i.cpus == c)
+                for c in self.cpu_sets
+            ]
             inst = Instance(self.next_index, self.cpu_sets[used.index(min(used))])
             self.next_index += 1
             self.fleet.instances.append(inst)
@@ -187,19 +195,21 @@ class Autoscaler:
         elif decision.delta < 0:
             # Only instances that have taken no batch; those not consuming yet first.
             idle = sorted((n for n in live if n.taken == 0), key=lambda n: (n.ready, n.id))
-            for node in idle[:-decision.delta]:
+            for node in idle[: -decision.delta]:
                 self.provider.drain(node.id)
         if decision.delta:
-            self.say(f"autoscaler: {decision.current} -> {decision.desired} instances "
-                     f"({decision.reason}; {state.queued} batches waiting, "
-                     f"{state.running} running)")
+            self.say(
+                f"autoscaler: {decision.current} -> {decision.desired} instances "
+                f"({decision.reason}; {state.queued} batches waiting, "
+                f"{state.running} running)"
+            )
         return decision
 
     def tick(self) -> Decision | None:
         """One step; a failure (a broker or store blip) is logged and retried next time."""
         try:
             return self.step()
-        except Exception:  # noqa: BLE001 - must not stop scaling
+        except Exception:
             log.warning("autoscaler step failed", exc_info=True)
             return None
 
@@ -210,13 +220,15 @@ class Autoscaler:
             stop.wait(interval)
 
 
-def local_autoscaler(fleet: LocalFleet, policy: Policy,
-                     say: Callable[[str], None] = log.info) -> Autoscaler:
+def local_autoscaler(
+    fleet: LocalFleet, policy: Policy, say: Callable[[str], None] = log.info
+) -> Autoscaler:
     """The autoscaler for a started LocalFleet, reading its broker and result store."""
     from app.store import open_store
 
     assert fleet.settings is not None
     store = open_store(fleet.settings)
     provider = LocalProvider(fleet, store, policy.max_instances)
-    return Autoscaler(provider, ready_count(fleet.settings), store, fleet.settings.queue, policy,
-                      say=say)
+    return Autoscaler(
+        provider, ready_count(fleet.settings), store, fleet.settings.queue, policy, say=say
+    )

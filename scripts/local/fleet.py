@@ -43,7 +43,7 @@ def instance_cpus(instances: int, cpus: list[int]) -> list[list[int]]:
     out, start = [], 0
     for i in range(instances):
         n = share + (1 if i < extra else 0)
-        out.append(cpus[start:start + n])
+        out.append(cpus[start : start + n])
         start += n
     return out
 
@@ -60,11 +60,19 @@ class Instance:
 class LocalFleet:
     """Start with `with LocalFleet(...) as fleet:`; `fleet.settings` reaches it."""
 
-    def __init__(self, instances: int | None = None, broker: str = "redis",
-                 include: tuple[str, ...] = (), queue: str = "fleet",
-                 workdir: Path | None = None, env: dict[str, str] | None = None,
-                 lease_seconds: float | None = None, write_state: bool = False,
-                 settings: Settings | None = None, tls: bool = False) -> None:
+    def __init__(
+        self,
+        instances: int | None = None,
+        broker: str = "redis",
+        include: tuple[str, ...] = (),
+        queue: str = "fleet",
+        workdir: Path | None = None,
+        env: dict[str, str] | None = None,
+        lease_seconds: float | None = None,
+        write_state: bool = False,
+        settings: Settings | None = None,
+        tls: bool = False,
+    ) -> None:
         """`settings` given: no servers are started; the workers use that broker and store
         (an SQS queue and S3 bucket, say). `tls`: broker and store speak TLS only, with a
         certificate from a throwaway CA (FLEET_TLS_CA_FILE for the workers and `fleet run`)."""
@@ -132,8 +140,10 @@ class LocalFleet:
         return Settings(
             broker_url=self.broker.url + ("/0" if self.broker_kind == "redis" else ""),
             result_url=self.results.url + "/1",
-            queue=self.queue, include=self.include,
-            tls_ca_file=str(tls.ca) if tls else None, **overrides,
+            queue=self.queue,
+            include=self.include,
+            tls_ca_file=str(tls.ca) if tls else None,
+            **overrides,
         )
 
     def worker_env(self) -> dict[str, str]:
@@ -148,11 +158,16 @@ class LocalFleet:
     def start_instance(self, inst: Instance) -> None:
         cpus = inst.cpus
         # The command an EC2 instance runs (app/host/command.py); the size comes from the pinning.
-        argv = worker_argv(sys.executable, self.queue, None,
-                           f"instance{inst.index}-{os.getpid()}@%h")
+        argv = worker_argv(
+            sys.executable, self.queue, None, f"instance{inst.index}-{os.getpid()}@%h"
+        )
         log = open(self.workdir / f"instance{inst.index}.log", "ab")  # noqa: SIM115
         inst.proc = subprocess.Popen(
-            argv, env=self.worker_env(), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            argv,
+            env=self.worker_env(),
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
             # Pinned like a machine of that many cores; the worker sizes itself from it.
             preexec_fn=lambda: os.sched_setaffinity(0, cpus),
@@ -175,8 +190,9 @@ class LocalFleet:
             if len(store.workers()) >= want:
                 return
             time.sleep(0.1)
-        raise LocalFleetError(f"workers did not come up within {timeout:.0f} s; "
-                              f"see the logs in {self.workdir}")
+        raise LocalFleetError(
+            f"workers did not come up within {timeout:.0f} s; see the logs in {self.workdir}"
+        )
 
     def supervise(self) -> list[int]:
         """Restart instances that died (as systemd's Restart=always would); their indexes."""
@@ -189,8 +205,7 @@ class LocalFleet:
                 restarted.append(inst.index)
         return restarted
 
-    def stop_instance(self, inst: Instance, sig: int = signal.SIGTERM,
-                      timeout: float = 60) -> None:
+    def stop_instance(self, inst: Instance, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
         stop_process(inst.proc, timeout=timeout, sig=sig)
         inst.proc = None
 
@@ -217,10 +232,13 @@ class LocalFleet:
         path = state_file()
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {
-            "pid": os.getpid(), "broker": self.broker_kind, "workdir": str(self.workdir),
+            "pid": os.getpid(),
+            "broker": self.broker_kind,
+            "workdir": str(self.workdir),
             "env": self.settings.as_env(),
-            "instances": [{"pid": i.proc.pid if i.proc else None, "cpus": i.cpus}
-                          for i in self.instances],
+            "instances": [
+                {"pid": i.proc.pid if i.proc else None, "cpus": i.cpus} for i in self.instances
+            ],
         }
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -229,8 +247,13 @@ class LocalFleet:
     def describe(self) -> str:
         assert self.settings is not None
         per = ", ".join(f"instance{i.index}: {len(i.cpus)} CPU" for i in self.instances)
-        tls = (f"\n  TLS only, certificates from the throwaway CA {self.settings.tls_ca_file}"
-               if self.tls_files else "")
-        return (f"local fleet up: broker {redact(self.settings.broker_url)}, "
-                f"results {redact(self.settings.result_url)}\n  {per}{tls}\n"
-                f"  logs in {self.workdir}")
+        tls = (
+            f"\n  TLS only, certificates from the throwaway CA {self.settings.tls_ca_file}"
+            if self.tls_files
+            else ""
+        )
+        return (
+            f"local fleet up: broker {redact(self.settings.broker_url)}, "
+            f"results {redact(self.settings.result_url)}\n  {per}{tls}\n"
+            f"  logs in {self.workdir}"
+        )

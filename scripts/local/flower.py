@@ -19,8 +19,9 @@ from app.settings import Settings
 from scripts.local.processes import free_port, wait_port
 
 
-def start_flower(settings: Settings, workdir: Path, port: int | None = None,
-                 address: str = "127.0.0.1") -> tuple[subprocess.Popen, str]:
+def start_flower(
+    settings: Settings, workdir: Path, port: int | None = None, address: str = "127.0.0.1"
+) -> tuple[subprocess.Popen, str]:
     """Start Flower in its own process group; (process, its URL). Stop it with stop_process."""
     port = port or free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
@@ -29,9 +30,22 @@ def start_flower(settings: Settings, workdir: Path, port: int | None = None,
     proc = subprocess.Popen(
         # Loopback only and no authentication: it can shut workers down, so it
         # is for this machine (or the end of an SSM tunnel), never a public port.
-        [sys.executable, "-m", "celery", "-A", "app", "flower", f"--address={address}",
-         f"--port={port}"],
-        env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "app",
+            "flower",
+            f"--address={address}",
+            f"--port={port}",
+        ],
+        env=env,
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     log.close()
     wait_port(port, proc, "flower")
     return proc, f"http://{address}:{port}/"

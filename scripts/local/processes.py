@@ -33,18 +33,17 @@ def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 60)
     raise LocalFleetError(f"{what} did not open port {port} within {timeout:.0f} s.")
 
 
-def stop_process(proc: subprocess.Popen | None, timeout: float = 30,
-                 sig: int = signal.SIGTERM) -> None:
+def stop_process(
+    proc: subprocess.Popen | None, timeout: float = 30, sig: int = signal.SIGTERM
+) -> None:
     """Signal the process, then kill its whole group if it has not exited in time."""
     if proc is None or proc.poll() is not None:
         kill_group(proc)
         return
     with contextlib.suppress(ProcessLookupError):
         proc.send_signal(sig)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        pass
     kill_group(proc)
 
 
@@ -61,8 +60,9 @@ def kill_group(proc: subprocess.Popen | None) -> None:
 def need_binary(binary: str) -> str:
     # Debian's /usr/sbin/rabbitmq-server switches to the rabbitmq user, who
     # cannot write our private directory; the script under /usr/lib runs as us.
-    path = next((p for p in (f"/usr/lib/rabbitmq/bin/{binary}",) if os.access(p, os.X_OK)),
-                None) or shutil.which(binary)
+    path = next(
+        (p for p in (f"/usr/lib/rabbitmq/bin/{binary}",) if os.access(p, os.X_OK)), None
+    ) or shutil.which(binary)
     if path is None:
         raise LocalFleetError(f"{binary} is not installed; run `make setup` (it installs it).")
     return path

@@ -38,9 +38,15 @@ class Server:
 
     def start(self) -> None:
         log = open(self.workdir / f"{self.name}.log", "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=log,
-                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                     cwd=self.workdir)
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=self.workdir,
+        )
         log.close()
         wait_port(self.port, self.proc, self.name)
 
@@ -58,34 +64,74 @@ class Server:
             stop_process(helper, timeout=5)
 
 
-def redis_server(name: str, workdir: Path, password: str, tls: TlsFiles | None = None,
-                 bind: str = "127.0.0.1", port: int | None = None) -> Server:
+def redis_server(
+    name: str,
+    workdir: Path,
+    password: str,
+    tls: TlsFiles | None = None,
+    bind: str = "127.0.0.1",
+    port: int | None = None,
+) -> Server:
     """redis-server on `bind`:`port` (a free loopback port by default); with `tls`, a TLS
     port only (rediss://)."""
     port = port or free_port()
     data = workdir / name
     data.mkdir(parents=True, exist_ok=True)
-    listen = [f"port {port}"] if tls is None else [
-        # No plaintext port at all; clients need no certificate of their own,
-        # as with ElastiCache.
-        "port 0", f"tls-port {port}", f'tls-cert-file "{tls.cert}"',
-        f'tls-key-file "{tls.key}"', f'tls-ca-cert-file "{tls.ca}"', "tls-auth-clients no"]
+    listen = (
+        [f"port {port}"]
+        if tls is None
+        else [
+            # No plaintext port at all; clients need no certificate of their own,
+            # as with ElastiCache.
+            "port 0",
+            f"tls-port {port}",
+            f'tls-cert-file "{tls.cert}"',
+            f'tls-key-file "{tls.key}"',
+            f'tls-ca-cert-file "{tls.ca}"',
+            "tls-auth-clients no",
+        ]
+    )
     # The password goes in a private config file: on the command line, any
     # user on the machine would read it in `ps`.
-    config = private_file(workdir / f"{name}.conf", "\n".join([
-        *listen, f"bind {bind}", f'dir "{data}"', f"requirepass {password}",
-        # An append-only file so a restart keeps queued batches and results.
-        "appendonly yes", "appendfsync everysec", 'save ""',
-        "daemonize no", "loglevel warning", ""]))
+    config = private_file(
+        workdir / f"{name}.conf",
+        "\n".join(
+            [
+                *listen,
+                f"bind {bind}",
+                f'dir "{data}"',
+                f"requirepass {password}",
+                # An append-only file so a restart keeps queued batches and results.
+                "appendonly yes",
+                "appendfsync everysec",
+                'save ""',
+                "daemonize no",
+                "loglevel warning",
+                "",
+            ]
+        ),
+    )
     scheme = "redis" if tls is None else "rediss"
-    return Server(name, port, f"{scheme}://:{password}@{bind}:{port}",
-                  [need_binary("redis-server"), str(config)], dict(os.environ), workdir)
+    return Server(
+        name,
+        port,
+        f"{scheme}://:{password}@{bind}:{port}",
+        [need_binary("redis-server"), str(config)],
+        dict(os.environ),
+        workdir,
+    )
 
 
-def rabbitmq_server(workdir: Path, password: str, tls: TlsFiles | None = None,
-                    bind: str = "127.0.0.1", port: int | None = None,
-                    dist_port: int | None = None, epmd_port: int | None = None,
-                    start_epmd: bool = True) -> Server:
+def rabbitmq_server(
+    workdir: Path,
+    password: str,
+    tls: TlsFiles | None = None,
+    bind: str = "127.0.0.1",
+    port: int | None = None,
+    dist_port: int | None = None,
+    epmd_port: int | None = None,
+    start_epmd: bool = True,
+) -> Server:
     """rabbitmq-server on `bind`:`port` (a free loopback port by default); with `tls`, an
     AMQPS listener only. Its epmd runs on `epmd_port`: started here in the foreground, or
     by the caller when not `start_epmd` (inside a network namespace, say)."""
@@ -98,41 +144,62 @@ def rabbitmq_server(workdir: Path, password: str, tls: TlsFiles | None = None,
         node_env = {"RABBITMQ_NODE_IP_ADDRESS": bind, "RABBITMQ_NODE_PORT": str(port)}
     else:
         # AMQPS only, as Amazon MQ: no plaintext listener; no client certificates.
-        listen = ("listeners.tcp = none\n"
-                  f"listeners.ssl.default = {bind}:{port}\n"
-                  f"ssl_options.cacertfile = {tls.ca}\n"
-                  f"ssl_options.certfile = {tls.cert}\n"
-                  f"ssl_options.keyfile = {tls.key}\n"
-                  "ssl_options.verify = verify_none\n"
-                  "ssl_options.fail_if_no_peer_cert = false\n")
+        listen = (
+            "listeners.tcp = none\n"
+            f"listeners.ssl.default = {bind}:{port}\n"
+            f"ssl_options.cacertfile = {tls.ca}\n"
+            f"ssl_options.certfile = {tls.cert}\n"
+            f"ssl_options.keyfile = {tls.key}\n"
+            "ssl_options.verify = verify_none\n"
+            "ssl_options.fail_if_no_peer_cert = false\n"
+        )
         node_env = {}
-    private_file(home / "rabbitmq.conf", (
-        listen
-        + f"default_user = fleet\ndefault_pass = {password}\n"
-        "loopback_users = none\n"
-        # Celery's long batches must not trip the consumer-ack timeout.
-        "consumer_timeout = 86400000\n"
-    ))
+    private_file(
+        home / "rabbitmq.conf",
+        (
+            listen + f"default_user = fleet\ndefault_pass = {password}\n"
+            "loopback_users = none\n"
+            # Celery's long batches must not trip the consumer-ack timeout.
+            "consumer_timeout = 86400000\n"
+        ),
+    )
     env = dict(
-        {k: v for k, v in os.environ.items()
-         if k not in ("RABBITMQ_NODE_IP_ADDRESS", "RABBITMQ_NODE_PORT")},
-        **node_env, HOME=str(home), RABBITMQ_NODENAME=f"fleet{port}@localhost",
-        RABBITMQ_DIST_PORT=str(dist), ERL_EPMD_PORT=str(epmd_port),
+        {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("RABBITMQ_NODE_IP_ADDRESS", "RABBITMQ_NODE_PORT")
+        },
+        **node_env,
+        HOME=str(home),
+        RABBITMQ_NODENAME=f"fleet{port}@localhost",
+        RABBITMQ_DIST_PORT=str(dist),
+        ERL_EPMD_PORT=str(epmd_port),
         ERL_EPMD_ADDRESS="127.0.0.1",
-        RABBITMQ_MNESIA_BASE=str(home / "mnesia"), RABBITMQ_LOG_BASE=str(home / "log"),
+        RABBITMQ_MNESIA_BASE=str(home / "mnesia"),
+        RABBITMQ_LOG_BASE=str(home / "log"),
         RABBITMQ_CONFIG_FILE=str(home / "rabbitmq"),
         RABBITMQ_ENABLED_PLUGINS_FILE=str(home / "enabled_plugins"),
         RABBITMQ_PID_FILE=str(home / "pid"),
     )
     scheme = "amqp" if tls is None else "amqps"
-    server = Server("rabbitmq", port, f"{scheme}://fleet:{password}@{bind}:{port}//",
-                    [need_binary("rabbitmq-server")], env, workdir)
+    server = Server(
+        "rabbitmq",
+        port,
+        f"{scheme}://fleet:{password}@{bind}:{port}//",
+        [need_binary("rabbitmq-server")],
+        env,
+        workdir,
+    )
     if start_epmd:
         # Our own epmd in the foreground: the one Erlang starts daemonises and would
         # outlive us.
-        epmd = subprocess.Popen([need_binary("epmd"), "-port", str(epmd_port)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        epmd = subprocess.Popen(
+            [need_binary("epmd"), "-port", str(epmd_port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         wait_port(epmd_port, epmd, "epmd", timeout=10)
         server.helpers.append(epmd)
     return server

@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fabric import Connection
 
-SSM_PROXY = ("aws ssm start-session --target %h --document-name AWS-StartSSHSession "
-             "--parameters portNumber=%p")
+SSM_PROXY = (
+    "aws ssm start-session --target %h --document-name AWS-StartSSHSession "
+    "--parameters portNumber=%p"
+)
 
 
 @dataclass(frozen=True)
@@ -85,11 +87,11 @@ class Hosts:
             connect: dict[str, Any] = {"timeout": self.connect_timeout}
             if self.key:
                 connect.update(key_filename=self.key, look_for_keys=False, allow_agent=False)
-            gateway = expand_proxy(self.proxy, address, port_number, user) \
-                if self.proxy else None
+            gateway = expand_proxy(self.proxy, address, port_number, user) if self.proxy else None
             # ~/.ssh/config still applies (a Host i-* ProxyCommand, say); what is given here wins.
             self._connections[host.address] = Connection(
-                address, user=user, port=port_number, connect_kwargs=connect, gateway=gateway)
+                address, user=user, port=port_number, connect_kwargs=connect, gateway=gateway
+            )
         return self._connections[host.address]
 
     def close(self) -> None:
@@ -111,6 +113,8 @@ def instance_connect_pusher(key: str, user: str, session: Any = None) -> Callabl
 
     def push(host: Host) -> None:
         if host.instance_id:
-            client.send_ssh_public_key(InstanceId=host.instance_id, InstanceOSUser=user,
-                                       SSHPublicKey=public)
+            client.send_ssh_public_key(
+                InstanceId=host.instance_id, InstanceOSUser=user, SSHPublicKey=public
+            )
+
     return push

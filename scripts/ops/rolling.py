@@ -26,8 +26,14 @@ class Outcome:
     finished: float | None = None
 
 
-def rolling(hosts: Hosts, task: Callable[..., Any], *args: Any, at_a_time: int = 1,
-            say: Callable[[str], None] = lambda _: None, **kwargs: Any) -> list[Outcome]:
+def rolling(
+    hosts: Hosts,
+    task: Callable[..., Any],
+    *args: Any,
+    at_a_time: int = 1,
+    say: Callable[[str], None] = lambda _: None,
+    **kwargs: Any,
+) -> list[Outcome]:
     """Run `task` on `at_a_time` hosts at once, group after group; stop after a failing group."""
     outcomes = [Outcome(h.address, None) for h in hosts.hosts]
 
@@ -37,7 +43,7 @@ def rolling(hosts: Hosts, task: Callable[..., Any], *args: Any, at_a_time: int =
         try:
             outcome.result = hosts.on(host, task, *args, **kwargs)
             outcome.ok = True
-        except Exception as exc:  # noqa: BLE001 - reported per host; the roll stops
+        except Exception as exc:
             outcome.ok, outcome.error = False, describe(exc)
         outcome.finished = time.time()
         say(f"{host.address}: {'ok' if outcome.ok else 'FAILED: ' + outcome.error}")
@@ -62,8 +68,9 @@ def everywhere(hosts: Hosts, task: Callable[..., Any], *args: Any, **kwargs: Any
 def describe(exc: Exception) -> str:
     result = getattr(exc, "result", None)  # invoke's UnexpectedExit carries the command's output
     if result is not None:
-        text = [line for line in (result.stderr or result.stdout or "").splitlines()
-                if line.strip()]
+        text = [
+            line for line in (result.stderr or result.stdout or "").splitlines() if line.strip()
+        ]
         # The first line says what failed; the last ones (a log tail) say why.
         shown = text if len(text) <= 5 else [text[0], "...", *text[-3:]]
         return f"exit {result.exited}: " + (" | ".join(shown) if shown else result.command)

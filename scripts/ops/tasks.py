@@ -39,8 +39,9 @@ def _quote(args: tuple[str, ...]) -> str:
 def boot(c: Connection, *args: str, **run: Any) -> Result:
     """`python -m app.boot ARGS` on the host, from its app directory (no stray app/ shadows it)."""
     run.setdefault("hide", True)
-    return c.run(f"cd {APP_DIR} && {_sudo(c)}{PYTHON} -m app.boot {_quote(args)}",
-                 in_stream=False, **run)
+    return c.run(
+        f"cd {APP_DIR} && {_sudo(c)}{PYTHON} -m app.boot {_quote(args)}", in_stream=False, **run
+    )
 
 
 def status(c: Connection) -> dict[str, Any]:
@@ -69,8 +70,9 @@ def wait(c: Connection, timeout: float = 120) -> dict[str, Any]:
     return status(c)
 
 
-def logs(c: Connection, lines: int = 50, follow: bool = False,
-         out_stream: IO[str] | None = None) -> str:
+def logs(
+    c: Connection, lines: int = 50, follow: bool = False, out_stream: IO[str] | None = None
+) -> str:
     """The last `lines` of the worker's log (journald, or its log file); with `follow`, stream."""
     args = ("logs", "--lines", str(lines), *(["--follow"] if follow else []))
     return boot(c, *args, out_stream=out_stream).stdout
@@ -82,15 +84,17 @@ def install(c: Connection, wheel: Path) -> str:
     try:
         remote = f"{tmp}/{wheel.name}"
         c.put(str(wheel), remote)
-        result = c.run(f"{_sudo(c)}{BOOT_SCRIPT} install {shlex.quote(remote)}", hide=True,
-                       in_stream=False)
+        result = c.run(
+            f"{_sudo(c)}{BOOT_SCRIPT} install {shlex.quote(remote)}", hide=True, in_stream=False
+        )
         return result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
     finally:
         c.run(f"rm -rf {shlex.quote(tmp)}", hide=True, warn=True, in_stream=False)
 
 
-def deploy(c: Connection, wheel: Path, timeout: float = 120,
-           step: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+def deploy(
+    c: Connection, wheel: Path, timeout: float = 120, step: Callable[[str], None] = lambda _: None
+) -> dict[str, Any]:
     """Drain, install `wheel`, start, and wait until the new worker answers; its status.
 
     `step` is told each stage as it begins ("drain", "install", "start",

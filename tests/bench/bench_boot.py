@@ -48,9 +48,14 @@ def one_boot(fleet: LocalFleet, root: Path, node: str) -> dict[str, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     with open(log, "wb") as out:
-        proc = subprocess.Popen(["bash", str(BOOT_SCRIPT), "--foreground", "--node", node],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=root / "run",
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            ["bash", str(BOOT_SCRIPT), "--foreground", "--node", node],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=root / "run",
+            start_new_session=True,
+        )
     try:
         installed = None
         while installed is None and proc.poll() is None:
@@ -83,8 +88,10 @@ def main() -> None:
     args = parser.parse_args()
     wheelhouse()  # built before any clock starts
     rows: dict[str, list[dict[str, float]]] = {"bare venv": [], "baked (installed)": []}
-    with tempfile.TemporaryDirectory() as tmp, LocalFleet(0, "redis",
-                                                         workdir=Path(tmp, "fleet")) as fleet:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        LocalFleet(0, "redis", workdir=Path(tmp, "fleet")) as fleet,
+    ):
         for run in range(args.runs):
             root = Path(tmp, f"host{run}")
             rows["bare venv"].append(one_boot(fleet, root, f"bare{run}@bench"))
@@ -93,8 +100,10 @@ def main() -> None:
     print(f"{'':<20}{'installed':>10}{'ready':>10}{'consuming':>11}{'CPU time':>10}")
     for name, runs in rows.items():
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        print(f"{name:<20}{med['installed']:>9.1f}s{med['ready']:>9.1f}s{med['consuming']:>10.1f}s"
-              f"{med['cpu']:>9.1f}s")
+        print(
+            f"{name:<20}{med['installed']:>9.1f}s{med['ready']:>9.1f}s{med['consuming']:>10.1f}s"
+            f"{med['cpu']:>9.1f}s"
+        )
 
 
 if __name__ == "__main__":

@@ -109,9 +109,15 @@ class Sizes:
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(cpu_items=400, noop_items=50_000, per_id_cpu=400, per_id_noop=300,
-                   chunks_noop=50_000,
-                   noop_chunk_size=1000, rss_ids=500_000)
+        return cls(
+            cpu_items=400,
+            noop_items=50_000,
+            per_id_cpu=400,
+            per_id_noop=300,
+            chunks_noop=50_000,
+            noop_chunk_size=1000,
+            rss_ids=500_000,
+        )
 
 
 @dataclass
@@ -192,8 +198,9 @@ class _Line(msgspec.Struct):
     error: Any = None
 
 
-def verify_fleet_output(path: Path, n: int, expected: Callable[[int], Any] | None,
-                        parse_limit: int = 2_000_000) -> tuple[bool, str]:
+def verify_fleet_output(
+    path: Path, n: int, expected: Callable[[int], Any] | None, parse_limit: int = 2_000_000
+) -> tuple[bool, str]:
     """Exactly n lines; no error records; parsed in full (each ID once, right result) if small."""
     lines, ends_ok = count_lines(path)
     if lines != n or not ends_ok:
@@ -223,6 +230,35 @@ def verify_fleet_output(path: Path, n: int, expected: Callable[[int], Any] | Non
     return True, f"{lines:,} lines, every ID once, results checked"
 
 
+def _wrap(
+    stats: dict[str, Any],
+    patched: list[tuple[Any, str, Any]],
+    owner: Any,
+    name: str,
+    key: str,
+    on_result: Callable[[Any], None] | None = None,
+) -> None:
+    """Time every call of owner.name into stats[key + "_s"] and count them; remember the
+    original in `patched` (nothing happens when owner has no such method)."""
+    orig = owner.__dict__.get(name)
+    if orig is None:
+        return
+
+    def wrapper(*a, **kw):
+        t = time.perf_counter()
+        try:
+            res = orig(*a, **kw)
+        finally:
+            stats[key + "_s"] = stats.get(key + "_s", 0.0) + time.perf_counter() - t
+            stats[key + "_calls"] = stats.get(key + "_calls", 0) + 1
+        if on_result is not None:
+            on_result(res)
+        return res
+
+    setattr(owner, name, wrapper)
+    patched.append((owner, name, orig))
+
+
 @contextlib.contextmanager
 def launcher_probe() -> Iterator[dict[str, Any]]:
     """Time the launcher's phases by wrapping its methods (a few calls per batch: negligible).
@@ -236,25 +272,6 @@ def launcher_probe() -> Iterator[dict[str, Any]]:
     stats: dict[str, Any] = {}
     patched: list[tuple[Any, str, Any]] = []
 
-    def wrap(owner: Any, name: str, key: str, on_result: Callable[[Any], None] | None = None):
-        orig = owner.__dict__.get(name)
-        if orig is None:
-            return
-
-        def wrapper(*a, **kw):
-            t = time.perf_counter()
-            try:
-                res = orig(*a, **kw)
-            finally:
-                stats[key + "_s"] = stats.get(key + "_s", 0.0) + time.perf_counter() - t
-                stats[key + "_calls"] = stats.get(key + "_calls", 0) + 1
-            if on_result is not None:
-                on_result(res)
-            return res
-
-        setattr(owner, name, wrapper)
-        patched.append((owner, name, orig))
-
     def on_done(dones: Any) -> None:
         for d in dones or ():
             stats["batches_done"] = stats.get("batches_done", 0) + 1
@@ -266,16 +283,19 @@ def launcher_probe() -> Iterator[dict[str, Any]]:
             stats["layout"] = meta.get("layout")
             stats["calibrated_s_per_item"] = meta.get("seconds_per_item")
 
-    wrap(Launcher, "__init__", "init")
-    wrap(Launcher, "check_connections", "connect")
-    wrap(Launcher, "_new_job", "new_job", on_new_job)
-    wrap(Launcher, "_calibrate", "calibrate")
-    wrap(Launcher, "send", "send")
-    wrap(Dispatch, "loop", "loop")
-    wrap(Dispatch, "write", "write")
-    wrap(Dispatch, "find_lost", "find_lost")
-    wrap(RedisStore, "wait_done", "wait_done", on_done)
-    wrap(RedisStore, "results", "fetch_results")
+    for owner, name, key, hook in (
+        (Launcher, "__init__", "init", None),
+        (Launcher, "check_connections", "connect", None),
+        (Launcher, "_new_job", "new_job", on_new_job),
+        (Launcher, "_calibrate", "calibrate", None),
+        (Launcher, "send", "send", None),
+        (Dispatch, "loop", "loop", None),
+        (Dispatch, "write", "write", None),
+        (Dispatch, "find_lost", "find_lost", None),
+        (RedisStore, "wait_done", "wait_done", on_done),
+        (RedisStore, "results", "fetch_results", None),
+    ):
+        _wrap(stats, patched, owner, name, key, hook)
     try:
         yield stats
     finally:
@@ -286,8 +306,9 @@ def launcher_probe() -> Iterator[dict[str, Any]]:
                 stats[k] = round(v, 4)
 
 
-def run_cli(argv: list[str], env: dict[str, str], workdir: Path,
-            timeout: float) -> tuple[float, float | None, int, str, str]:
+def run_cli(
+    argv: list[str], env: dict[str, str], workdir: Path, timeout: float
+) -> tuple[float, float | None, int, str, str]:
     """Run a fresh child: (wall s, peak RSS MB, exit code, stdout, stderr)."""
     rss_file = workdir / "rss.txt"
     gnu_time = shutil.which("time", path="/usr/bin:/bin")
@@ -356,9 +377,11 @@ class Bench:
                 row.ideal = 0.0
             row.overhead_us = (row.wall - row.ideal) / row.items * 1e6
         self.rows.append(row)
-        status = (f"{row.wall:.3f} s" if row.wall is not None else "ERROR " + row.error)
-        self.log(f"{row.workload:4} {row.method:<34} {row.items:>10,}  {status}"
-                 + ("" if row.verified in (None, True) else "  NOT VERIFIED: " + row.note))
+        status = f"{row.wall:.3f} s" if row.wall is not None else "ERROR " + row.error
+        self.log(
+            f"{row.workload:4} {row.method:<34} {row.items:>10,}  {status}"
+            + ("" if row.verified in (None, True) else "  NOT VERIFIED: " + row.note)
+        )
         return row
 
     def wait_quiet(self) -> float:
@@ -383,7 +406,7 @@ class Bench:
         try:
             with self.cpu.measure(trial):
                 fn(trial)
-        except Exception as exc:  # noqa: BLE001 - report and carry on
+        except Exception as exc:
             trial.wall = None
             trial.error = f"{type(exc).__name__}: {exc}"[:300]
         time.sleep(0.3)  # let the fleet settle between measurements
@@ -431,7 +454,7 @@ class Bench:
             trials: list[list[Row]] = [[] for _ in specs]
             for r in range(max(1, self.args.cpu_rounds)):
                 order = list(enumerate(specs))
-                for i, (row, fn) in (reversed(order) if r % 2 else order):
+                for i, (row, fn) in reversed(order) if r % 2 else order:
                     if not (trials[i] and self.final(trials[i][-1])):
                         trials[i].append(self.trial(row, fn))
             out.extend(trials)
@@ -458,8 +481,12 @@ class Bench:
 
     def pool(self, workload: str, fn: Callable[[Any], Any], n: int) -> None:
         """Checked against the serial loop's results (serial runs first)."""
-        row = Row(workload, f"multiprocessing.Pool({self.cores}).map", n,
-                  note="default chunksize, pool start/stop included")
+        row = Row(
+            workload,
+            f"multiprocessing.Pool({self.cores}).map",
+            n,
+            note="default chunksize, pool start/stop included",
+        )
 
         def body(row: Row) -> None:
             t0 = time.perf_counter()
@@ -472,8 +499,9 @@ class Bench:
 
     # -- plain Celery on the fleet -------------------------------------------------
 
-    def celery_group(self, workload: str, task: str, n: int, expected: list[Any],
-                     note: str = "") -> None:
+    def celery_group(
+        self, workload: str, task: str, n: int, expected: list[Any], note: str = ""
+    ) -> None:
         from celery import group
 
         app = self.app
@@ -492,8 +520,15 @@ class Bench:
 
         self.attempt(row, body, repeat=1)  # the slow peer: one run is enough
 
-    def celery_chunks(self, workload: str, task: str, n: int, chunk_size: int,
-                      expected: Callable[[int], Any], note: str = "") -> None:
+    def celery_chunks(
+        self,
+        workload: str,
+        task: str,
+        n: int,
+        chunk_size: int,
+        expected: Callable[[int], Any],
+        note: str = "",
+    ) -> None:
         app = self.app
         n_chunks = -(-n // chunk_size)
         row = Row(workload, f"celery chunks ({n_chunks} x {chunk_size:,})", n, note=note)
@@ -512,8 +547,9 @@ class Bench:
 
         self.attempt(row, body)
 
-    def celery_chord(self, workload: str, task: str, n: int, expected_total: int,
-                     note: str = "") -> None:
+    def celery_chord(
+        self, workload: str, task: str, n: int, expected_total: int, note: str = ""
+    ) -> None:
         from celery import chord
 
         app = self.app
@@ -522,7 +558,8 @@ class Bench:
         def body(row: Row) -> None:
             t0 = time.perf_counter()
             res = chord(app.signature(task, args=(i,)) for i in range(n))(
-                app.signature("bench.total"))
+                app.signature("bench.total")
+            )
             sent = time.perf_counter()
             value = res.get(timeout=self.args.timeout)
             row.wall = time.perf_counter() - t0
@@ -533,20 +570,27 @@ class Bench:
 
         self.attempt(row, body, repeat=1)  # the slow peer: one run is enough
 
-    def celery_batches(self, workload: str, task: str, n: int, n_batches: int,
-                       expected: Callable[[int], Any]) -> None:
+    def celery_batches(
+        self, workload: str, task: str, n: int, n_batches: int, expected: Callable[[int], Any]
+    ) -> None:
         """Extra reference: a Celery group over hand-made list batches (what fleet automates)."""
         from celery import group
 
         app = self.app
         size = -(-n // n_batches)
-        row = Row(workload, f"celery group of lists ({n_batches} x {size:,})", n,
-                  note="extra: hand-made batches")
+        row = Row(
+            workload,
+            f"celery group of lists ({n_batches} x {size:,})",
+            n,
+            note="extra: hand-made batches",
+        )
 
         def body(row: Row) -> None:
             t0 = time.perf_counter()
-            res = group(app.signature(task, args=(list(range(s, min(n, s + size))),))
-                        for s in range(0, n, size)).apply_async()
+            res = group(
+                app.signature(task, args=(list(range(s, min(n, s + size))),))
+                for s in range(0, n, size)
+            ).apply_async()
             parts = res.get(timeout=self.args.timeout)
             row.wall = time.perf_counter() - t0
             flat = [v for part in parts for v in part]
@@ -556,21 +600,24 @@ class Bench:
 
     # -- the fleet -------------------------------------------------------------
 
-    def fleet_api(self, workload: str, task: str, n: int,
-                  expected: Callable[[int], Any] | None) -> Row:
+    def fleet_api(
+        self, workload: str, task: str, n: int, expected: Callable[[int], Any] | None
+    ) -> Row:
         from app.launcher.job import JobOptions
         from app.launcher.launcher import Launcher
         from app.launcher.sources import Source
 
         out = self.tmp / f"api-{workload}.jsonl"
-        row = Row(workload, "fleet Launcher.run (Python API)", n,
-                  note="in-process, like Pool")
+        row = Row(workload, "fleet Launcher.run (Python API)", n, note="in-process, like Pool")
 
         def body(row: Row) -> None:
             with launcher_probe() as probe:
                 t0 = time.perf_counter()
-                summary = Launcher(self.fleet.settings).run(JobOptions(
-                    task=task, source=Source.parse(f"range:0:{n}"), out=out, progress=False))
+                summary = Launcher(self.fleet.settings).run(
+                    JobOptions(
+                        task=task, source=Source.parse(f"range:0:{n}"), out=out, progress=False
+                    )
+                )
                 row.wall = time.perf_counter() - t0
             row.diag.update(probe)
             row.diag["summary"] = summary.as_dict()
@@ -587,23 +634,45 @@ class Bench:
     def cli_argv(self, task: str, ids: str, out: Path) -> list[str]:
         s = self.fleet.settings
         fleet_bin = Path(sys.executable).parent / "fleet"
-        return [str(fleet_bin), "run", task, "--ids", ids, "--out", str(out),
-                "--broker", s.broker_url, "--backend", s.result_url, "--queue", s.queue,
-                "--no-progress", "--json"]
+        return [
+            str(fleet_bin),
+            "run",
+            task,
+            "--ids",
+            ids,
+            "--out",
+            str(out),
+            "--broker",
+            s.broker_url,
+            "--backend",
+            s.result_url,
+            "--queue",
+            s.queue,
+            "--no-progress",
+            "--json",
+        ]
 
     def cli_env(self) -> dict[str, str]:
         return {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
 
-    def fleet_cli(self, workload: str, task: str, ids: str, n: int, label: str,
-                  expected: Callable[[int], Any] | None, note: str = "",
-                  repeat: int | None = None) -> Row:
+    def fleet_cli(
+        self,
+        workload: str,
+        task: str,
+        ids: str,
+        n: int,
+        label: str,
+        expected: Callable[[int], Any] | None,
+        note: str = "",
+        repeat: int | None = None,
+    ) -> Row:
         out = self.tmp / f"cli-{workload}-{n}-{len(self.rows)}.jsonl"
         row = Row(workload, f"fleet run CLI ({label})", n, note=note)
 
         def body(row: Row) -> None:
-            wall, rss, code, stdout, stderr = run_cli(self.cli_argv(task, ids, out),
-                                                      self.cli_env(), self.tmp,
-                                                      self.args.timeout)
+            wall, rss, code, stdout, stderr = run_cli(
+                self.cli_argv(task, ids, out), self.cli_env(), self.tmp, self.args.timeout
+            )
             row.wall, row.rss_mb = wall, rss
             row.diag["exit_code"] = code
             with contextlib.suppress(ValueError, IndexError, KeyError):
@@ -630,16 +699,18 @@ class Bench:
         code = "import scripts.cli, scripts.cli.run, app.launcher.launcher, app.celery_config"
         walls = []
         for _ in range(3):
-            wall, rss, rc, _, err = run_cli([sys.executable, "-c", code], self.cli_env(),
-                                            self.tmp, 60)
+            wall, rss, rc, _, _err = run_cli(
+                [sys.executable, "-c", code], self.cli_env(), self.tmp, 60
+            )
             if rc == 0:
                 walls.append(wall)
         if walls:
             self.diag["cli_import_s"] = round(min(walls), 4)
             self.diag["cli_import_rss_mb"] = rss
         # The same for the console script's own start (`fleet --version` imports click only).
-        wall, _, rc, _, _ = run_cli([str(Path(sys.executable).parent / "fleet"), "--version"],
-                                    self.cli_env(), self.tmp, 60)
+        wall, _, rc, _, _ = run_cli(
+            [str(Path(sys.executable).parent / "fleet"), "--version"], self.cli_env(), self.tmp, 60
+        )
         self.diag["fleet_version_s"] = round(wall, 4)
 
     def source_timing(self, ids_file: Path) -> None:
@@ -667,11 +738,15 @@ class Bench:
         from app.launcher.launcher import Launcher
         from app.launcher.sources import Source
 
-        group(self.app.signature("bench.noop", args=(i,)) for i in range(4 * self.cores)) \
-            .apply_async().get(timeout=60)
+        group(
+            self.app.signature("bench.noop", args=(i,)) for i in range(4 * self.cores)
+        ).apply_async().get(timeout=60)
         out = self.tmp / "warmup.jsonl"
-        Launcher(self.fleet.settings).run(JobOptions(
-            task="bench_noop", source=Source.parse("range:0:1000"), out=out, progress=False))
+        Launcher(self.fleet.settings).run(
+            JobOptions(
+                task="bench_noop", source=Source.parse("range:0:1000"), out=out, progress=False
+            )
+        )
         out.unlink(missing_ok=True)
 
     # -- the whole run -----------------------------------------------------------
@@ -686,10 +761,13 @@ class Bench:
         sz = self.sizes
         load0 = os.getloadavg()
         self.log(f"{self.cores} usable CPUs; sizes {asdict(sz)}; load average {load0}")
-        self.log("starting the local fleet (redis broker + results, "
-                 f"{self.cores} pinned worker instances)...")
-        with LocalFleet(self.cores, "redis", include=(TASKS_MODULE,),
-                        workdir=self.tmp / "fleet") as fleet:
+        self.log(
+            "starting the local fleet (redis broker + results, "
+            f"{self.cores} pinned worker instances)..."
+        )
+        with LocalFleet(
+            self.cores, "redis", include=(TASKS_MODULE,), workdir=self.tmp / "fleet"
+        ) as fleet:
             self.fleet = fleet
             self.app = make_app(fleet.settings)
             self.log("fleet up; " + fleet.describe().replace("\n", ";"))
@@ -701,8 +779,10 @@ class Bench:
             # (a) CPU-heavy. Serial and Pool run in this process while the fleet is idle;
             # the three key rows alternate, round by round.
             n = sz.cpu_items
-            self.log(f"CPU-heavy: serial, Pool and the fleet API, {self.args.cpu_rounds} "
-                     "interleaved rounds...")
+            self.log(
+                f"CPU-heavy: serial, Pool and the fleet API, {self.args.cpu_rounds} "
+                "interleaved rounds..."
+            )
             rounds: list[list[Row]] = []
             with self.interleaved(rounds):
                 self.serial("cpu", bench_cpu, n)
@@ -714,14 +794,18 @@ class Bench:
                 self.serial_per_item = serial_row.wall / n
             for row in (serial_row, pool_row, api_row):
                 self.add(row)
-            self.paired = [a.wall / p.wall for p, a in zip(rounds[1], rounds[2], strict=False)
-                           if p.wall and a.wall]
+            self.paired = [
+                a.wall / p.wall
+                for p, a in zip(rounds[1], rounds[2], strict=False)
+                if p.wall and a.wall
+            ]
             self.diag["cpu_fleet_over_pool_per_round"] = [round(x, 3) for x in self.paired]
             if api_row.diag.get("worker_fn_s") and self.serial_per_item:
                 # Time inside the function on the workers (their own clock) against the
                 # serial loop's: a worker that runs the same code slower shows here.
                 self.diag["cpu_worker_fn_ms_per_item"] = round(
-                    api_row.diag["worker_fn_s"] / n * 1e3, 4)
+                    api_row.diag["worker_fn_s"] / n * 1e3, 4
+                )
                 self.diag["cpu_serial_ms_per_item"] = round(self.serial_per_item * 1e3, 4)
 
             k = min(n, sz.per_id_cpu)
@@ -730,8 +814,15 @@ class Bench:
             self.celery_chunks("cpu", "bench.cpu", n, -(-n // sz.cpu_chunks), exp.__getitem__)
             self.celery_chord("cpu", "bench.cpu", k, sum(exp[:k]), note=fewer_cpu)
             self.celery_batches("cpu", "bench.cpu_many", n, 4 * self.cores, exp.__getitem__)
-            self.fleet_cli("cpu", "bench_cpu", f"range:0:{n}", n, "--ids range", exp.__getitem__,
-                           note="whole process (info: Pool's row has no interpreter start)")
+            self.fleet_cli(
+                "cpu",
+                "bench_cpu",
+                f"range:0:{n}",
+                n,
+                "--ids range",
+                exp.__getitem__,
+                note="whole process (info: Pool's row has no interpreter start)",
+            )
 
             # (b) no-op: serial and Pool first, while the fleet is idle
             self.serial("noop", bench_noop, sz.noop_items)
@@ -742,26 +833,53 @@ class Bench:
             m = sz.per_id_noop
             fewer = f"fewer IDs: {m:,} of {sz.noop_items:,}"
             self.celery_group("noop", "bench.noop", m, list(range(m)), note=fewer)
-            self.celery_chunks("noop", "bench.noop", sz.chunks_noop, sz.noop_chunk_size, ident,
-                               note="" if sz.chunks_noop == sz.noop_items
-                               else f"fewer IDs: {sz.chunks_noop:,}")
+            self.celery_chunks(
+                "noop",
+                "bench.noop",
+                sz.chunks_noop,
+                sz.noop_chunk_size,
+                ident,
+                note="" if sz.chunks_noop == sz.noop_items else f"fewer IDs: {sz.chunks_noop:,}",
+            )
             self.celery_chord("noop", "bench.noop", m, m * (m - 1) // 2, note=fewer)
             self.celery_batches("noop", "bench.noop_many", sz.noop_items, 4 * self.cores, ident)
             self.fleet_api("noop", "bench_noop", sz.noop_items, ident)
             ids_file = self.tmp / "ids.txt"
             with open(ids_file, "w") as f:
                 f.write("\n".join(map(str, range(sz.noop_items))) + "\n")
-            self.fleet_cli("noop", "bench_noop", str(ids_file), sz.noop_items, "--ids FILE",
-                           str, note="whole process; IDs are strings")
-            self.fleet_cli("noop", "bench_noop", f"range:0:{sz.noop_items}", sz.noop_items,
-                           "--ids range", ident, note="whole process")
+            self.fleet_cli(
+                "noop",
+                "bench_noop",
+                str(ids_file),
+                sz.noop_items,
+                "--ids FILE",
+                str,
+                note="whole process; IDs are strings",
+            )
+            self.fleet_cli(
+                "noop",
+                "bench_noop",
+                f"range:0:{sz.noop_items}",
+                sz.noop_items,
+                "--ids range",
+                ident,
+                note="whole process",
+            )
             self.source_timing(ids_file)
             ids_file.unlink()
 
             # launcher memory at 10M IDs
             if not self.args.skip_10m:
-                self.fleet_cli("rss", "bench_noop", f"range:0:{sz.rss_ids}", sz.rss_ids,
-                               "--ids range", None, note="peak RSS run", repeat=1)
+                self.fleet_cli(
+                    "rss",
+                    "bench_noop",
+                    f"range:0:{sz.rss_ids}",
+                    sz.rss_ids,
+                    "--ids range",
+                    None,
+                    note="peak RSS run",
+                    repeat=1,
+                )
             self.diag["fleet_workdir_logs"] = str(fleet.workdir)
             self.log("stopping the fleet...")
         load1 = os.getloadavg()
@@ -782,37 +900,53 @@ class Bench:
                 # Judged on the median of the per-round ratios: rounds interleave Pool and
                 # the fleet, so a drift of the machine's speed cancels out.
                 ratio = statistics.median(self.paired) if self.paired else best
-                out.append(dict(target=f"CPU-heavy {r.method}: wall <= "
-                                       f"{CPU_VS_POOL_MAX:.2f} x Pool",
-                                value=f"{ratio:.3f} x Pool (median of {len(self.paired)} "
-                                      f"interleaved rounds {[round(x, 2) for x in self.paired]};"
-                                      f" best {r.wall:.2f} s vs {pool.wall:.2f} s)",
-                                ok=ratio <= CPU_VS_POOL_MAX and bool(r.verified)))
+                out.append(
+                    dict(
+                        target=f"CPU-heavy {r.method}: wall <= {CPU_VS_POOL_MAX:.2f} x Pool",
+                        value=f"{ratio:.3f} x Pool (median of {len(self.paired)} "
+                        f"interleaved rounds {[round(x, 2) for x in self.paired]};"
+                        f" best {r.wall:.2f} s vs {pool.wall:.2f} s)",
+                        ok=ratio <= CPU_VS_POOL_MAX and bool(r.verified),
+                    )
+                )
         for r in find("noop", "fleet run CLI"):
             if r.wall:
                 us = r.wall / r.items * 1e6
                 ok = us <= NOOP_US_PER_ID_MAX and bool(r.verified)
                 scale = "" if r.items == 1_000_000 else f" (at {r.items:,} IDs, target is for 1M)"
-                out.append(dict(target=f"no-op {r.method}: <= {NOOP_US_PER_ID_MAX:g} us/ID "
-                                       "end to end" + scale,
-                                value=f"{us:.2f} us/ID ({r.wall:.2f} s)", ok=ok))
+                out.append(
+                    dict(
+                        target=f"no-op {r.method}: <= {NOOP_US_PER_ID_MAX:g} us/ID "
+                        "end to end" + scale,
+                        value=f"{us:.2f} us/ID ({r.wall:.2f} s)",
+                        ok=ok,
+                    )
+                )
         for r in find("rss", "fleet run CLI"):
             if r.rss_mb is not None:
                 scale = "" if r.items == 10_000_000 else f" (at {r.items:,} IDs, target is for 10M)"
-                out.append(dict(target=f"launcher peak RSS, {r.items:,} IDs: <= "
-                                       f"{RSS_10M_MAX_MB:g} MB" + scale,
-                                value=f"{r.rss_mb:.1f} MB ({r.wall:.1f} s)",
-                                ok=r.rss_mb <= RSS_10M_MAX_MB and bool(r.verified)))
+                out.append(
+                    dict(
+                        target=f"launcher peak RSS, {r.items:,} IDs: <= "
+                        f"{RSS_10M_MAX_MB:g} MB" + scale,
+                        value=f"{r.rss_mb:.1f} MB ({r.wall:.1f} s)",
+                        ok=r.rss_mb <= RSS_10M_MAX_MB and bool(r.verified),
+                    )
+                )
         return out
 
     def table(self) -> str:
-        head = (f"{'method':<36} {'items':>10} {'wall s':>9} {'ovh us/ID':>10} {'eff':>6} "
-                f"{'RSS MB':>7} {'ok':>3} {'foreign':>8}  note")
+        head = (
+            f"{'method':<36} {'items':>10} {'wall s':>9} {'ovh us/ID':>10} {'eff':>6} "
+            f"{'RSS MB':>7} {'ok':>3} {'foreign':>8}  note"
+        )
         lines = []
-        titles = {"cpu": f"(a) CPU-heavy: {self.sizes.cpu_items:,} items of "
-                         f"{(self.serial_per_item or 0) * 1e3:.2f} ms (serial, one core)",
-                  "noop": f"(b) no-op: {self.sizes.noop_items:,} IDs",
-                  "rss": "launcher memory"}
+        titles = {
+            "cpu": f"(a) CPU-heavy: {self.sizes.cpu_items:,} items of "
+            f"{(self.serial_per_item or 0) * 1e3:.2f} ms (serial, one core)",
+            "noop": f"(b) no-op: {self.sizes.noop_items:,} IDs",
+            "rss": "launcher memory",
+        }
         for wl in ("cpu", "noop", "rss"):
             rows = [r for r in self.rows if r.workload == wl]
             if not rows:
@@ -827,9 +961,11 @@ class Bench:
                 ok = {True: "yes", False: "NO", None: "-"}[r.verified]
                 share = self.foreign_share(r)
                 foreign = "-" if share is None else f"{share:.0%}" + ("!" if share > NOISY else "")
-                lines.append(f"{r.method:<36} {r.items:>10,} {r.wall:>9.3f} "
-                             f"{r.overhead_us:>10.2f} {eff:>6} {rss:>7} {ok:>3} {foreign:>8}  "
-                             f"{r.note.strip()}")
+                lines.append(
+                    f"{r.method:<36} {r.items:>10,} {r.wall:>9.3f} "
+                    f"{r.overhead_us:>10.2f} {eff:>6} {rss:>7} {ok:>3} {foreign:>8}  "
+                    f"{r.note.strip()}"
+                )
         return "\n".join(lines)
 
     def foreign_share(self, r: Row) -> float | None:
@@ -872,9 +1008,11 @@ class Bench:
             print("  (no target could be evaluated)")
         noisy = [r for r in self.rows if (self.foreign_share(r) or 0) > NOISY]
         if noisy:
-            print(f"  WARNING: {len(noisy)} of {len(self.rows)} rows ran while other processes "
-                  f"used over {NOISY:.0%} of the machine (marked '!'); rerun on a quiet machine "
-                  "before trusting them.")
+            print(
+                f"  WARNING: {len(noisy)} of {len(self.rows)} rows ran while other processes "
+                f"used over {NOISY:.0%} of the machine (marked '!'); rerun on a quiet machine "
+                "before trusting them."
+            )
         print()
         print("diagnostics:")
         for k, v in self.diag.items():
@@ -883,18 +1021,24 @@ class Bench:
             if r.method.startswith("fleet") and r.diag:
                 d = {k: v for k, v in r.diag.items() if k not in ("stderr_tail",)}
                 print(f"  [{r.workload}] {r.method}: {json.dumps(d, default=str)}")
-        print(f"\nload average before {load0}, after {load1}; waited {self.quiet_waited:.0f} s for "
-              f"a quiet machine; total benchmark time {total:.1f} s")
+        print(
+            f"\nload average before {load0}, after {load1}; waited {self.quiet_waited:.0f} s for "
+            f"a quiet machine; total benchmark time {total:.1f} s"
+        )
         doc = {
             "when": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": {"cores_usable": self.cores, "cpu_count": os.cpu_count(),
-                        "platform": platform.platform(), "python": sys.version.split()[0],
-                        "celery": _version("celery"), "cpu_model": _cpu_model()},
+            "machine": {
+                "cores_usable": self.cores,
+                "cpu_count": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": sys.version.split()[0],
+                "celery": _version("celery"),
+                "cpu_model": _cpu_model(),
+            },
             "git_commit": _git_commit(),
             "argv": sys.argv[1:],
             "sizes": asdict(self.sizes),
-            "cpu_item": {"rounds": rounds,
-                         "serial_seconds_per_item": self.serial_per_item},
+            "cpu_item": {"rounds": rounds, "serial_seconds_per_item": self.serial_per_item},
             "rows": [dict(asdict(r), foreign_share=self.foreign_share(r)) for r in self.rows],
             "targets": targets,
             "diagnostics": dict(self.diag, waited_for_quiet_s=round(self.quiet_waited, 1)),
@@ -930,31 +1074,52 @@ def _cpu_model() -> str:
 
 def _git_commit() -> str:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     return "?"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
-    parser.add_argument("--skip-10m", action="store_true",
-                        help="skip the launcher-RSS run over 10,000,000 IDs")
+    parser.add_argument(
+        "--skip-10m", action="store_true", help="skip the launcher-RSS run over 10,000,000 IDs"
+    )
     parser.add_argument("--cpu-items", type=int, help="CPU-heavy items (default 4000)")
-    parser.add_argument("--repeat", type=int, help="runs per row, best kept (default 3; "
-                        "1 with --quick)")
-    parser.add_argument("--cpu-rounds", type=int,
-                        help="interleaved rounds of serial, Pool and the fleet API on the "
-                             "CPU-heavy items; the fleet/Pool target is their median ratio "
-                             "(default 5: on a shared VM one round's ratio swings by 10-20%%; "
-                             "1 with --quick)")
-    parser.add_argument("--repeat-max-s", type=float, default=12.0,
-                        help="do not repeat a row whose run took longer than this")
-    parser.add_argument("--quiet-wait", type=float, default=20.0,
-                        help="before each run, wait up to this long for other processes to "
-                             f"use under {NOISY * 100:.0f}%% of the machine (0: do not wait)")
-    parser.add_argument("--quiet-budget", type=float, default=120.0,
-                        help="total seconds the whole benchmark may spend waiting so")
+    parser.add_argument(
+        "--repeat", type=int, help="runs per row, best kept (default 3; 1 with --quick)"
+    )
+    parser.add_argument(
+        "--cpu-rounds",
+        type=int,
+        help="interleaved rounds of serial, Pool and the fleet API on the "
+        "CPU-heavy items; the fleet/Pool target is their median ratio "
+        "(default 5: on a shared VM one round's ratio swings by 10-20%%; "
+        "1 with --quick)",
+    )
+    parser.add_argument(
+        "--repeat-max-s",
+        type=float,
+        default=12.0,
+        help="do not repeat a row whose run took longer than this",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=20.0,
+        help="before each run, wait up to this long for other processes to "
+        f"use under {NOISY * 100:.0f}%% of the machine (0: do not wait)",
+    )
+    parser.add_argument(
+        "--quiet-budget",
+        type=float,
+        default=120.0,
+        help="total seconds the whole benchmark may spend waiting so",
+    )
     parser.add_argument("--timeout", type=float, default=600, help="per measurement, seconds")
     parser.add_argument("--json", help="write the JSON here instead of bench-results/bench.json")
     args = parser.parse_args(argv)

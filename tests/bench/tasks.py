@@ -27,6 +27,7 @@ def busy(item, rounds: int = CPU_ROUNDS) -> int:
 
 # -- fleet tasks (run by `fleet run` / Launcher) -----------------------------
 
+
 @fleet_task
 def bench_cpu(item):
     return busy(item)
@@ -38,6 +39,7 @@ def bench_noop(item):
 
 
 # -- plain Celery tasks (the usual advice: group, chunks, chord) -------------
+
 
 @shared_task(name="bench.cpu")
 def cpu(item):

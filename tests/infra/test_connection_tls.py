@@ -24,21 +24,30 @@ from infra.config import StackConfig
 
 def test_the_stacks_tls_urls_get_verified_tls(run_stack):
     # The same configuration as one of test_program.py's, so the run is shared.
-    run = run_stack(StackConfig(stack="test", broker="rabbitmq", result_store="redis",
-                                spot=True, nat="none"))
+    run = run_stack(
+        StackConfig(stack="test", broker="rabbitmq", result_store="redis", spot=True, nat="none")
+    )
     prefix = "/celery-fleet/test/"
-    params = {p.props["name"].removeprefix(prefix): p.props["value"]
-              for p in run.of_type("aws:ssm/parameter:Parameter")}
+    params = {
+        p.props["name"].removeprefix(prefix): p.props["value"]
+        for p in run.of_type("aws:ssm/parameter:Parameter")
+    }
     settings = Settings.from_env(env_from_parameters(params, REGION))
     broker, results = urlsplit(settings.broker_url), urlsplit(settings.result_url)
     assert (broker.scheme, results.scheme) == ("amqps", "rediss")
     assert settings.tls_ca_file is None  # the system's CAs
 
     conf = celery_config(settings)
-    assert conf["broker_use_ssl"] == {"cert_reqs": ssl.CERT_REQUIRED, "ca_certs": None,
-                                      "server_hostname": broker.hostname}
-    assert conf["redis_backend_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED,
-                                             "ssl_ca_certs": None, "ssl_check_hostname": True}
+    assert conf["broker_use_ssl"] == {
+        "cert_reqs": ssl.CERT_REQUIRED,
+        "ca_certs": None,
+        "server_hostname": broker.hostname,
+    }
+    assert conf["redis_backend_use_ssl"] == {
+        "ssl_cert_reqs": ssl.CERT_REQUIRED,
+        "ssl_ca_certs": None,
+        "ssl_check_hostname": True,
+    }
 
     app = make_app(settings)  # nothing connects: the clients are only built
     connection = app.connection_for_write()

@@ -38,7 +38,7 @@ def test_defaults_match_the_program():
             StackSettings(region="x", broker_deployment_mode=mode).resolved_broker_instance_type
             == StackConfig(stack="x", broker_deployment_mode=mode).resolved_broker_instance_type
         )
-    assert cost_module.ENDPOINT_SERVICES == len(WORKER_SERVICES)
+    assert len(WORKER_SERVICES) == cost_module.ENDPOINT_SERVICES
 
 
 def test_default_stack_idles_on_one_nat_gateway():
