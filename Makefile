@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT_PACKAGES := redis-server rabbitmq-server erlang-base openssl shellcheck cloud-init iproute2 iptables openssh-server systemd
 
-.PHONY: setup system-packages demo test test-fast bench lint clean
+.PHONY: setup system-packages demo test test-unit bench lint typecheck clean
 
 setup: $(STAMP)
 
@@ -32,16 +32,29 @@ system-packages:
 demo: $(STAMP)
 	$(BIN)/fleet demo
 
+# Every tier (unit, infra, integration, faults), naming the slowest tests. Tests mostly
+# wait on servers and subprocesses, so three pytest workers keep two cores busy; each
+# test module runs whole on one worker, the fault tier alone on one (tests/conftest.py).
+TEST_WORKERS ?= 3
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=25
+
+# The unit and infra tiers: no server, no subprocess; what to run while working.
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit tests/infra
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.bench_fleet
 
 lint: $(STAMP)
+	$(BIN)/ruff format --check app scripts tests infra
 	$(BIN)/ruff check app scripts tests infra
 	shellcheck scripts/fleet-boot.sh
 	cd ansible && ../$(BIN)/ansible-lint --profile production
+
+# Strict for app/ and infra/, lenient for scripts/ and tests/ ([tool.mypy] in pyproject.toml).
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -65,7 +65,8 @@ def expand(payload: list[Any] | dict[str, Any]) -> Iterable[Any]:
     """The IDs of a batch payload: a list, {"lines": "id\\nid..."} or {"range": [start, stop]}."""
     if isinstance(payload, dict):
         if "lines" in payload:
-            return payload["lines"].split("\n")
+            lines: str = payload["lines"]
+            return lines.split("\n")
         start, stop = payload["range"]
         return range(int(start), int(stop))
     return payload

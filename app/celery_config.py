@@ -68,7 +68,8 @@ def tls_config(settings: Settings) -> dict[str, Any]:
 
 def broker_ssl(settings: Settings) -> dict[str, Any] | bool:
     """kombu.Connection(ssl=...) for the broker, for connections made without Celery."""
-    return tls_config(settings).get("broker_use_ssl", False)
+    ssl_options: dict[str, Any] | bool = tls_config(settings).get("broker_use_ssl", False)
+    return ssl_options
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -105,7 +106,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # two heartbeats). Celery's default exclusive mailbox queue
         # (`NODE.celery.pidbox`) is then locked by that old connection: the
         # declare fails with RESOURCE_LOCKED and the worker exits
-        # ("Unrecoverable error"; tests/test_partitions.py, cut off). Not
+        # ("Unrecoverable error"; tests/faults/test_partitions.py, cut off). Not
         # exclusive, the new connection shares the queue until the old one
         # is dropped; it is still deleted when unused (control_queue_expires).
         "control_queue_exclusive": False,
@@ -133,5 +134,5 @@ def make_app(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
     )
     app.conf.update(celery_config(settings))
     # The batch task reads the store URL, lease and allowed modules from here.
-    app.fleet_settings = settings  # type: ignore[attr-defined]
+    app.fleet_settings = settings
     return app

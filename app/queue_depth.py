@@ -12,7 +12,7 @@ read has a timeout: a broker that stops answering must not hang the thread that 
 from __future__ import annotations
 
 import contextlib
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from app.settings import Settings
@@ -53,8 +53,8 @@ class RedisReady:
 class AmqpReady:
     """message_count of a passive queue declare: ready messages, unacknowledged ones apart."""
 
-    def __init__(self, url: str, queue: str, ssl: dict | bool = False) -> None:
-        from kombu import Connection
+    def __init__(self, url: str, queue: str, ssl: dict[str, Any] | bool = False) -> None:
+        from kombu.connection import Connection  # where it is defined: kombu re-exports it lazily
 
         self.queue = queue
         # Timeouts on every read and write: a broker that stops answering
@@ -65,7 +65,7 @@ class AmqpReady:
             ssl=ssl,
             transport_options={"read_timeout": 5, "write_timeout": 5},
         )
-        self.channel = None
+        self.channel: Any = None  # an amqp Channel, untyped
 
     def ready(self) -> int:
         from amqp.exceptions import NotFound

@@ -13,7 +13,7 @@ import importlib
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, overload
 
 
 class UnknownTask(LookupError):
@@ -35,14 +35,33 @@ class FleetTask:
 
 _REGISTRY: dict[str, FleetTask] = {}
 
+F = TypeVar("F", bound=Callable[[Any], Any])
 
+
+# Bare, it returns the function; with options, the decorator that does.
+@overload
 def fleet_task(
-    fn: Callable[[Any], Any] | None = None,
+    fn: F,
+    *,
+    name: str | None = ...,
+    transient: Iterable[type[BaseException]] = ...,
+    retries: int = ...,
+) -> F: ...
+@overload
+def fleet_task(
+    fn: None = None,
+    *,
+    name: str | None = ...,
+    transient: Iterable[type[BaseException]] = ...,
+    retries: int = ...,
+) -> Callable[[F], F]: ...
+def fleet_task(
+    fn: F | None = None,
     *,
     name: str | None = None,
     transient: Iterable[type[BaseException]] = (),
     retries: int = 3,
-):
+) -> F | Callable[[F], F]:
     """Register a per-item function for fleet jobs; usable bare or with options.
 
         @fleet_task
@@ -54,7 +73,7 @@ def fleet_task(
     The function stays a plain function: calling it directly is unchanged.
     """
 
-    def register(f: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def register(f: F) -> F:
         task = FleetTask(f, name or f.__name__, tuple(transient), retries)
         for key in (task.name, task.qualified):
             existing = _REGISTRY.get(key)

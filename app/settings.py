@@ -276,8 +276,7 @@ VARIABLES = (
         None,
         "max(3 × lease, 30)",  # noqa: RUF001 - a multiplication sign, as printed
         "how long work may wait on the queue while a worker with a free slot takes none "
-        "before it restarts itself; `0` turns the watchdog off (read by the worker's "
-        "watchdog; see Operating a fleet)",
+        "before it restarts itself; `0` turns the watchdog off (see Operating a fleet)",
     ),
     Variable(
         "FLEET_TLS_CA_FILE",
@@ -303,7 +302,7 @@ def parameter_name(attr: str) -> str:
 def settings_table() -> str:
     """The README's table of FLEET_* variables."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
-    rows += [f"| `{v.name}` | {v.shown} | {v.meaning} |" for v in VARIABLES]
+    rows += [f"| `{v.name}` | {v.shown} | {v.meaning} |".replace("|  |", "| |") for v in VARIABLES]
     return "\n".join(rows) + "\n"
 
 
@@ -415,7 +414,7 @@ class Settings:
             # must not hang a worker. kombu sets no socket timeout, so a
             # synchronous command (an ack, a task event) waited forever for
             # its reply on the dead socket and the whole worker stopped
-            # consuming (celery#9705; tests/test_partitions.py, half-open).
+            # consuming (celery#9705; tests/faults/test_partitions.py, half-open).
             # With a timeout the command fails and the worker reconnects.
             # kombu drops an event-loop BRPOP (sent with a 1 s server-side
             # timeout) once its reply is overdue by health_check_interval.

@@ -53,6 +53,21 @@ class StackChoices:
         return "mq.t3.micro" if self.broker_deployment_mode == "SINGLE_INSTANCE" else "mq.m5.large"
 
 
+# Stack config key (celery-fleet:<key>) -> (StackChoices field, its kind: str, int,
+# float, bool, list or object). infra/config.py adds the program's other keys.
+CHOICE_KEYS: dict[str, tuple[str, str]] = {
+    "broker": ("broker", "str"),
+    "resultStore": ("result_store", "str"),
+    "nat": ("nat", "str"),
+    "azCount": ("az_count", "int"),
+    "instanceTypes": ("instance_types", "list"),
+    "rootVolumeGb": ("root_volume_gb", "int"),
+    "brokerDeploymentMode": ("broker_deployment_mode", "str"),
+    "brokerInstanceType": ("broker_instance_type", "str"),
+    "redisNodeType": ("redis_node_type", "str"),
+}
+
+
 def with_password(url: str, password: str) -> str:
     parts = urlsplit(url)
     user = parts.username or ""

@@ -14,7 +14,7 @@ ROUNDS = 40
 
 
 @fleet_task
-def process_id(item):
+def process_id(item: object) -> str:
     """Example CPU-heavy work: a chain of BLAKE2b hashes seeded by the ID (~20 us)."""
     digest = str(item).encode()
     for _ in range(ROUNDS):

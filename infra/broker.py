@@ -8,6 +8,7 @@ security group may reach it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -114,7 +115,7 @@ class RabbitBrokerArgs:
     deployment_mode: str
     instance_type: str
     vpc_id: pulumi.Input[str]
-    subnet_ids: list[pulumi.Input[str]]
+    subnet_ids: Sequence[pulumi.Input[str]]
     worker_sg_id: pulumi.Input[str]
 
 
@@ -129,7 +130,7 @@ class RabbitBroker(pulumi.ComponentResource):
         # same on every run without anyone choosing or storing it. Letters and
         # digits only: Amazon MQ refuses ",:=" and the URL needs no escaping.
         password = random.RandomPassword(f"{name}-password", length=32, special=False, opts=child)
-        self.password = pulumi.Output.secret(password.result)
+        self.password: pulumi.Output[str] = pulumi.Output.secret(password.result)
 
         sg = aws.ec2.SecurityGroup(
             f"{name}-sg",
@@ -161,7 +162,11 @@ class RabbitBroker(pulumi.ComponentResource):
             opts=child,
         )
 
-        endpoint = self.broker.instances.apply(lambda instances: instances[0].endpoints[0])
+        # The SDK types `endpoints` optional; a created broker always has them (the
+        # callback does not run while the broker is still unknown, in a preview).
+        endpoint = self.broker.instances.apply(
+            lambda instances: instances[0].endpoints[0]  # type: ignore[index]
+        )
         self.service = Endpoint(
             # vhost "/" is the trailing "//"; the boot script puts the password after "fleet".
             url=endpoint.apply(lambda e: f"amqps://{BROKER_USER}@{urlsplit(e).netloc}//"),

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pulumi
 
 from app.autoscale import Policy
 from app.names import ssm_prefix
 from app.settings import MAX_BATCH_SECONDS
-from app.stack import StackChoices
+from app.stack import CHOICE_KEYS, StackChoices
 
 BROKERS = ("sqs", "rabbitmq")
 RESULT_STORES = ("s3", "redis")
@@ -251,19 +253,15 @@ class StackConfig(StackChoices):
         return name[:46].strip("-")
 
 
-# Stack config key -> (StackConfig field, how to read it). Unset keys keep the
-# dataclass default, so each default is written once, above.
+# Stack config key -> (StackConfig field, how to read it): the choices that decide the
+# bill (app.stack.CHOICE_KEYS, which `fleet cost` reads too) and the program's others.
+# Unset keys keep the dataclass default, so each default is written once.
 _KEYS: dict[str, tuple[str, str]] = {
-    "broker": ("broker", "str"),
-    "resultStore": ("result_store", "str"),
-    "nat": ("nat", "str"),
-    "azCount": ("az_count", "int"),
+    **CHOICE_KEYS,
     "vpcCidr": ("vpc_cidr", "str"),
-    "instanceTypes": ("instance_types", "list"),
     "spot": ("spot", "bool"),
     "onDemandBaseCapacity": ("on_demand_base_capacity", "int"),
     "maxInstances": ("max_instances", "int"),
-    "rootVolumeGb": ("root_volume_gb", "int"),
     "ami": ("ami", "str"),
     "maxBatchSeconds": ("max_batch_seconds", "int"),
     "maxReceiveCount": ("max_receive_count", "int"),
@@ -271,9 +269,6 @@ _KEYS: dict[str, tuple[str, str]] = {
     "targetBacklogPerInstance": ("target_backlog", "float"),
     "idleMinutes": ("idle_minutes", "int"),
     "lifecycleHeartbeatSeconds": ("lifecycle_heartbeat_seconds", "int"),
-    "brokerDeploymentMode": ("broker_deployment_mode", "str"),
-    "brokerInstanceType": ("broker_instance_type", "str"),
-    "redisNodeType": ("redis_node_type", "str"),
     "logRetentionDays": ("log_retention_days", "int"),
     "tags": ("tags", "object"),
 }
@@ -282,7 +277,7 @@ _KEYS: dict[str, tuple[str, str]] = {
 def load_config() -> StackConfig:
     """Read the stack's `celery-fleet:*` settings."""
     cfg = pulumi.Config()
-    readers = {
+    readers: dict[str, Callable[[str], Any]] = {
         "str": cfg.get,
         "int": cfg.get_int,
         "float": cfg.get_float,
@@ -290,7 +285,7 @@ def load_config() -> StackConfig:
         "list": lambda key: _as_tuple(key, cfg.get_object(key)),
         "object": cfg.get_object,
     }
-    values = {}
+    values: dict[str, Any] = {}
     for key, (field_name, kind) in _KEYS.items():
         value = readers[kind](key)
         if value is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pulumi
 import pulumi_aws as aws
@@ -21,7 +22,9 @@ class DashboardArgs:
     depth: QueueDepth
 
 
-def _widget(title: str, metrics: list[list], position: int, region: str, stat: str) -> dict:
+def _widget(
+    title: str, metrics: list[list[Any]], position: int, region: str, stat: str
+) -> dict[str, Any]:
     """A 12x6 graph; `position` 0-3 fills a 2x2 grid left to right, top to bottom."""
     return {
         "type": "metric",

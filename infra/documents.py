@@ -7,6 +7,7 @@ created inside a callback and secrets stay marked.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +27,8 @@ class AwsContext:
 
 
 def allow(
-    actions: list[str], resources: list[pulumi.Input[str]], sid: str, **condition: Any
-) -> dict:
+    actions: list[str], resources: Sequence[pulumi.Input[str]], sid: str, **condition: Any
+) -> dict[str, Any]:
     """An Allow statement; `condition` is the IAM Condition block, e.g. StringEquals={...}."""
     stmt: dict[str, Any] = {"Sid": sid, "Effect": "Allow", "Action": actions, "Resource": resources}
     if condition:
@@ -35,7 +36,7 @@ def allow(
     return stmt
 
 
-def deny_insecure_transport(action: str, resources: list[pulumi.Input[str]]) -> dict:
+def deny_insecure_transport(action: str, resources: Sequence[pulumi.Input[str]]) -> dict[str, Any]:
     """Refuse any request that arrives over plain HTTP (S3.5 for buckets, the same idea for SQS)."""
     return {
         "Sid": "DenyInsecureTransport",
@@ -47,5 +48,5 @@ def deny_insecure_transport(action: str, resources: list[pulumi.Input[str]]) -> 
     }
 
 
-def to_json(statements: list[dict]) -> pulumi.Output[str]:
+def to_json(statements: list[dict[str, Any]]) -> pulumi.Output[str]:
     return pulumi.Output.json_dumps({"Version": "2012-10-17", "Statement": statements})

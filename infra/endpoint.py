@@ -8,8 +8,13 @@ outputs are written once, whatever the choice.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import pulumi
+from pulumi_aws.autoscaling import (
+    PolicyTargetTrackingConfigurationCustomizedMetricSpecificationMetricArgsDict as TrackingMetric,
+)
+from pulumi_aws.cloudwatch import MetricAlarmMetricQueryArgsDict as AlarmQuery
 
 from app.names import HELD_BATCHES_METRIC, METRIC_DIMENSION, METRIC_NAMESPACE
 
@@ -25,7 +30,7 @@ class Endpoint:
     # Password or auth token, a Pulumi secret; None where IAM does the job.
     secret: pulumi.Output[str] | None = None
     # IAM statements the workers need to use the service.
-    worker_statements: list[dict] = field(default_factory=list)
+    worker_statements: list[dict[str, Any]] = field(default_factory=list)
     # Extra plain-text connection parameters, e.g. the SQS queue URL.
     parameters: dict[str, pulumi.Input[str]] = field(default_factory=dict)
     # Stack outputs, by export name.
@@ -42,15 +47,15 @@ class MetricSpec:
     dimensions: dict[str, pulumi.Input[str]]
     stat: str
 
-    def for_target_tracking(self) -> dict:
-        dimensions = [{"name": k, "value": v} for k, v in self.dimensions.items()]
+    def for_target_tracking(self) -> TrackingMetric:
+        # Inline, not in a variable: the dicts are then checked as the TypedDicts Pulumi expects.
         return {
             "id": self.id,
             "metric_stat": {
                 "metric": {
                     "namespace": self.namespace,
                     "metric_name": self.name,
-                    "dimensions": dimensions,
+                    "dimensions": [{"name": k, "value": v} for k, v in self.dimensions.items()],
                 },
                 "stat": self.stat,
                 "period": PERIOD,
@@ -58,7 +63,7 @@ class MetricSpec:
             "return_data": False,
         }
 
-    def for_alarm(self) -> dict:
+    def for_alarm(self) -> AlarmQuery:
         return {
             "id": self.id,
             "metric": {
@@ -71,7 +76,7 @@ class MetricSpec:
             "return_data": False,
         }
 
-    def for_dashboard(self, visible: bool = False) -> list:
+    def for_dashboard(self, visible: bool = False) -> list[Any]:
         dimensions = [part for item in self.dimensions.items() for part in item]
         return [
             self.namespace,

@@ -8,7 +8,9 @@ SSH key and no inbound rule: operators reach them with Session Manager.
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pulumi
 import pulumi_aws as aws
@@ -21,11 +23,11 @@ ROOT_DEVICE = "/dev/xvda"
 # Seconds before a new instance's numbers count for scaling: boot, install, start.
 WARMUP_SECONDS = 180
 GROUP_METRICS = [
-    "GroupDesiredCapacity",
-    "GroupInServiceInstances",
-    "GroupPendingInstances",
-    "GroupTerminatingInstances",
-    "GroupTotalInstances",
+    aws.autoscaling.Metric.GROUP_DESIRED_CAPACITY,
+    aws.autoscaling.Metric.GROUP_IN_SERVICE_INSTANCES,
+    aws.autoscaling.Metric.GROUP_PENDING_INSTANCES,
+    aws.autoscaling.Metric.GROUP_TERMINATING_INSTANCES,
+    aws.autoscaling.Metric.GROUP_TOTAL_INSTANCES,
 ]
 
 
@@ -39,12 +41,12 @@ class WorkerFleetArgs:
     on_demand_base_capacity: int
     max_instances: int
     root_volume_gb: int
-    subnet_ids: list[pulumi.Input[str]]
+    subnet_ids: Sequence[pulumi.Input[str]]
     worker_sg_id: pulumi.Input[str]
     # The rendered #cloud-config (plain text; base64 is done here).
     user_data: pulumi.Input[str]
     # What the workers may use: artifact, broker, result store.
-    statements: list[dict]
+    statements: list[dict[str, Any]]
     ssm_prefix: str
     log_retention_days: int
     lifecycle_heartbeat: int
@@ -194,7 +196,7 @@ class WorkerFleet(pulumi.ComponentResource):
         self.group_name = self.group.name
         self.register_outputs({"group_name": self.group.name, "log_group": self.log_group.name})
 
-    def _own_statements(self, args: WorkerFleetArgs) -> list[dict]:
+    def _own_statements(self, args: WorkerFleetArgs) -> list[dict[str, Any]]:
         ctx = args.aws
         path = ctx.arn("ssm", f"parameter{args.ssm_prefix.rstrip('/')}")
         parameters = [path, f"{path}/*"]

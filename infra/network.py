@@ -87,7 +87,8 @@ class Network(pulumi.ComponentResource):
         )
 
         # Sixteen equal blocks: private subnets from the first eight, public from the rest.
-        blocks = list(ipaddress.ip_network(args.cidr).subnets(prefixlen_diff=4))
+        # IPv4Network, not ip_network: config.py admits only IPv4 blocks, and so the types say.
+        blocks = list(ipaddress.IPv4Network(args.cidr).subnets(prefixlen_diff=4))
         zones = list(enumerate(args.availability_zones))
         self.private_subnets = [
             aws.ec2.Subnet(
@@ -225,7 +226,9 @@ class Network(pulumi.ComponentResource):
             )
         return gateways
 
-    def _interface_endpoints(self, name: str, args: NetworkArgs, child: pulumi.ResourceOptions):
+    def _interface_endpoints(
+        self, name: str, args: NetworkArgs, child: pulumi.ResourceOptions
+    ) -> None:
         endpoint_sg = aws.ec2.SecurityGroup(
             f"{name}-endpoint-sg",
             vpc_id=self.vpc.id,

@@ -40,7 +40,7 @@ WORKER_SERVICES = ["ssm", "ssmmessages", "ec2messages", "logs", "monitoring", "a
 class Stack:
     """What `build` made: the stack outputs, and the components for tests to inspect."""
 
-    outputs: dict[str, pulumi.Input]
+    outputs: dict[str, pulumi.Input[str]]
     network: Network
     broker: SqsBroker | RabbitBroker
     results: S3ResultStore | RedisResultStore
@@ -214,7 +214,7 @@ def build(cfg: StackConfig, builder: Builder = build_artifact) -> Stack:
         opts,
     )
 
-    outputs: dict[str, pulumi.Input] = {
+    outputs: dict[str, pulumi.Input[str]] = {
         "region": region,
         "vpcId": network.vpc_id,
         "asgName": fleet.group_name,

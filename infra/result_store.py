@@ -7,6 +7,7 @@ is faster for many small results and is the default next to RabbitMQ.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pulumi
@@ -71,7 +72,7 @@ class S3ResultStore(pulumi.ComponentResource):
 class RedisResultStoreArgs:
     node_type: str
     vpc_id: pulumi.Input[str]
-    subnet_ids: list[pulumi.Input[str]]
+    subnet_ids: Sequence[pulumi.Input[str]]
     worker_sg_id: pulumi.Input[str]
 
 
@@ -85,7 +86,7 @@ class RedisResultStore(pulumi.ComponentResource):
         # Kept in the stack state like the broker password; ElastiCache takes
         # 16-128 printable characters, letters and digits avoid URL escaping.
         token = random.RandomPassword(f"{name}-token", length=48, special=False, opts=child)
-        self.auth_token = pulumi.Output.secret(token.result)
+        self.auth_token: pulumi.Output[str] = pulumi.Output.secret(token.result)
 
         sg = aws.ec2.SecurityGroup(
             f"{name}-sg",

@@ -79,10 +79,18 @@ class PrivateBucket(pulumi.ComponentResource):
                 id="tidy",
                 status="Enabled",
                 filter=aws.s3.BucketLifecycleConfigurationRuleFilterArgs(),
-                abort_incomplete_multipart_upload={"days_after_initiation": 1},
+                abort_incomplete_multipart_upload=(
+                    aws.s3.BucketLifecycleConfigurationRuleAbortIncompleteMultipartUploadArgs(
+                        days_after_initiation=1
+                    )
+                ),
                 # Versioning keeps every overwrite; without this the old
                 # versions would be stored (and billed) for ever.
-                noncurrent_version_expiration={"noncurrent_days": args.noncurrent_days},
+                noncurrent_version_expiration=(
+                    aws.s3.BucketLifecycleConfigurationRuleNoncurrentVersionExpirationArgs(
+                        noncurrent_days=args.noncurrent_days
+                    )
+                ),
             )
         ]
         if args.expire_prefix is not None:

@@ -17,12 +17,14 @@ checks that the resource counts below match what the program builds.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 
-from app.stack import StackChoices
+from app.stack import CHOICE_KEYS, StackChoices
 
 PRICES = Path(__file__).with_name("prices.json")
 HOURS_PER_MONTH = 730
@@ -48,22 +50,13 @@ class StackSettings(StackChoices):
         if not region:
             raise click.UsageError(f"{path} sets no aws:region.")
 
-        def get(key: str, convert=str):
+        convert: dict[str, Callable[[Any], Any]] = {"str": str, "int": int, "list": _string_list}
+        values: dict[str, Any] = {}
+        for key, (field_name, kind) in CHOICE_KEYS.items():
             value = config.get(f"celery-fleet:{key}")
-            return None if value is None else convert(value)
-
-        values = {
-            "broker": get("broker"),
-            "result_store": get("resultStore"),
-            "nat": get("nat"),
-            "az_count": get("azCount", int),
-            "broker_deployment_mode": get("brokerDeploymentMode"),
-            "broker_instance_type": get("brokerInstanceType"),
-            "redis_node_type": get("redisNodeType"),
-            "instance_types": get("instanceTypes", _string_list),
-            "root_volume_gb": get("rootVolumeGb", int),
-        }
-        return cls(region=region, **{k: v for k, v in values.items() if v is not None})
+            if value is not None:
+                values[field_name] = convert[kind](value)
+        return cls(region=region, **values)
 
 
 def stack_file(stack: str, start: Path | None = None) -> Path:

@@ -33,6 +33,7 @@ import random
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from app.autoscale import FleetState, Policy, desired_instances
 from app.launcher.plan import batch_size, in_flight_limit, probe_count
@@ -366,5 +367,5 @@ def run(s: Scenario, policy: Policy, png: Path | None = None) -> tuple[str, tupl
     return table((auto, fixed, bound), bound), (auto, fixed, bound)
 
 
-def scenario_with(**changes: object) -> Scenario:
+def scenario_with(**changes: Any) -> Scenario:
     return replace(Scenario(), **changes)

@@ -1,30 +1,72 @@
-"""Fixtures that start real fleets: redis-server or rabbitmq-server, and real
-`celery worker` processes, on free loopback ports. Each is stopped afterwards."""
+"""Fixtures for every tier: real fleets on this machine, stopped afterwards.
+
+A fleet that needs no servers of its own takes a namespace on servers shared
+by the whole run (tests/support/servers.py): RabbitMQ alone costs about ten
+seconds to start. Helpers are in tests/support/.
+"""
 
 from __future__ import annotations
 
-import json
-import threading
-import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from app.launcher.job import JobOptions, JobSummary
-from app.launcher.launcher import Launcher
-from app.launcher.sources import Source
+from app.settings import LEASE_SECONDS, Settings
 from scripts.local.fleet import LocalFleet
+from tests.support.aws import moto_server
+from tests.support.fleets import TASKS, settle
+from tests.support.local_fleet import LocalFleetProcess
+from tests.support.servers import SharedServers
 
-TASKS = ("tests.fleet_tasks",)
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedServers]:
+    shared = SharedServers(tmp_path_factory.mktemp("servers"))
+    yield shared
+    shared.close()
+
+
+def shared_settings(
+    servers: SharedServers,
+    broker: str,
+    include: tuple[str, ...] = TASKS,
+    queue: str = "fleet",
+    lease_seconds: float | None = None,
+) -> Settings:
+    """Settings of a fresh namespace on the shared servers."""
+    broker_url, result_url = servers.namespace(broker)
+    return Settings(
+        broker_url,
+        result_url,
+        queue=queue,
+        include=include,
+        lease_seconds=lease_seconds or LEASE_SECONDS,
+    )
 
 
 @pytest.fixture
-def make_fleet(tmp_path):
-    """Start a fleet with custom options: make_fleet(instances=2, broker="rabbitmq", ...)."""
+def make_fleet(tmp_path: Path, servers: SharedServers) -> Iterator[Callable[..., LocalFleet]]:
+    """Start fleets with custom options: make_fleet(instances=2, broker="rabbitmq", ...).
+
+    On the shared servers unless the test gives `settings`, asks for `tls` or
+    for `own_servers` (to restart or stop them).
+    """
     fleets: list[LocalFleet] = []
 
-    def start(instances: int = 2, broker: str = "redis", **kwargs) -> LocalFleet:
+    def start(
+        instances: int = 2, broker: str = "redis", own_servers: bool = False, **kwargs: Any
+    ) -> LocalFleet:
         kwargs.setdefault("include", TASKS)
+        if not own_servers and "settings" not in kwargs and not kwargs.get("tls"):
+            kwargs["settings"] = shared_settings(
+                servers,
+                broker,
+                kwargs.pop("include"),
+                kwargs.pop("queue", "fleet"),
+                kwargs.pop("lease_seconds", None),
+            )
         fleet = LocalFleet(instances, broker, workdir=tmp_path / f"fleet{len(fleets)}", **kwargs)
         fleets.append(fleet)
         fleet.__enter__()
@@ -35,84 +77,51 @@ def make_fleet(tmp_path):
         fleet.stop()
 
 
-@pytest.fixture(scope="module", params=["redis", "rabbitmq"])
-def fleet(request, tmp_path_factory):
-    """A two-instance fleet shared by a module's tests, once per broker."""
+@pytest.fixture(scope="session", params=["redis", "rabbitmq"])
+def fleet(
+    request: pytest.FixtureRequest,
+    servers: SharedServers,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LocalFleet]:
+    """A two-instance fleet shared by every test that only runs jobs on it, per broker."""
     workdir = tmp_path_factory.mktemp(f"fleet-{request.param}")
-    with LocalFleet(2, request.param, include=TASKS, workdir=workdir, lease_seconds=3) as f:
-        yield f
+    settings = shared_settings(servers, request.param, lease_seconds=3)
+    with LocalFleet(2, settings=settings, workdir=workdir) as shared:
+        yield shared
+        settle(shared)
 
 
-def read_output(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+@pytest.fixture(scope="module")
+def aws() -> Iterator[tuple[int, str]]:
+    """A moto server (port, endpoint) with the bucket the stack would create."""
+    with moto_server() as server:
+        yield server
 
 
-def wait_until(predicate, timeout: float, what: str):
-    """predicate()'s first true value, polled until `timeout` seconds have passed."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+@pytest.fixture
+def local_fleet(tmp_path: Path) -> Iterator[Callable[..., LocalFleetProcess]]:
+    """Start `fleet local ARGS...` as a process; whatever a failed test left is stopped."""
+    fleets: list[LocalFleetProcess] = []
+
+    def start(*args: str) -> LocalFleetProcess:
+        f = LocalFleetProcess(tmp_path, *args)
+        fleets.append(f)
+        return f
+
+    yield start
+    for f in fleets:
+        f.cleanup()
 
 
-class Recording(Launcher):
-    """A launcher that tells the test its job's ID as soon as the job exists."""
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under pytest-xdist (`make test`), each module goes whole to one worker, which starts
+    its fixtures once; and the fault tier goes whole to one worker, in order, so its timing
+    bounds are measured beside the other tiers' tests but never beside each other."""
+    from xdist.scheduler import LoadScopeScheduling
 
-    def __init__(self, settings, sends: int = 1) -> None:
-        super().__init__(settings)
-        self.job: str | None = None
-        self.known = threading.Event()
-        self.sends = sends
+    class ByModuleFaultsTogether(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return "tests/faults" if module.startswith("tests/faults/") else module
 
-    def _new_job(self, *args, **kwargs):
-        job, meta = super()._new_job(*args, **kwargs)
-        self.job = job
-        self.known.set()
-        return job, meta
-
-    def send(self, *args, **kwargs) -> None:
-        for _ in range(self.sends):  # sends > 1: every batch is published that many times
-            super().send(*args, **kwargs)
-
-
-class Background:
-    """A job run by the launcher in a thread while the test injects a fault."""
-
-    def __init__(
-        self, fleet: LocalFleet, out: Path, n: int, batch: int, sends: int = 1, task: str = "slow"
-    ) -> None:
-        self.launcher = Recording(fleet.settings, sends)
-        self.opts = JobOptions(
-            task=task,
-            source=Source.parse(f"range:0:{n}"),
-            batch_size=batch,
-            out=out,
-            progress=False,
-        )
-        self.summary: JobSummary | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.launcher.known.wait(0.05) and self.thread.is_alive():
-            assert time.monotonic() < deadline, "the job did not start within 30 s"
-        if self.error is not None:
-            raise self.error
-        self.job = self.launcher.job
-
-    def _run(self) -> None:
-        try:
-            self.summary = self.launcher.run(self.opts)
-        except BaseException as exc:
-            self.error = exc
-
-    def result(self, timeout: float) -> JobSummary:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), f"job {self.job} did not finish within {timeout} s"
-        if self.error is not None:
-            raise self.error
-        assert self.summary is not None
-        return self.summary
+    return ByModuleFaultsTogether(config, log)

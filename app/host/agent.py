@@ -150,9 +150,11 @@ class Agent:
         busy = self.worker.taken() > 0
         if busy:
             self.idle_since = None
-        elif self.idle_since is None:
-            self.idle_since = now
-        want = busy or (self.protected is True and now - self.idle_since < self.idle_grace)
+            want = True
+        else:
+            if self.idle_since is None:
+                self.idle_since = now
+            want = self.protected is True and now - self.idle_since < self.idle_grace
         if want != self.protected:
             self.set_protection(want)
 
@@ -198,7 +200,7 @@ class Agent:
                 self.set_protection(False)
 
 
-def discover(
+def find_group_and_hook(
     autoscaling: Any, instance_id: str, group: str | None, hook: str | None
 ) -> tuple[str | None, str | None]:
     """The group and termination hook: as configured, else asked of the Auto Scaling API."""
@@ -247,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     autoscaling = boto3.client("autoscaling", region_name=region)
     try:
-        group, hook = discover(
+        group, hook = find_group_and_hook(
             autoscaling,
             instance_id,
             os.environ.get("FLEET_AUTOSCALING_GROUP") or None,

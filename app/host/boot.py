@@ -44,12 +44,12 @@ from collections.abc import Sequence
 
 from app.cpus import available_cpus
 from app.host.command import host_argv, worker_environ
-from app.host.configure import SERVICE_USER, configure, load_settings, stack_from_prefix
+from app.host.configure import configure, load_settings, stack_from_prefix
 from app.host.envfile import read_env, write_if_changed
 from app.host.paths import HostPaths
 from app.host.service import BootError, service_for, want_systemd
 from app.host.status import host_status, wait_online
-from app.host.units import on_ec2
+from app.host.units import SERVICE_USER, on_ec2
 
 
 def say(message: str) -> None:

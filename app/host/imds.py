@@ -46,7 +46,8 @@ class Imds:
             )
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return response.read().decode()
+                    body: bytes = response.read()
+                    return body.decode()
             except urllib.error.HTTPError as exc:
                 if exc.code == 404:
                     return None

@@ -36,7 +36,7 @@ class WorkerService(Protocol):
     def logs_argv(self, lines: int, follow: bool) -> list[str]: ...
 
 
-def run_command(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
+def run_command(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(list(argv), capture_output=True, text=True, check=False)
     if check and result.returncode != 0:
         raise BootError(
@@ -56,7 +56,7 @@ class Systemd:
     def __init__(self, unit: str = WORKER_UNIT) -> None:
         self.unit = unit
 
-    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run_command(["systemctl", *args], check)
 
     def running(self, unit: str | None = None) -> bool:

@@ -339,6 +339,7 @@ def _open_s3(url: str) -> IO[bytes]:
     if not bucket or not key:
         raise InputError(f"bad S3 source {url!r}: write s3://BUCKET/KEY.")
     try:
-        return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"]
+        body: IO[bytes] = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"]
+        return body
     except Exception as exc:
         raise InputError(f"cannot read {url}: {exc}") from None

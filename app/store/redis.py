@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import redis
@@ -240,7 +240,10 @@ class RedisStore:
     def backlog(self, queue: str) -> int:
         """Batches the launchers of `queue` hold back from the broker (for the autoscaler)."""
         live = {m.decode() for m in self._live(keys=[BACKLOG_KEY])}
-        counts = {k.decode(): int(v) for k, v in self.r.hgetall(BACKLOG_KEY + ":n").items()}
+        # The casts here and below: replies are bytes (decode_responses is off),
+        # which redis-py's types cannot know, so they say `bytes | str`.
+        raw_counts = cast(dict[bytes, bytes], self.r.hgetall(BACKLOG_KEY + ":n"))
+        counts = {k.decode(): int(v) for k, v in raw_counts.items()}
         stale = [m for m in counts if m not in live]  # a launcher that died
         if stale:
             self.r.hdel(BACKLOG_KEY + ":n", *stale)
@@ -253,7 +256,7 @@ class RedisStore:
         if first is None:
             return []
         raws = [first[1]]
-        more = self.r.lpop(key, 10_000)
+        more = cast(list[bytes] | None, self.r.lpop(key, 10_000))  # with a count: a list
         if more:
             raws.extend(more)
         return [msgspec.convert(_decode(raw), Done) for raw in raws]
@@ -272,7 +275,7 @@ class RedisStore:
             return []
         prefix = _keys(job)["result"]
         out: list[BatchResult | None] = []
-        for raw in self.r.mget([prefix + str(b) for b in batches]):
+        for raw in cast(list[bytes | None], self.r.mget([prefix + str(b) for b in batches])):
             if raw is None:
                 out.append(None)
                 continue

@@ -67,7 +67,8 @@ class S3Store:
 
     def _get(self, key: str) -> bytes | None:
         try:
-            return self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            body: bytes = self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            return body
         except self.s3.exceptions.NoSuchKey:
             return None
 
@@ -270,7 +271,7 @@ class S3Store:
         raw = self._get(self._key("jobs", job, "journal.json"))
         if raw is None:
             return {"written": b"", "offset": None, "items": 0, "errors": 0}
-        journal = _decode(raw)
+        journal: dict[str, Any] = _decode(raw)
         journal["written"] = base64.b64decode(journal["written"])
         return journal
 

@@ -21,12 +21,15 @@ Two guards, set by app.celery_config for every task of the fleet's app
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from numbers import Real
+from typing import Any
 
 from celery import Task
 from celery.exceptions import InvalidTaskError
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
+from kombu.message import Message
 
 from app.batch import short_repr
 
@@ -54,8 +57,9 @@ def _problem(request: Request, payload: object) -> str | None:
     return None
 
 
-class GuardedRequest(Request):
-    def __init__(self, message, *args, **kwargs) -> None:
+# celery has no types, so its classes are Any to mypy: the `misc` ignores below.
+class GuardedRequest(Request):  # type: ignore[misc]
+    def __init__(self, message: Message, *args: Any, **kwargs: Any) -> None:
         try:
             super().__init__(message, *args, **kwargs)
             # What Request.__init__ unpacked (already decoded: no second decode).
@@ -69,17 +73,17 @@ class GuardedRequest(Request):
             raise InvalidTaskError(f"malformed task message: {problem}")
 
 
-class GuardedTask(Task):
+class GuardedTask(Task):  # type: ignore[misc]
     Request = "app.worker.guard:GuardedRequest"
 
 
-class GuardedConsumer(Consumer):
-    def create_task_handler(self, *args, **kwargs):
+class GuardedConsumer(Consumer):  # type: ignore[misc]
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Message], Any]:
         on_task_received = super().create_task_handler(*args, **kwargs)
         # Lost connections and channels still go up to the consumer, which reconnects.
         passed_on = (*self.connection_errors, *self.channel_errors)
 
-        def guarded(message):
+        def guarded(message: Message) -> Any:
             headers = message.headers
             if isinstance(headers, dict) and "task" in headers:  # protocol 2
                 task, task_id = headers.get("task"), headers.get("id")

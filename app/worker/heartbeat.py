@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING, Any
 
 from celery import signals
 from celery.worker import state as worker_state
@@ -22,7 +23,10 @@ from app.names import app_version
 from app.registry import FleetTask
 from app.settings import Settings
 from app.store import open_store
-from app.worker.watchdog import Liveness, Progress, grace_seconds
+from app.worker.watchdog import ConsumerActivity, Liveness, grace_seconds
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +49,16 @@ def taken_batches() -> dict[str, int]:
 
 
 # Messages taken and event-loop turns of the main thread: the watchdog's proof it consumes.
-_progress = Progress()
+_activity = ConsumerActivity()
 
 
-@signals.task_received.connect
-@signals.task_revoked.connect
-@signals.task_rejected.connect
-@signals.task_unknown.connect
+# celery has no types: to mypy its signals' `connect` is an untyped decorator.
+@signals.task_received.connect  # type: ignore[untyped-decorator]
+@signals.task_revoked.connect  # type: ignore[untyped-decorator]
+@signals.task_rejected.connect  # type: ignore[untyped-decorator]
+@signals.task_unknown.connect  # type: ignore[untyped-decorator]
 def _on_taken(**_: object) -> None:
-    _progress.took()
+    _activity.took()
 
 
 class _Heartbeat:
@@ -71,7 +76,9 @@ class _Heartbeat:
         self.name = worker_name()
         self.thread: threading.Thread | None = None
 
-    def start(self, app, hostname: str, concurrency: int, controller: object = None) -> None:
+    def start(
+        self, app: Celery, hostname: str, concurrency: int, controller: object = None
+    ) -> None:
         settings: Settings | None = getattr(app, "fleet_settings", None)
         if settings is None:
             return
@@ -101,7 +108,7 @@ class _Heartbeat:
 
         def watch(liveness: Liveness) -> None:
             while not self.stop.wait(period):
-                stuck = liveness.check(_progress, taken_batches()["reserved"])
+                stuck = liveness.check(_activity, taken_batches()["reserved"])
                 if stuck and not self.stop.is_set():
                     self.stop.set()  # the heartbeat unregisters the slots that are going
                     liveness.restart(stuck)  # ends the process
@@ -122,7 +129,7 @@ class _Heartbeat:
 _heartbeat = _Heartbeat()
 
 
-@signals.worker_process_init.connect
+@signals.worker_process_init.connect  # type: ignore[untyped-decorator]
 def _warm_up(**_: object) -> None:
     # The first batch of a fresh pool process pays one-off costs (first
     # encoder and class use) that would make a one-ID calibration probe look
@@ -130,15 +137,15 @@ def _warm_up(**_: object) -> None:
     run_batch(FleetTask(str, "warm-up"), [0])
 
 
-@signals.worker_ready.connect
-def _on_ready(sender=None, **_: object) -> None:
+@signals.worker_ready.connect  # type: ignore[untyped-decorator]
+def _on_ready(sender: Any = None, **_: object) -> None:  # sender: Celery's WorkController
     controller = getattr(sender, "controller", None)
     concurrency = getattr(controller, "concurrency", None) or sender.app.conf.worker_concurrency
-    _progress.watch_loop(getattr(sender, "hub", None))
+    _activity.watch_loop(getattr(sender, "hub", None))
     _heartbeat.start(sender.app, sender.hostname, int(concurrency), controller)
 
 
-@signals.worker_shutting_down.connect
+@signals.worker_shutting_down.connect  # type: ignore[untyped-decorator]
 def _on_shutdown(**_: object) -> None:
     # Stop advertising slots as soon as draining starts.
     _heartbeat.close()

@@ -12,6 +12,8 @@ import contextlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 from celery import Task, shared_task
 
@@ -40,7 +42,7 @@ def store_for(settings: Settings) -> Store:
 
 
 @contextlib.contextmanager
-def lease(store: Store, job: str, batch: int, seconds: float):
+def lease(store: Store, job: str, batch: int, seconds: float) -> Iterator[None]:
     """Renew the batch's lease every seconds/3 while the body runs."""
     stop = threading.Event()
 
@@ -62,10 +64,10 @@ def lease(store: Store, job: str, batch: int, seconds: float):
         thread.join()
 
 
-@shared_task(
+@shared_task(  # type: ignore[untyped-decorator]  # celery has no types
     name="fleet.batch", bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True
 )
-def fleet_batch(self: Task, job: str, batch: int, task_name: str, payload) -> int:
+def fleet_batch(self: Task, job: str, batch: int, task_name: str, payload: Any) -> int:
     settings: Settings = self.app.fleet_settings
     store = store_for(settings)
     me = self.request.hostname or ""

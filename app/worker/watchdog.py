@@ -50,7 +50,7 @@ def grace_seconds(settings: Settings, env: Mapping[str, str] | None = None) -> f
 # -- the rule -------------------------------------------------------------------
 
 
-class Progress:
+class ConsumerActivity:
     """What the worker's main thread does, counted for the watchdog in another thread.
 
     `taken`: messages the consumer took from the queue (tasks received,
@@ -97,7 +97,7 @@ class Watchdog:
         self.loop_stalled = False
 
     def check(
-        self, received: int, held: int, concurrency: int, turns: int | None = None
+        self, received: int, reserved: int, concurrency: int, turns: int | None = None
     ) -> float | None:
         """Seconds this worker has been starving work, once that reaches the grace; else None.
 
@@ -108,7 +108,7 @@ class Watchdog:
         took_something = received != self.received_seen
         self.loop_stalled = turns is not None and turns == self.turns_seen
         self.received_seen, self.turns_seen = received, turns
-        if took_something or (held >= concurrency and not self.loop_stalled):
+        if took_something or (reserved >= concurrency and not self.loop_stalled):
             self.since = None
             return None
         try:
@@ -197,18 +197,18 @@ class Liveness:
             self._reader = ready_count(self.settings)
         return self._reader.ready()
 
-    def check(self, progress: Progress, held: int) -> str | None:
-        """Why this worker is stuck, or None; `held`: the batches it holds."""
+    def check(self, activity: ConsumerActivity, reserved: int) -> str | None:
+        """Why this worker is stuck, or None; `reserved`: batches taken and not finished."""
         try:
-            starving = self.rule.check(progress.taken, held, self.concurrency, progress.turns)
+            starving = self.rule.check(activity.taken, reserved, self.concurrency, activity.turns)
         except Exception:
             log.warning("watchdog check failed", exc_info=True)
             return None
         if starving is None:
             return None
         could = (
-            f"{self.concurrency - held} free slot(s)"
-            if held < self.concurrency
+            f"{self.concurrency - reserved} free slot(s)"
+            if reserved < self.concurrency
             else "its event loop has not turned since the last check"
         )
         return (

@@ -8,7 +8,8 @@ from pulumi_policy import EnforcementLevel, PolicyPack
 # Pulumi runs this directory as a script; make rules.py importable by name.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rules import POLICIES
+# mypy cannot follow the sys.path line; it checks rules.py as infra.policy.rules.
+from rules import POLICIES  # type: ignore[import-not-found]
 
 PolicyPack(
     name="celery-fleet-security",

@@ -66,7 +66,7 @@ def ebs_encrypted(props: Props) -> Iterable[str]:
 def _ingress_rules(resource_type: str, props: Props) -> Iterable[tuple[set[str], int, int, str]]:
     """(source CIDRs, from port, to port, protocol) of each ingress rule, whatever the resource."""
     if resource_type == "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule":
-        cidrs = {props.get("cidrIpv4"), props.get("cidrIpv6")} - {None}
+        cidrs = {c for c in (props.get("cidrIpv4"), props.get("cidrIpv6")) if c is not None}
         yield (
             cidrs,
             props.get("fromPort", 0),

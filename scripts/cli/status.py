@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import click
 
@@ -34,13 +35,13 @@ def status(stack, region, broker, backend, queue, as_json):
 
         session = boto3.session.Session(region_name=region)
         settings = settings_from_stack(stack, session, queue=queue)
-        instances = stack_instances(stack, session)
+        instances: list[dict[str, Any]] | None = stack_instances(stack, session)
         source = f"stack {stack} ({session.region_name})"
     else:
         settings = resolve_settings(broker, backend, queue=queue)
         state = read_local_state()
         local = state is not None and not (broker or os.environ.get("FLEET_BROKER_URL"))
-        instances = local_instances(state) if local else None
+        instances = local_instances(state) if local and state is not None else None
         source = "the local fleet" if local else "the given broker and result store"
     report = collect(settings, instances, source)
     click.echo(json.dumps(report, indent=2) if as_json else render(report))

@@ -76,7 +76,6 @@ class LocalProvider:
         max_instances: int,
         drain_timeout: float | None = None,
     ) -> None:
-        assert fleet.settings is not None
         self.fleet = fleet
         self.store = store
         self.cpu_sets = instance_cpus(max_instances, fleet.cpus)
@@ -226,7 +225,6 @@ def local_autoscaler(
     """The autoscaler for a started LocalFleet, reading its broker and result store."""
     from app.store import open_store
 
-    assert fleet.settings is not None
     store = open_store(fleet.settings)
     provider = LocalProvider(fleet, store, policy.max_instances)
     return Autoscaler(

@@ -24,6 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from app.cpus import available_cpus
 from app.host.command import worker_argv
@@ -97,9 +98,16 @@ class LocalFleet:
         self.broker: Server | None = None
         self.results: Server | None = None
         self.instances: list[Instance] = []
-        self.settings: Settings | None = settings
+        self._settings: Settings | None = settings
         if settings is not None:
             self.queue = settings.queue
+
+    @property
+    def settings(self) -> Settings:
+        """How to reach the fleet's broker and result store (set once it has started)."""
+        if self._settings is None:
+            raise LocalFleetError("the local fleet has not started: no broker or store yet.")
+        return self._settings
 
     # -- lifecycle --------------------------------------------------------
 
@@ -115,8 +123,8 @@ class LocalFleet:
         self.stop()
 
     def start(self, wait: bool = True) -> Settings:
-        if self.settings is None:
-            self.settings = self._start_servers()
+        if self._settings is None:
+            self._settings = self._start_servers()
         self.instances = [Instance(i, cpus) for i, cpus in enumerate(self.cpu_sets)]
         for inst in self.instances:
             self.start_instance(inst)
@@ -136,7 +144,9 @@ class LocalFleet:
         else:
             self.broker = rabbitmq_server(self.workdir, password, tls)
         self.broker.start()
-        overrides = {"lease_seconds": self.lease_seconds} if self.lease_seconds else {}
+        overrides: dict[str, Any] = (
+            {"lease_seconds": self.lease_seconds} if self.lease_seconds else {}
+        )
         return Settings(
             broker_url=self.broker.url + ("/0" if self.broker_kind == "redis" else ""),
             result_url=self.results.url + "/1",
@@ -147,7 +157,6 @@ class LocalFleet:
         )
 
     def worker_env(self) -> dict[str, str]:
-        assert self.settings is not None
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
         env.update(self.settings.as_env())
         # Modules named by --include are found from the directory fleet was started in.
@@ -176,7 +185,6 @@ class LocalFleet:
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Block until every instance has announced itself in the result store."""
-        assert self.settings is not None
         store = open_store(self.settings)
         deadline = time.monotonic() + timeout
         want = len([i for i in self.instances if i.proc is not None])
@@ -228,7 +236,6 @@ class LocalFleet:
     # -- state for other commands -----------------------------------------
 
     def _write_state(self) -> None:
-        assert self.settings is not None
         path = state_file()
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {
@@ -245,7 +252,6 @@ class LocalFleet:
             json.dump(state, f, indent=2)
 
     def describe(self) -> str:
-        assert self.settings is not None
         per = ", ".join(f"instance{i.index}: {len(i.cpus)} CPU" for i in self.instances)
         tls = (
             f"\n  TLS only, certificates from the throwaway CA {self.settings.tls_ca_file}"

@@ -17,7 +17,7 @@ import json
 import shlex
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # fabric is imported by whoever makes the Connection
     from fabric import Connection
@@ -26,6 +26,13 @@ if TYPE_CHECKING:  # fabric is imported by whoever makes the Connection
 APP_DIR = '"${FLEET_APP_DIR:-/opt/celery-fleet}"'
 PYTHON = '"${FLEET_APP_DIR:-/opt/celery-fleet}/venv/bin/python"'
 BOOT_SCRIPT = '"${FLEET_BOOT_SCRIPT:-/usr/local/sbin/fleet-boot}"'
+
+
+class TextOut(Protocol):
+    """Where invoke may write a command's output: a text file, or any object with these two."""
+
+    def write(self, text: str, /) -> int: ...
+    def flush(self) -> None: ...
 
 
 def _sudo(c: Connection) -> str:
@@ -71,7 +78,7 @@ def wait(c: Connection, timeout: float = 120) -> dict[str, Any]:
 
 
 def logs(
-    c: Connection, lines: int = 50, follow: bool = False, out_stream: IO[str] | None = None
+    c: Connection, lines: int = 50, follow: bool = False, out_stream: TextOut | None = None
 ) -> str:
     """The last `lines` of the worker's log (journald, or its log file); with `follow`, stream."""
     args = ("logs", "--lines", str(lines), *(["--follow"] if follow else []))

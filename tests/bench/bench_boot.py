@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from scripts.local.fleet import LocalFleet
-from tests.worker_host import (
+from tests.support.worker_host import (
     BOOT_SCRIPT,
     host_env,
     run_job,
@@ -42,7 +42,9 @@ from tests.worker_host import (
 
 def one_boot(fleet: LocalFleet, root: Path, node: str) -> dict[str, float]:
     settings = write_settings(fleet.settings, root / "settings.env")
-    env = host_env(root, FLEET_ARTIFACT=str(wheelhouse()), FLEET_SETTINGS_FILE=str(settings))
+    env = host_env(
+        root, byte_compile=True, FLEET_ARTIFACT=str(wheelhouse()), FLEET_SETTINGS_FILE=str(settings)
+    )
     (root / "run").mkdir(exist_ok=True)
     log = root / "boot.log"
     before = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -326,18 +326,18 @@ def run_cli(
     peak = 0
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=out, stderr=err)
-        ps = psutil.Process(proc.pid)
-        while proc.poll() is None:
+        child = subprocess.Popen(argv, env=env, cwd=REPO, stdout=out, stderr=err)
+        ps = psutil.Process(child.pid)
+        while child.poll() is None:
             with contextlib.suppress(psutil.Error):
                 peak = max(peak, ps.memory_info().rss)
             time.sleep(0.01)
             if time.perf_counter() - t0 > timeout:
-                proc.kill()
+                child.kill()
         wall = time.perf_counter() - t0
         out.seek(0)
         err.seek(0)
-        return wall, peak / 2**20, proc.returncode, out.read().decode(), err.read().decode()
+        return wall, peak / 2**20, child.returncode, out.read().decode(), err.read().decode()
 
 
 # -- the benchmark ------------------------------------------------------------
@@ -358,8 +358,9 @@ class Bench:
         self.serial_per_item: float | None = None
         self.expected_cpu: list[int] = []
         self.diag: dict[str, Any] = {}
-        self.fleet = None
-        self.app = None
+        # Set by run() while the fleet is up.
+        self.fleet: Any = None
+        self.app: Any = None
         self.quiet_waited = 0.0
         self.collect: list[tuple[Row, Callable[[Row], None]]] | None = None
         self.serial_out: dict[str, list[Any]] = {}
@@ -422,9 +423,10 @@ class Bench:
         bad = [t for t in trials if t.wall is None or not t.verified]
         if bad:
             return bad[0]
-        best = min(trials, key=lambda t: t.wall)
+        walls = [t.wall for t in trials if t.wall is not None]  # every one, by now
+        best = trials[walls.index(min(walls))]
         if len(trials) > 1:
-            best.diag["walls"] = [round(t.wall, 4) for t in trials]
+            best.diag["walls"] = [round(w, 4) for w in walls]
         return best
 
     def attempt(self, row: Row, fn: Callable[[Row], None], repeat: int | None = None) -> Row:

@@ -130,3 +130,20 @@ def test_load_config_reports_a_bad_value_without_a_traceback():
             load_config()
     finally:
         pulumi.runtime.set_all_config({})
+
+
+def test_every_setting_has_one_config_key():
+    """`fleet cost` reads CHOICE_KEYS and the program _KEYS: each field is read under one
+    key, and the kinds match what `fleet cost` can convert."""
+    from dataclasses import fields
+
+    from app.stack import CHOICE_KEYS, StackChoices
+    from infra.config import _KEYS
+
+    choice_fields = {f.name for f in fields(StackChoices)}
+    assert {name for name, _ in CHOICE_KEYS.values()} == choice_fields
+    assert {kind for _, kind in CHOICE_KEYS.values()} <= {"str", "int", "list"}
+    program_fields = [name for name, _ in _KEYS.values()]
+    assert len(program_fields) == len(set(program_fields))
+    config_fields = {f.name for f in fields(StackConfig) if f.init} - {"stack"}
+    assert set(program_fields) == config_fields

@@ -4,7 +4,7 @@ Celery, kombu and the result store TLS that checks the certificate and the host 
 The RabbitMQ broker (Amazon MQ, amqps://) and the Redis result store (ElastiCache
 Valkey, rediss:// with an AUTH token) are the stack's TLS services; their
 certificates chain to public CAs, so no FLEET_TLS_CA_FILE is needed. The same
-options were tried for real against TLS-only local servers in tests/test_security.py.
+options were tried for real against TLS-only local servers in tests/faults/test_security.py.
 """
 
 from __future__ import annotations

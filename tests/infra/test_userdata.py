@@ -2,7 +2,7 @@
 
 cloud-init and shellcheck come from Debian packages (cloud-init, shellcheck);
 a test skips only when its tool is absent. The boot script itself (and the
-units app/host/units.py writes) run for real in tests/test_boot.py.
+units app/host/units.py writes) run for real in tests/integration/test_boot.py.
 """
 
 from __future__ import annotations

@@ -1,0 +1,78 @@
+"""The stack's default transport for real: an SQS broker and an S3 result store
+(moto in server mode on a loopback port), real `celery worker` processes and
+the real launcher, with the settings the stack gives the workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from app.launcher.job import JobOptions
+from app.launcher.launcher import Launcher
+from app.launcher.sources import Source
+from scripts.local.fleet import LocalFleet
+from tests.support.aws import VISIBILITY, sqs_settings
+from tests.support.checker import exactly_once
+
+
+@pytest.mark.timeout(120)
+def test_job_completes_with_errors_recorded(aws, tmp_path):
+    settings = sqs_settings(aws, "fleet-basic")
+    out = tmp_path / "out.jsonl"
+    with LocalFleet(2, settings=settings, workdir=tmp_path / "fleet"):
+        summary = Launcher(settings).run(
+            JobOptions(task="poison", source=Source.parse("range:0:1500"), out=out, progress=False)
+        )
+    rows = list(exactly_once(out, range(1500)).values())
+    assert summary.items == 1500
+    assert summary.errors == sum(1 for i in range(1500) if i % 7 == 0)
+    assert all(r["result"] == r["id"] + 1 for r in rows if "result" in r)
+
+
+@pytest.mark.timeout(180)
+def test_killed_worker_batch_is_recovered_before_visibility_timeout(aws, tmp_path):
+    """SQS would hide the dead worker's batch for 31 minutes; the lease brings it back."""
+    settings = sqs_settings(aws, "fleet-kill")
+    out = tmp_path / "out.jsonl"
+    n = 400
+    with LocalFleet(
+        2, settings=settings, workdir=tmp_path / "fleet", env={"FLEET_TEST_ITEM_MS": "10"}
+    ) as fleet:
+        result: dict = {}
+        launcher = threading.Thread(
+            target=lambda: result.update(
+                summary=Launcher(settings).run(
+                    JobOptions(
+                        task="slow",
+                        source=Source.parse(f"range:0:{n}"),
+                        batch_size=25,
+                        out=out,
+                        progress=False,
+                    )
+                )
+            )
+        )
+        started = time.monotonic()
+        launcher.start()
+        victim = fleet.instances[0].proc
+        # Wait until the victim's pool is busy on a batch, then kill the whole worker.
+        deadline = time.monotonic() + 60
+        pool = []
+        while time.monotonic() < deadline:
+            pool = psutil.Process(victim.pid).children()
+            if any(p.cpu_times().user > 0.2 for p in pool):
+                break
+            time.sleep(0.1)
+        os.killpg(victim.pid, signal.SIGKILL)
+        launcher.join(timeout=150)
+        elapsed = time.monotonic() - started
+    assert not launcher.is_alive(), "the job did not finish"
+    rows = list(exactly_once(out, range(n)).values())
+    assert all(r["result"] == 2 * r["id"] for r in rows)
+    assert result["summary"].resent >= 1
+    assert elapsed < VISIBILITY / 10, f"took {elapsed:.0f} s: waited for the visibility timeout"

@@ -1,0 +1,59 @@
+"""Tasks the test fleets load with --include tests.fleet_tasks.
+
+Behaviour is steered by the ID itself, so a test needs no shared state with
+the workers: a poison ID always raises, a slow ID burns CPU for a while.
+"""
+
+import os
+import time
+
+from celery import shared_task
+
+from app.registry import fleet_task
+
+
+@fleet_task
+def echo(item):
+    return item
+
+
+@fleet_task
+def double(item):
+    return int(item) * 2
+
+
+@fleet_task
+def poison(item):
+    """Fails for every ID divisible by 7."""
+    if int(item) % 7 == 0:
+        raise ValueError(f"poison id {item}")
+    return int(item) + 1
+
+
+@fleet_task
+def slow(item):
+    """Busy for FLEET_TEST_ITEM_MS milliseconds of CPU (default 20), then the ID doubled."""
+    end = time.perf_counter() + float(os.environ.get("FLEET_TEST_ITEM_MS", "20")) / 1000
+    while time.perf_counter() < end:
+        pass
+    return int(item) * 2
+
+
+def defined_here(item):
+    """Not registered: reachable only as tests.support.fleet_tasks:defined_here."""
+    return f"plain-{item}"
+
+
+# Imported, not defined here: must never resolve as tests.support.fleet_tasks:system.
+from os import system  # noqa: E402,F401
+
+
+# Plain Celery tasks, for group / chunks / chord on the fleet.
+@shared_task(name="tests.square")
+def square(x):
+    return x * x
+
+
+@shared_task(name="tests.total")
+def total(values):
+    return sum(values)
