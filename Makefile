@@ -41,7 +41,7 @@ test: $(STAMP)
 
 # The unit and infra tiers: no server, no subprocess; what to run while working.
 test-unit: $(STAMP)
-	$(BIN)/python -m pytest -q tests/unit tests/infra
+	$(BIN)/python -m pytest -q -n 2 tests/unit tests/infra
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.bench_fleet
