@@ -7,6 +7,18 @@ diff; a changed one gives a new key, a new launch template version, and an
 instance refresh. Wheels are built with a fixed SOURCE_DATE_EPOCH and the
 operator's own setuptools so that their bytes repeat too.
 
+A new digest's upload keeps the previous digests' objects (retain_on_delete):
+until the instance refresh has replaced every instance, and whenever the group
+launches from its previous template version (a scale-out while `pulumi up`
+runs, a refresh that failed or was rolled back), an instance syncs the prefix
+its user-data names, the old one. The workers may read any digest under
+artifacts/ for the same reason. No lifecycle rule expires old prefixes: S3
+counts expiry from an object's upload, not from the day it stopped being
+current, so a rule would also delete the current wheels of a stack whose code
+has not changed for that long. Old prefixes stay until `pulumi destroy` (or an
+operator removes them); each is one wheel, or the wheel set of an offline
+install.
+
 Without a NAT gateway the workers cannot reach PyPI, so the prefix also holds
 every dependency wheel for the workers' platform, and their names (which carry
 the versions) go into the digest.
@@ -35,6 +47,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_SOURCES = ("pyproject.toml", "README.md", "app", "scripts")
 # The wheel of pyproject.toml's project "celery-fleet" (fleet-boot.sh installs the same).
 APP_WHEELS = "celery_fleet-*.whl"
+# Where the wheels go in the artifact bucket: ARTIFACTS/<digest>/.
+ARTIFACTS = "artifacts"
 # 1980-01-01, the earliest time a zip entry can hold.
 SOURCE_DATE_EPOCH = "315532800"
 # The workers run Amazon Linux 2023: glibc 2.34 and the python3.11 package.
@@ -149,29 +163,41 @@ class Artifact(pulumi.ComponentResource):
         child = pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(parent=self))
 
         self.bucket = PrivateBucket(name, PrivateBucketArgs(), opts=child)
-        self.prefix = f"artifacts/{args.built.digest}"
-        for wheel in args.built.wheels:
+        self.prefix = f"{ARTIFACTS}/{args.built.digest}"
+        # A new digest replaces each object (its key changes); retained, the
+        # previous digest's object stays in S3 (see the module docstring).
+        keep = pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(retain_on_delete=True))
+        self.objects = [
             aws.s3.BucketObjectv2(
                 f"{name}-{wheel.name}",
                 bucket=self.bucket.name,
                 key=f"{self.prefix}/{wheel.name}",
                 source=pulumi.FileAsset(str(wheel)),
                 content_type="application/zip",
-                opts=child,
+                opts=keep,
             )
+            for wheel in args.built.wheels
+        ]
 
-        self.uri = pulumi.Output.concat("s3://", self.bucket.name, f"/{self.prefix}/")
-        # `aws s3 cp --recursive` lists the prefix, then reads each object.
+        # Through the objects' keys, so what uses the URI (the user-data, the
+        # launch template, the group and its refresh) waits for the upload.
+        self.uri = pulumi.Output.all(self.bucket.name, *(o.key for o in self.objects)).apply(
+            lambda names: f"s3://{names[0]}/{self.prefix}/"
+        )
+        # `aws s3 sync` lists the prefix, then reads each object it listed (it
+        # never asks for a key that is not there, nor for the bucket itself).
+        # Any digest, not only this one: an instance launched from the previous
+        # template version reads the previous prefix.
         self.worker_statements = [
             allow(
                 ["s3:ListBucket"],
                 [self.bucket.arn],
                 "ListArtifact",
-                StringLike={"s3:prefix": [f"{self.prefix}/*"]},
+                StringLike={"s3:prefix": [f"{ARTIFACTS}/*"]},
             ),
             allow(
                 ["s3:GetObject"],
-                [pulumi.Output.concat(self.bucket.arn, f"/{self.prefix}/*")],
+                [pulumi.Output.concat(self.bucket.arn, f"/{ARTIFACTS}/*")],
                 "ReadArtifact",
             ),
         ]

@@ -25,6 +25,9 @@ from infra.network import allow_tcp
 DEAD_LETTER_RETENTION = 14 * 24 * 3600
 AMQPS_PORT = 5671
 BROKER_USER = "fleet"
+# 3.13 is only offered with automatic minor upgrades, which also keeps the
+# broker patched (MQ.3). The broker and its configuration name the same version.
+RABBITMQ_VERSION = "3.13"
 
 
 @dataclass
@@ -117,6 +120,8 @@ class RabbitBrokerArgs:
     vpc_id: pulumi.Input[str]
     subnet_ids: Sequence[pulumi.Input[str]]
     worker_sg_id: pulumi.Input[str]
+    # Longest a consumer may hold a message unacked (StackConfig.consumer_timeout_ms).
+    consumer_timeout_ms: int
 
 
 class RabbitBroker(pulumi.ComponentResource):
@@ -141,14 +146,29 @@ class RabbitBroker(pulumi.ComponentResource):
         )
         allow_tcp(f"{name}-amqps", sg.id, args.worker_sg_id, AMQPS_PORT, child)
 
+        # Amazon MQ's default consumer_timeout is 30 minutes: RabbitMQ would close
+        # the channel of a worker still running (or still holding, prefetched) a
+        # longer batch, and redeliver it to another worker.
+        self.configuration = aws.mq.Configuration(
+            f"{name}-config",
+            name=args.broker_name,
+            description="Celery fleet broker: consumer_timeout above the longest batch",
+            engine_type="RabbitMQ",
+            engine_version=RABBITMQ_VERSION,
+            data=f"consumer_timeout = {args.consumer_timeout_ms}\n",
+            opts=child,
+        )
+
         single = args.deployment_mode == "SINGLE_INSTANCE"
         self.broker = aws.mq.Broker(
             name,
             broker_name=args.broker_name,
             engine_type="RabbitMQ",
-            # 3.13 is only offered with automatic minor upgrades, which also
-            # keeps the broker patched (MQ.3).
-            engine_version="3.13",
+            engine_version=RABBITMQ_VERSION,
+            configuration={
+                "id": self.configuration.id,
+                "revision": self.configuration.latest_revision,
+            },
             auto_minor_version_upgrade=True,
             host_instance_type=args.instance_type,
             deployment_mode=args.deployment_mode,

@@ -9,9 +9,11 @@ The table of keys for operators is in infra/README.md.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,16 +29,38 @@ RESULT_STORES = ("s3", "redis")
 NAT_MODES = ("none", "single", "per-az")
 BROKER_DEPLOYMENT_MODES = ("SINGLE_INSTANCE", "CLUSTER_MULTI_AZ")
 
-# vCPUs by size for the common families; "Nxlarge" is N * 4. Sizes outside
-# this table (metal, u-*) have no fixed count, so they need an explicit
-# targetBacklogPerInstance.
-_SIZE_VCPUS = {"medium": 1, "large": 2, "xlarge": 4}
-_INSTANCE_TYPE = re.compile(
-    r"^(?P<family>[a-z]+)(?P<gen>\d+)(?P<attrs>[a-z-]*)\.(?P<size>[a-z0-9-]+)$"
-)
+# The architectures Amazon Linux 2023 is published for (its SSM parameter names).
+ARCHITECTURES = ("x86_64", "arm64")
 
 # A lifecycle hook's heartbeat may be at most two hours.
 MAX_LIFECYCLE_HEARTBEAT = 7200
+
+# CloudWatch Logs keeps a log group's events for one of these many days
+# (PutRetentionPolicy, shape Days); 0 is the provider's "never expire" (it
+# deletes the retention policy instead).
+LOG_RETENTION_DAYS = (
+    *(1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731),
+    *(1096, 1827, 2192, 2557, 2922, 3288, 3653),
+)
+NEVER_EXPIRE = 0
+
+# The idle alarm (infra/scaling.py) looks at one datapoint per minute (PERIOD
+# 60 s), one evaluation period per idle minute; for periods under an hour
+# CloudWatch evaluates at most one day (Period x EvaluationPeriods <= 86,400 s).
+MAX_IDLE_MINUTES = 86_400 // 60
+
+# Amazon MQ for RabbitMQ accepts consumer_timeout from 0 ("infinite") to 2^31 - 1 ms.
+MAX_CONSUMER_TIMEOUT_MS = 2**31 - 1
+
+# AWS APIs the workers call, reached through interface endpoints when there
+# is no NAT gateway (plus sqs with the SQS broker). No "ec2": the workers never
+# call the EC2 API (the Spot notice and the lifecycle state come from instance
+# metadata); no "kms": SSM decrypts SecureStrings on the workers' behalf.
+WORKER_SERVICES = ["ssm", "ssmmessages", "ec2messages", "logs", "monitoring", "autoscaling"]
+# AWS keeps the first four addresses and the last of every subnet.
+RESERVED_PER_SUBNET = 5
+# A RabbitMQ CLUSTER_MULTI_AZ deployment runs three brokers over the subnets.
+CLUSTER_BROKERS = 3
 
 
 class StackConfigError(ValueError):
@@ -55,27 +79,46 @@ def _at_least(key: str, value: int, minimum: int) -> int:
     return value
 
 
-def instance_vcpus(instance_type: str) -> int | None:
-    """vCPUs of an instance type from its size, or None when the size does not tell."""
-    match = _INSTANCE_TYPE.match(instance_type)
-    if not match:
-        return None
-    size = match["size"]
-    if size in _SIZE_VCPUS:
-        return _SIZE_VCPUS[size]
-    multiple = re.fullmatch(r"(\d+)xlarge", size)
-    return int(multiple[1]) * 4 if multiple else None
+@dataclass(frozen=True)
+class InstanceFacts:
+    """What EC2 says of the instance types (aws.ec2.get_instance_type), one for them all."""
+
+    vcpus: int
+    arch: str
 
 
-def instance_arch(instance_type: str) -> str:
-    """'arm64' for Graviton types (a 'g' among the attribute letters: c7g, m6gd), else 'x86_64'."""
-    match = _INSTANCE_TYPE.match(instance_type)
-    if not match:
+def instance_facts(described: Mapping[str, tuple[int, Sequence[str]]]) -> InstanceFacts:
+    """The one vCPU count and architecture of the types EC2 described, or StackConfigError.
+
+    `described` maps each instance type to its default vCPUs and supported architectures.
+    """
+    types = list(described)
+    arches: dict[str, str] = {}
+    for instance_type, (_, supported) in described.items():
+        usable = [a for a in ARCHITECTURES if a in supported]
+        if not usable:
+            raise StackConfigError(
+                f"celery-fleet:instanceTypes: {instance_type!r} runs {', '.join(supported)}; "
+                "Amazon Linux 2023 needs x86_64 or arm64, so pick another type."
+            )
+        arches[instance_type] = usable[0]
+    if len(set(arches.values())) > 1:
         raise StackConfigError(
-            f"celery-fleet:instanceTypes: {instance_type!r} is not an EC2 instance type "
-            "(expected something like c7i.xlarge)."
+            f"celery-fleet:instanceTypes {types} mixes Graviton (arm64) and x86_64 types "
+            f"({_by_type(arches)}); one launch template boots one AMI, so pick types of one "
+            "architecture."
         )
-    return "arm64" if "g" in match["attrs"] else "x86_64"
+    vcpus = {instance_type: count for instance_type, (count, _) in described.items()}
+    if len(set(vcpus.values())) > 1:
+        raise StackConfigError(
+            f"celery-fleet:instanceTypes {types} differ in vCPU count ({_by_type(vcpus)}); "
+            "scaling counts backlog per instance, so list types with one vCPU count."
+        )
+    return InstanceFacts(vcpus=vcpus[types[0]], arch=arches[types[0]])
+
+
+def _by_type(values: Mapping[str, object]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in values.items())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +147,9 @@ class StackConfig(StackChoices):
     lifecycle_heartbeat_seconds: int | None = None
     log_retention_days: int = 14
     tags: dict[str, str] = field(default_factory=dict)
+    # Not a setting: what EC2 says of instance_types, looked up by infra/program.py
+    # at program time and set with `with_instance_facts`.
+    instance_facts: InstanceFacts | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         _one_of("broker", self.broker, BROKERS)
@@ -116,9 +162,13 @@ class StackConfig(StackChoices):
         _at_least("onDemandBaseCapacity", self.on_demand_base_capacity, 0)
         _at_least("maxBatchSeconds", self.max_batch_seconds, 1)
         _at_least("resultTtlDays", self.result_ttl_days, 1)
-        _at_least("idleMinutes", self.idle_minutes, 1)
         _at_least("rootVolumeGb", self.root_volume_gb, 8)
-        _at_least("logRetentionDays", self.log_retention_days, 1)
+        if self.log_retention_days not in (NEVER_EXPIRE, *LOG_RETENTION_DAYS):
+            raise StackConfigError(
+                f"celery-fleet:logRetentionDays={self.log_retention_days}: CloudWatch Logs "
+                f"keeps logs for {', '.join(map(str, LOG_RETENTION_DAYS))} days, or "
+                f"{NEVER_EXPIRE} (never expire); use one of these."
+            )
         if not 1 <= self.max_receive_count <= 1000:
             raise StackConfigError(
                 f"celery-fleet:maxReceiveCount={self.max_receive_count}: SQS accepts 1 to 1000."
@@ -135,7 +185,17 @@ class StackConfig(StackChoices):
                 f"timeout of {self.visibility_timeout}s, over the 43200s SQS allows; "
                 "split the work into shorter batches."
             )
+        # RabbitMQ closes the channel of a consumer that holds a message unacked longer.
+        if self.broker == "rabbitmq" and self.consumer_timeout_ms > MAX_CONSUMER_TIMEOUT_MS:
+            longest = (MAX_CONSUMER_TIMEOUT_MS // 1000 - 60) // 2
+            raise StackConfigError(
+                f"celery-fleet:maxBatchSeconds={self.max_batch_seconds}: the RabbitMQ "
+                f"consumer_timeout would be {self.consumer_timeout_ms} ms (2 x maxBatchSeconds "
+                f"+ 60 s), over the {MAX_CONSUMER_TIMEOUT_MS} ms Amazon MQ allows; use at most "
+                f"{longest} and split the work into shorter batches."
+            )
         self._check_network()
+        self._check_addresses()
         self._check_instance_types()
         self._check_scaling()
         cluster = self.broker_deployment_mode == "CLUSTER_MULTI_AZ"
@@ -160,28 +220,63 @@ class StackConfig(StackChoices):
                 f"celery-fleet:azCount={self.az_count}: at most 8 zones are used."
             )
 
+    def _check_addresses(self) -> None:
+        """Each private subnet must have an address for everything that may run in it.
+
+        The rule: AWS reserves 5 addresses per subnet; rebalancing may take the group
+        10% (at least one instance) over maxInstances; one zone may be out of capacity
+        (Spot, an outage), so the other zones together carry the whole fleet (with two
+        zones, one subnet holds it all); without NAT every interface endpoint has an
+        address in every subnet; and Amazon MQ and ElastiCache nodes take addresses too,
+        counted in every subnet since their zone is not ours to choose.
+        """
+        needed = self._addresses_per_subnet()
+        network = ipaddress.ip_network(self.vpc_cidr)
+        have = network.num_addresses // 16
+        if sum(needed.values()) <= have:
+            return
+        fits = [p for p in range(24, 15, -1) if 2 ** (32 - p) // 16 >= sum(needed.values())]
+        what = ", ".join(f"{n} {label}" for label, n in needed.items() if n)
+        todo = (
+            f"use a /{fits[0]} or a larger block (a shorter prefix), or lower "
+            "celery-fleet:maxInstances."
+            if fits
+            else "no VPC from /16 to /24 has room; lower celery-fleet:maxInstances or raise "
+            "celery-fleet:azCount."
+        )
+        raise StackConfigError(
+            f"celery-fleet:vpcCidr={self.vpc_cidr} gives private subnets of {have} addresses; "
+            f"with celery-fleet:maxInstances={self.max_instances} over {self.az_count} zones "
+            f"(nat={self.nat}, broker={self.broker}) each needs {sum(needed.values())} "
+            f"({what}): {todo}"
+        )
+
+    def _addresses_per_subnet(self) -> dict[str, int]:
+        peak = self.max_instances + max(1, math.ceil(self.max_instances / 10))
+        brokers = 0
+        if self.broker == "rabbitmq":
+            single = self.broker_deployment_mode == "SINGLE_INSTANCE"
+            brokers = 1 if single else math.ceil(CLUSTER_BROKERS / self.az_count)
+        return {
+            "reserved by AWS": RESERVED_PER_SUBNET,
+            "instances": math.ceil(peak / (self.az_count - 1)),
+            "interface endpoints": len(self.endpoint_services) if self.nat == "none" else 0,
+            "Amazon MQ": brokers,
+            "ElastiCache": 1 if self.resolved_result_store == "redis" else 0,
+        }
+
     def _check_instance_types(self) -> None:
+        # Their vCPUs and architecture come from EC2 (infra/program.py, instance_facts).
         if not self.instance_types:
             raise StackConfigError("celery-fleet:instanceTypes is empty; list at least one type.")
-        arches = {instance_arch(t) for t in self.instance_types}
-        if len(arches) > 1:
-            raise StackConfigError(
-                "celery-fleet:instanceTypes mixes Graviton (arm64) and x86_64 types; one launch "
-                "template boots one AMI, so pick types of one architecture."
-            )
-        vcpus = {instance_vcpus(t) for t in self.instance_types}
-        if len(vcpus) > 1:
-            raise StackConfigError(
-                f"celery-fleet:instanceTypes {list(self.instance_types)} differ in vCPU count; "
-                "scaling counts backlog per instance, so list types of one size (e.g. all .xlarge)."
-            )
-        if vcpus == {None} and self.target_backlog is None:
-            raise StackConfigError(
-                f"celery-fleet:instanceTypes {list(self.instance_types)}: the size does not tell "
-                "the vCPU count; set celery-fleet:targetBacklogPerInstance."
-            )
 
     def _check_scaling(self) -> None:
+        if not 1 <= self.idle_minutes <= MAX_IDLE_MINUTES:
+            raise StackConfigError(
+                f"celery-fleet:idleMinutes={self.idle_minutes}: use 1 to {MAX_IDLE_MINUTES}; "
+                "the idle alarm evaluates one-minute periods and CloudWatch allows at most "
+                "one day of them."
+            )
         if self.target_backlog is not None and self.target_backlog <= 0:
             raise StackConfigError(
                 f"celery-fleet:targetBacklogPerInstance={self.target_backlog}: must be above 0."
@@ -199,16 +294,42 @@ class StackConfig(StackChoices):
         return 2 * self.max_batch_seconds + 60
 
     @property
+    def consumer_timeout_ms(self) -> int:
+        # A worker holds a prefetched message unacked while it runs the batch before
+        # it, so RabbitMQ must wait as long as SQS's visibility timeout does.
+        return self.visibility_timeout * 1000
+
+    @property
     def result_ttl_seconds(self) -> int:
         return self.result_ttl_days * 24 * 3600
 
     @property
-    def vcpus_per_instance(self) -> int | None:
-        return instance_vcpus(self.instance_types[0])
+    def endpoint_services(self) -> list[str]:
+        """The interface endpoints the workers need when there is no NAT gateway."""
+        return [*WORKER_SERVICES, *(["sqs"] if self.broker == "sqs" else [])]
+
+    def with_instance_facts(self, facts: InstanceFacts) -> StackConfig:
+        """This config, knowing what EC2 says of its instance types."""
+        cfg = dataclasses.replace(self)
+        object.__setattr__(cfg, "instance_facts", facts)
+        return cfg
+
+    @property
+    def facts(self) -> InstanceFacts:
+        if self.instance_facts is None:
+            raise RuntimeError(
+                "StackConfig.instance_facts is unset: the instance types' vCPUs and "
+                "architecture come from EC2; call with_instance_facts() first (as build() does)."
+            )
+        return self.instance_facts
+
+    @property
+    def vcpus_per_instance(self) -> int:
+        return self.facts.vcpus
 
     @property
     def arch(self) -> str:
-        return instance_arch(self.instance_types[0])
+        return self.facts.arch
 
     @property
     def target_backlog_per_instance(self) -> float:
@@ -218,7 +339,7 @@ class StackConfig(StackChoices):
         # work held back, and holds it steady once the held batches are gone.
         if self.target_backlog is not None:
             return self.target_backlog
-        return Policy().target_backlog_per_instance(self.vcpus_per_instance or 1)
+        return Policy().target_backlog_per_instance(self.vcpus_per_instance)
 
     @property
     def lifecycle_heartbeat(self) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
-from app.names import METRIC_NAMESPACE, STACK_TAG, log_group
+from app.names import BOOT_ERROR_TAG, METRIC_NAMESPACE, STACK_TAG, log_group
 from infra.documents import AwsContext, allow, to_json
 
 # Root device of Amazon Linux 2023 AMIs.
@@ -88,6 +88,22 @@ class WorkerFleet(pulumi.ComponentResource):
             opts=child,
         )
         profile = aws.iam.InstanceProfile(f"{name}-profile", role=self.role.name, opts=child)
+        # What an instance needs from its first second (the artifact, broker,
+        # result store, parameters, logs): granted before the launch template
+        # and the group, which depend on it. On a code change the engine then
+        # updates these grants before it starts the instance refresh, so a
+        # new instance never meets AccessDenied on its first `aws s3 sync`.
+        # The statements that name the group's ARN come after the group
+        # (`{name}-policy` below), as only the group's creation makes that ARN.
+        self.grants = aws.iam.RolePolicy(
+            f"{name}-grants",
+            role=self.role.name,
+            policy=to_json([*args.statements, *self._own_statements(args)]),
+            opts=child,
+        )
+        before_launch = pulumi.ResourceOptions.merge(
+            child, pulumi.ResourceOptions(depends_on=[self.grants])
+        )
 
         self.launch_template = aws.ec2.LaunchTemplate(
             f"{name}-lt",
@@ -127,7 +143,7 @@ class WorkerFleet(pulumi.ComponentResource):
             ),
             tag_specifications=[{"resource_type": "volume", "tags": {STACK_TAG: args.stack}}],
             update_default_version=True,
-            opts=child,
+            opts=before_launch,
         )
 
         self.group = aws.autoscaling.Group(
@@ -165,14 +181,26 @@ class WorkerFleet(pulumi.ComponentResource):
             health_check_grace_period=WARMUP_SECONDS,
             instance_refresh={
                 "strategy": "Rolling",
-                "preferences": {"min_healthy_percentage": 50, "skip_matching": True},
+                "preferences": {
+                    "min_healthy_percentage": 50,
+                    "skip_matching": True,
+                    # The drain agent protects every busy instance from scale-in;
+                    # AWS's default (Wait) would wait on them until the refresh
+                    # fails, leaving them on the old code. Refresh replaces them
+                    # too: their termination waits on the lifecycle hook below,
+                    # which the agent holds until their batches are done.
+                    "scale_in_protected_instances": "Refresh",
+                    # Nothing here puts an instance in Standby, but one there still
+                    # runs the old worker: replace it too rather than wait (and fail).
+                    "standby_instances": "Terminate",
+                },
             },
             tags=[
                 # Ops tools (status, drain, logs) find the stack's hosts by this tag.
                 {"key": STACK_TAG, "value": args.stack, "propagate_at_launch": True},
                 {"key": "Name", "value": f"celery-fleet-{args.stack}", "propagate_at_launch": True},
             ],
-            opts=child,
+            opts=before_launch,
         )
 
         # Termination waits (up to the heartbeat) for the worker to finish its
@@ -189,7 +217,7 @@ class WorkerFleet(pulumi.ComponentResource):
         aws.iam.RolePolicy(
             f"{name}-policy",
             role=self.role.name,
-            policy=to_json([*args.statements, *self._own_statements(args)]),
+            policy=to_json(self._group_statements(args)),
             opts=child,
         )
 
@@ -197,6 +225,7 @@ class WorkerFleet(pulumi.ComponentResource):
         self.register_outputs({"group_name": self.group.name, "log_group": self.log_group.name})
 
     def _own_statements(self, args: WorkerFleetArgs) -> list[dict[str, Any]]:
+        """The role's own statements that need no ARN of the group (granted before it)."""
         ctx = args.aws
         path = ctx.arn("ssm", f"parameter{args.ssm_prefix.rstrip('/')}")
         parameters = [path, f"{path}/*"]
@@ -238,6 +267,29 @@ class WorkerFleet(pulumi.ComponentResource):
                 [self.log_group.arn, pulumi.Output.concat(self.log_group.arn, ":log-stream:*")],
                 "WriteWorkerLogs",
             ),
+            # The drain agent (app/host/agent.py) finds its group and hook by asking:
+            # the hook's name is Pulumi's to choose. Read-only, and these Describe
+            # calls take no resource-level permissions.
+            allow(
+                ["autoscaling:DescribeAutoScalingInstances", "autoscaling:DescribeLifecycleHooks"],
+                ["*"],
+                "FindOwnGroupAndHook",
+            ),
+            # A failed boot says why on its own instance, and only in that one
+            # tag: the instance must carry this stack's tag (propagated by the
+            # group at launch), and the request may set no other tag key.
+            allow(
+                ["ec2:CreateTags"],
+                [ctx.arn("ec2", "instance/*")],
+                "TagOwnBootError",
+                StringEquals={f"aws:ResourceTag/{STACK_TAG}": args.stack},
+                **{"ForAllValues:StringEquals": {"aws:TagKeys": [BOOT_ERROR_TAG]}},
+            ),
+        ]
+
+    def _group_statements(self, args: WorkerFleetArgs) -> list[dict[str, Any]]:
+        """The statements that name the group's ARN: in a policy created after the group."""
+        return [
             # The drain on termination: keep the hook alive, then let it go.
             allow(
                 [
@@ -248,12 +300,7 @@ class WorkerFleet(pulumi.ComponentResource):
                 [self.group.arn],
                 "DrainOnTermination",
             ),
-            # The drain agent (app/host/agent.py) finds its group and hook by asking:
-            # the hook's name is Pulumi's to choose. Read-only, and these Describe
-            # calls take no resource-level permissions.
-            allow(
-                ["autoscaling:DescribeAutoScalingInstances", "autoscaling:DescribeLifecycleHooks"],
-                ["*"],
-                "FindOwnGroupAndHook",
-            ),
+            # A failed boot takes its own instance out of service at once, so the
+            # group replaces it instead of keeping a worker that never runs.
+            allow(["autoscaling:SetInstanceHealth"], [self.group.arn], "MarkOwnInstanceUnhealthy"),
         ]

@@ -87,6 +87,7 @@ class Network(pulumi.ComponentResource):
         )
 
         # Sixteen equal blocks: private subnets from the first eight, public from the rest.
+        # StackConfig checks each private block has room for the fleet and the endpoints.
         # IPv4Network, not ip_network: config.py admits only IPv4 blocks, and so the types say.
         blocks = list(ipaddress.IPv4Network(args.cidr).subnets(prefixlen_diff=4))
         zones = list(enumerate(args.availability_zones))

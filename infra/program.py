@@ -14,7 +14,10 @@ import pulumi_aws as aws
 from app.names import STACK_TAG
 from infra.artifact import REPO_ROOT, Artifact, ArtifactArgs, Builder, build_artifact
 from infra.broker import RabbitBroker, RabbitBrokerArgs, SqsBroker, SqsBrokerArgs
-from infra.config import StackConfig
+
+# Re-exported: tests/infra/test_cost.py checks `fleet cost` counts the same endpoints.
+from infra.config import WORKER_SERVICES as WORKER_SERVICES
+from infra.config import InstanceFacts, StackConfig, StackConfigError, instance_facts
 from infra.dashboard import Dashboard, DashboardArgs
 from infra.documents import AwsContext
 from infra.fleet import WARMUP_SECONDS, WorkerFleet, WorkerFleetArgs
@@ -28,12 +31,6 @@ from infra.result_store import (
 )
 from infra.scaling import QueueScaling, QueueScalingArgs
 from infra.userdata import render_user_data
-
-# AWS APIs the workers call, reached through interface endpoints when there
-# is no NAT gateway. No "ec2": the workers never call the EC2 API (the Spot
-# notice and the lifecycle state come from instance metadata); no "kms": SSM
-# decrypts SecureStrings on the workers' behalf.
-WORKER_SERVICES = ["ssm", "ssmmessages", "ec2messages", "logs", "monitoring", "autoscaling"]
 
 
 @dataclass
@@ -80,7 +77,10 @@ def build(cfg: StackConfig, builder: Builder = build_artifact) -> Stack:
             f"celery-fleet:azCount={cfg.az_count} but {region} offers {len(zones)} zones."
         )
 
-    services = [*WORKER_SERVICES, *(["sqs"] if cfg.broker == "sqs" else [])]
+    # The instance types' vCPUs (the scaling target) and architecture (the AMI,
+    # the wheels) as EC2 describes them, not as their names suggest.
+    cfg = cfg.with_instance_facts(describe_instance_types(cfg.instance_types, region))
+
     network = Network(
         "network",
         NetworkArgs(
@@ -88,7 +88,7 @@ def build(cfg: StackConfig, builder: Builder = build_artifact) -> Stack:
             availability_zones=sorted(zones)[: cfg.az_count],
             nat=cfg.nat,
             region=region,
-            endpoint_services=services,
+            endpoint_services=cfg.endpoint_services,
         ),
         opts=opts,
     )
@@ -122,6 +122,7 @@ def build(cfg: StackConfig, builder: Builder = build_artifact) -> Stack:
                 vpc_id=network.vpc_id,
                 subnet_ids=subnets,
                 worker_sg_id=network.worker_sg_id,
+                consumer_timeout_ms=cfg.consumer_timeout_ms,
             ),
             opts,
         )
@@ -237,3 +238,23 @@ def build(cfg: StackConfig, builder: Builder = build_artifact) -> Stack:
         scaling=scaling,
         user_data=user_data,
     )
+
+
+def describe_instance_types(instance_types: tuple[str, ...], region: str) -> InstanceFacts:
+    """The one vCPU count and architecture of `instance_types`, from EC2 (a plain value now)."""
+    described: dict[str, tuple[int, list[str]]] = {}
+    for instance_type in instance_types:
+        try:
+            found = aws.ec2.get_instance_type(instance_type=instance_type)
+        except Exception as exc:
+            raise pulumi.RunError(
+                f"celery-fleet:instanceTypes: EC2 in {region} does not describe "
+                f"{instance_type!r} ({exc}); list instance types this region offers, "
+                "e.g. c7i.xlarge."
+            ) from None
+        described[instance_type] = (found.default_vcpus, list(found.supported_architectures))
+    try:
+        return instance_facts(described)
+    except StackConfigError as exc:
+        # pulumi prints a RunError as the message alone, without a traceback.
+        raise pulumi.RunError(str(exc)) from None

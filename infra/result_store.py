@@ -55,13 +55,13 @@ class S3ResultStore(pulumi.ComponentResource):
                     "ReadWriteResults",
                 ),
                 # Without ListBucket a missing result reads as 403, not 404,
-                # and the result backend takes "not ready yet" for an error.
-                allow(
-                    ["s3:ListBucket"],
-                    [bucket.arn],
-                    "ListResults",
-                    StringLike={"s3:prefix": [f"{RESULT_PREFIX}/*"]},
-                ),
+                # and every batch's first HEAD (is the batch committed?) fails.
+                # No s3:prefix condition: HeadBucket (the store's ping) and the
+                # 404-for-a-missing-key check carry no prefix, so StringLike
+                # on it can never match; and StringLikeIfExists would let a
+                # listing without a prefix through, fencing nothing. The
+                # bucket holds only results, so the bucket itself is the fence.
+                allow(["s3:ListBucket"], [bucket.arn], "ListResults"),
             ],
             outputs={"resultBucket": bucket.name},
         )

@@ -8,14 +8,17 @@
 - queue depth: the broker (Redis list length and RabbitMQ message count through
   a passive declare in kombu; SQS queue attributes through boto3);
 - in flight: the store's batch leases (running now, by job) and the batches
-  launchers hold back.
+  launchers hold back;
+- instance refresh: for a stack, the latest refresh of each of its groups
+  (a code change replaces the instances through one), shown while it runs and
+  when it failed, so instances left on the old code do not go unnoticed.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from app.names import STACK_TAG
+from app.names import BOOT_ERROR_TAG, STACK_TAG
 from app.settings import Settings, redact
 
 
@@ -42,6 +45,7 @@ def stack_instances(stack: str, session: Any = None) -> list[dict[str, Any]]:
     out = []
     for m in members:
         ec2_info = details.get(m["InstanceId"], {})
+        tags = {t["Key"]: t["Value"] for t in ec2_info.get("Tags") or []}
         out.append(
             {
                 "id": m["InstanceId"],
@@ -53,9 +57,56 @@ def stack_instances(stack: str, session: Any = None) -> list[dict[str, Any]]:
                 # EC2 says "spot" for Spot instances and nothing for on-demand ones.
                 "market": "spot" if ec2_info.get("InstanceLifecycle") == "spot" else "on-demand",
                 "private_ip": ec2_info.get("PrivateIpAddress"),
+                # Why its boot failed, as the instance tagged itself (scripts/fleet-boot.sh).
+                "boot_error": tags.get(BOOT_ERROR_TAG),
             }
         )
     return sorted(out, key=lambda i: i["id"])
+
+
+# Refresh states (DescribeInstanceRefreshes) worth showing: still going, or ended short.
+REFRESH_RUNNING = ("Pending", "InProgress", "Cancelling", "RollbackInProgress", "Baking")
+REFRESH_FAILED = ("Failed", "Cancelled", "RollbackFailed", "RollbackSuccessful")
+
+
+def stack_refreshes(stack: str, session: Any = None) -> list[dict[str, Any]]:
+    """The latest instance refresh of each of the stack's groups (found by tag), if any."""
+    import boto3
+
+    session = session or boto3.session.Session()
+    autoscaling = session.client("autoscaling")
+    groups = [
+        group["AutoScalingGroupName"]
+        for page in autoscaling.get_paginator("describe_auto_scaling_groups").paginate(
+            Filters=[{"Name": f"tag:{STACK_TAG}", "Values": [stack]}]
+        )
+        for group in page["AutoScalingGroups"]
+    ]
+    out = []
+    for group in sorted(groups):
+        refreshes = autoscaling.describe_instance_refreshes(
+            AutoScalingGroupName=group, MaxRecords=5
+        )["InstanceRefreshes"]
+        if not refreshes:
+            continue
+        # The newest; one not started yet (Pending) is newer than any started.
+        latest = max(
+            refreshes,
+            key=lambda r: r["StartTime"].timestamp() if r.get("StartTime") else float("inf"),
+        )
+        out.append(
+            {
+                "group": group,
+                "id": latest["InstanceRefreshId"],
+                "status": latest["Status"],
+                "reason": latest.get("StatusReason"),
+                "percent": latest.get("PercentageComplete"),
+                "to_update": latest.get("InstancesToUpdate"),
+                "started": str(latest["StartTime"]) if latest.get("StartTime") else None,
+                "ended": str(latest["EndTime"]) if latest.get("EndTime") else None,
+            }
+        )
+    return out
 
 
 def local_instances(state: dict[str, Any]) -> list[dict[str, Any]]:
@@ -105,8 +156,18 @@ def collect(
         "running_batches": None,
         "jobs_in_flight": None,
         "held_back": None,
+        # A deployed stack's latest instance refresh per group; None: not a stack.
+        "refreshes": None,
         "errors": [],
     }
+    if settings.stack:
+        try:
+            import boto3
+
+            session = boto3.session.Session(region_name=settings.aws_region or None)
+            status["refreshes"] = stack_refreshes(settings.stack, session)
+        except Exception as exc:
+            status["errors"].append(f"instance refresh: {exc}")
     try:
         store = open_store(settings)
         store.ping()
@@ -146,9 +207,11 @@ def render(status: dict[str, Any]) -> str:
                 lines.append(
                     f"  {i['id']}  {i['type'] or '?':<12} {i['zone'] or '?':<12} "
                     f"{i['state']:<18} {i['market']:<9} {i['private_ip'] or ''}"
+                    + (f"  boot failed: {i['boot_error']}" if i.get("boot_error") else "")
                 )
             else:
                 lines.append(f"  {i['id']}  {i['cpus']} CPU  pid {i['pid']}  {i['state']}")
+    lines.extend(_refresh_lines(status.get("refreshes") or []))
     lines.append(f"workers online: {len(status['workers'])} ({status['slots']} slots)")
     for w in status["workers"]:
         lines.append(
@@ -168,3 +231,25 @@ def render(status: dict[str, Any]) -> str:
         )
     lines.extend(f"error: {e}" for e in status["errors"])
     return "\n".join(lines)
+
+
+def _refresh_lines(refreshes: list[dict[str, Any]]) -> list[str]:
+    """A refresh that runs or ended short; a successful one is not news."""
+    lines = []
+    for r in refreshes:
+        if r["status"] in REFRESH_RUNNING:
+            done = f"{r['percent']}%" if r["percent"] is not None else "?%"
+            left = f", {r['to_update']} instance(s) to replace" if r["to_update"] else ""
+            lines.append(
+                f"instance refresh {r['status']} on {r['group']}: {done} done{left} "
+                f"(since {r['started']})"
+            )
+        elif r["status"] in REFRESH_FAILED:
+            lines.append(
+                f"instance refresh {r['status'].upper()} on {r['group']} ({r['ended']}): "
+                f"{r['reason'] or 'no reason given'}; instances it did not replace run the "
+                "previous code. Start another: aws autoscaling start-instance-refresh "
+                f"--auto-scaling-group-name {r['group']} --preferences "
+                """'{"SkipMatching": true, "ScaleInProtectedInstances": "Refresh"}'"""
+            )
+    return lines

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import time
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,6 +32,8 @@ _json = msgspec.json.Encoder()
 _decode = msgspec.json.Decoder().decode
 CLOCK_SLACK = 2.0  # seconds of disagreement tolerated between S3's clock and ours
 POLL = 0.5
+# What S3 says when IAM or the bucket policy refuses a request (a HEAD has no body: "403").
+FORBIDDEN = ("AccessDenied", "Forbidden", "403")
 
 
 class S3Store:
@@ -65,12 +68,40 @@ class S3Store:
     def _batch_key(self, job: str, batch: int) -> str:
         return self._key("jobs", job, "results", f"{batch:010d}")
 
+    def _forbidden(self, exc: Exception, what: str) -> StoreUnavailable | None:
+        """A clear StoreUnavailable for S3's 403 on `what`; None for any other error.
+
+        S3 answers a GET or HEAD of a key that does not exist with 404 only to a
+        caller allowed s3:ListBucket on the bucket, and with 403 to anyone
+        else: without that permission every first look at a batch's result
+        (not written yet) fails.
+        """
+        if not isinstance(exc, self._errors.ClientError):
+            return None
+        error, meta = exc.response.get("Error", {}), exc.response.get("ResponseMetadata", {})
+        if error.get("Code") not in FORBIDDEN and meta.get("HTTPStatusCode") != 403:
+            return None
+        return StoreUnavailable(
+            f"the result store s3://{self.bucket}/{self.prefix} refused {what} (403 Forbidden). "
+            "HeadBucket, and the 404 S3 gives for a key not written yet (a 403 otherwise), "
+            f"need s3:ListBucket on arn:aws:s3:::{self.bucket} with no s3:prefix condition "
+            "(neither request carries one); results need s3:GetObject, s3:PutObject and "
+            f"s3:DeleteObject on arn:aws:s3:::{self.bucket}/{self.prefix}*. Grant them to "
+            "this role or user; a stack's workers get them from infra/result_store.py "
+            "(run `pulumi up`)."
+        )
+
     def _get(self, key: str) -> bytes | None:
         try:
             body: bytes = self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
             return body
         except self.s3.exceptions.NoSuchKey:
             return None
+        except self._errors.ClientError as exc:
+            forbidden = self._forbidden(exc, f"GetObject of {key}")
+            if forbidden is not None:
+                raise forbidden from exc
+            raise
 
     def _exists(self, key: str) -> bool:
         try:
@@ -78,6 +109,9 @@ class S3Store:
         except self._errors.ClientError as exc:
             if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                 return False
+            forbidden = self._forbidden(exc, f"HeadObject of {key}")
+            if forbidden is not None:
+                raise forbidden from exc
             raise
         return True
 
@@ -99,9 +133,22 @@ class S3Store:
         ]
 
     def ping(self) -> None:
+        """Reach the bucket, and check a missing key reads as missing (404, not 403).
+
+        The second check is what every batch does first (is it committed?), so
+        a role without s3:ListBucket fails here, once and clearly: the launcher
+        stops before it sends anything, and a worker host never reports its
+        worker online (`python -m app.boot wait` and `status` show why).
+        """
         try:
             self.s3.head_bucket(Bucket=self.bucket)
+            self._exists(self._key("ping", uuid.uuid4().hex))
+        except StoreUnavailable:
+            raise
         except Exception as exc:
+            forbidden = self._forbidden(exc, "HeadBucket")
+            if forbidden is not None:
+                raise forbidden from None
             raise StoreUnavailable(
                 f"cannot reach the result store at {redact(self.url)}: {exc}"
             ) from None

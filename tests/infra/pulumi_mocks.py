@@ -65,6 +65,34 @@ CALLS = {
     "aws:index/getAvailabilityZones:getAvailabilityZones": {"names": ZONES},
 }
 
+# What EC2 DescribeInstanceTypes says of the types the tests use: (vCPUs, architectures).
+INSTANCE_TYPES = {
+    **{f"{family}.xlarge": (4, ["x86_64"]) for family in ("c7i", "c6i", "c6a", "c5", "m7i")},
+    **{f"{family}.xlarge": (4, ["arm64"]) for family in ("c7g", "m7g")},
+    "c5.large": (2, ["x86_64"]),
+    "t3.medium": (2, ["x86_64"]),
+    "a1.large": (2, ["arm64"]),
+}
+
+
+def _instance_type(args: dict) -> dict | tuple[dict, list[tuple[str, str]]]:
+    """The aws:ec2/getInstanceType invoke; an unknown type fails as the provider's does."""
+    name = args.get("instanceType", "")
+    if name not in INSTANCE_TYPES:
+        reason = (
+            f"reading EC2 Instance Type ({name}): operation error EC2: DescribeInstanceTypes, "
+            f"api error InvalidInstanceType: The following supplied instance types do not "
+            f"exist: [{name}]"
+        )
+        return {}, [("instanceType", reason)]
+    vcpus, architectures = INSTANCE_TYPES[name]
+    return {
+        "id": name,
+        "instanceType": name,
+        "defaultVcpus": vcpus,
+        "supportedArchitectures": architectures,
+    }
+
 
 def reveal(value):
     """`value` with every secret wrapper replaced by its plain value."""
@@ -116,6 +144,8 @@ class RecordingMocks(pulumi.runtime.Mocks):
         return [f"{args.name}-id", _fake_outputs(args.typ, args.name, args.inputs)]
 
     def call(self, args: pulumi.runtime.MockCallArgs):
+        if args.token == "aws:ec2/getInstanceType:getInstanceType":
+            return _instance_type(args.args)
         return CALLS.get(args.token, {})
 
 

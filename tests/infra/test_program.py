@@ -40,7 +40,13 @@ def ingress_rules(run: StackRun) -> list[dict]:
 
 
 def policy_statements(run: StackRun) -> list[dict]:
-    return json.loads(run.one("aws:iam/rolePolicy:RolePolicy").props["policy"])["Statement"]
+    # The worker role's inline policies: the grants made before the group, and
+    # the statements naming the group's ARN, made after it (infra/fleet.py).
+    return [
+        stmt
+        for policy in run.of_type("aws:iam/rolePolicy:RolePolicy")
+        for stmt in json.loads(policy.props["policy"])["Statement"]
+    ]
 
 
 def test_launch_template_requires_imdsv2(run):
@@ -189,7 +195,8 @@ def test_scaling_follows_queue_depth(run):
     (backlog,) = [m for m in metrics if m.get("returnData")]
     assert "FILL(held, 0)" in backlog["expression"]
     assert backlog["expression"].endswith("/ instances")
-    assert tracking["targetValue"] == run.cfg.target_backlog_per_instance == 4.0
+    # 1 batch per vCPU; EC2 (the mocks) describes every default type with 4 vCPUs.
+    assert tracking["targetValue"] == 4.0
 
     alarms = {a.name: a.props for a in run.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")}
     for alarm, capacity in (("scaling-wake", 1), ("scaling-idle", 0)):
@@ -373,7 +380,63 @@ def test_dashboard_shows_depth_instances_cpu_and_batches(run):
         "Instances",
         "CPU utilisation (%)",
         "Batches per minute",
+        "Busy slots (running batches)",
+        "Batches finished per minute, by the workers",
     ]
     batches = body["widgets"][3]["properties"]["metrics"][0]
     assert batches[:4] == ["CeleryFleet", "BatchesCompleted", "Stack", "test"]
     assert all(w["properties"]["region"] == REGION for w in body["widgets"])
+
+
+def test_rabbitmq_broker_gets_a_consumer_timeout_above_the_longest_hold(run_stack):
+    """Amazon MQ's default consumer_timeout (30 min) would redeliver longer batches."""
+    cfg = StackConfig(stack="test", broker="rabbitmq", max_batch_seconds=3600)
+    run = run_stack(cfg)
+    config = run.one("aws:mq/configuration:Configuration").props
+    broker = run.one("aws:mq/broker:Broker").props
+    assert config["engineType"] == "RabbitMQ" == broker["engineType"]
+    assert config["engineVersion"] == broker["engineVersion"]
+    # A worker holds a prefetched message while it runs another batch: 2 x 3600 + 60 s.
+    assert config["data"].strip() == f"consumer_timeout = {(2 * 3600 + 60) * 1000}"
+    (configuration,) = [r for r in run.resources if r.typ == "aws:mq/configuration:Configuration"]
+    assert broker["configuration"]["id"] == f"{configuration.name}-id"
+
+
+def test_sqs_stack_has_no_broker_configuration(run_stack):
+    run = run_stack(StackConfig(stack="test"))
+    assert not run.of_type("aws:mq/configuration:Configuration")
+
+
+def test_vcpus_come_from_ec2_not_the_size_name(run_stack):
+    """t3.medium has 2 vCPUs; the name-based guess said 1 and halved the target."""
+    run = run_stack(StackConfig(stack="test", instance_types=("t3.medium",)))
+    tracking = run.named("scaling-backlog").props["targetTrackingConfiguration"]
+    assert tracking["targetValue"] == 2.0
+
+
+def test_same_vcpus_under_different_size_names_are_one_size(run_stack):
+    # t3.medium and c5.large both have 2 vCPUs.
+    run = run_stack(StackConfig(stack="test", instance_types=("t3.medium", "c5.large")))
+    tracking = run.named("scaling-backlog").props["targetTrackingConfiguration"]
+    assert tracking["targetValue"] == 2.0
+
+
+def test_a1_is_graviton_and_boots_the_arm_ami(run_stack):
+    run = run_stack(StackConfig(stack="test", instance_types=("a1.large",)))
+    template = run.one("aws:ec2/launchTemplate:LaunchTemplate").props
+    assert template["imageId"].endswith("al2023-ami-kernel-default-arm64")
+    assert run.outputs["artifactPrefix"].endswith("arm64")
+
+
+@pytest.mark.parametrize(
+    ("types", "message"),
+    [
+        (("c7i.xlarge", "c7g.xlarge"), "mixes Graviton"),
+        (("c7i.xlarge", "t3.medium"), "differ in vCPU count"),
+        (("c7i.xlarge", "banana"), "'banana'"),
+    ],
+)
+def test_instance_types_are_checked_against_ec2(run_stack, types, message):
+    with pytest.raises(Exception, match="celery-fleet:instanceTypes") as caught:
+        run_stack(StackConfig(stack="test", instance_types=types))
+    assert message in str(caught.value)

@@ -219,3 +219,120 @@ def test_local_fleet_with_flower_and_status(fleet_local):
     assert proc.wait(60) == 0
     with pytest.raises(OSError):  # Flower stopped with the fleet
         urllib.request.urlopen(url, timeout=2)
+
+
+# -- instance refreshes ---------------------------------------------------------
+#
+# moto (5.2.5) does not implement DescribeInstanceRefreshes: it raises
+# NotImplementedError. This stub answers that call, and only that one, for every
+# boto3 session made while a test runs (botocore's before-call event, which
+# short-circuits the request); everything else is moto.
+
+
+@pytest.fixture(autouse=True)
+def instance_refreshes(monkeypatch) -> dict[str, list[dict]]:
+    """Group name -> the InstanceRefreshes DescribeInstanceRefreshes answers (none by default)."""
+    import botocore.handlers
+    from botocore.awsrequest import AWSResponse
+
+    answers: dict[str, list[dict]] = {}
+
+    def describe(params, **_):
+        group = params["body"]["AutoScalingGroupName"]
+        parsed = {"InstanceRefreshes": answers.get(group, []), "ResponseMetadata": {}}
+        return AWSResponse("https://autoscaling.amazonaws.com/", 200, {}, None), parsed
+
+    monkeypatch.setattr(
+        botocore.handlers,
+        "BUILTIN_HANDLERS",
+        [
+            *botocore.handlers.BUILTIN_HANDLERS,
+            ("before-call.auto-scaling.DescribeInstanceRefreshes", describe),
+        ],
+    )
+    return answers
+
+
+def make_sqs_stack(stack: str = "dev") -> None:
+    """A stack on moto: SQS broker, S3 result store, SSM parameters, and its group."""
+    queue = boto3.client("sqs").create_queue(QueueName=f"celery-fleet-{stack}")["QueueUrl"]
+    boto3.client("s3").create_bucket(
+        Bucket="fleet-results", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
+    )
+    ssm = boto3.client("ssm")
+    for key, value in {
+        "broker_url": "sqs://",
+        "result_url": "s3://fleet-results/results",
+        "queue": f"celery-fleet-{stack}",
+        "queue_url": queue,
+    }.items():
+        ssm.put_parameter(Name=f"/celery-fleet/{stack}/{key}", Value=value, Type="String")
+    template = boto3.client("ec2").create_launch_template(
+        LaunchTemplateName="workers",
+        LaunchTemplateData={"ImageId": "ami-12c6146b", "InstanceType": "c7i.xlarge"},
+    )["LaunchTemplate"]["LaunchTemplateId"]
+    for name in (stack, "other"):
+        boto3.client("autoscaling").create_auto_scaling_group(
+            AutoScalingGroupName=f"{name}-asg",
+            MinSize=0,
+            MaxSize=5,
+            DesiredCapacity=0,
+            AvailabilityZones=["eu-west-1a"],
+            LaunchTemplate={"LaunchTemplateId": template},
+            Tags=[{"Key": STACK_TAG, "Value": name, "PropagateAtLaunch": True}],
+        )
+
+
+def refresh(status: str, **fields) -> dict:
+    from datetime import UTC, datetime
+
+    return {
+        "InstanceRefreshId": f"refresh-{status.lower()}",
+        "AutoScalingGroupName": "dev-asg",
+        "Status": status,
+        "StartTime": datetime(2026, 12, 2, 15, 0, tzinfo=UTC),
+        **fields,
+    }
+
+
+def test_stack_status_shows_an_instance_refresh_running_or_failed(instance_refreshes, monkeypatch):
+    for key, value in {
+        "AWS_DEFAULT_REGION": "eu-west-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+    }.items():
+        monkeypatch.setenv(key, value)
+    runner = CliRunner()
+    with mock_aws():
+        make_sqs_stack()
+        # No refresh yet: nothing shown, nothing wrong.
+        quiet = runner.invoke(cli, ["status", "--stack", "dev", "--json"])
+        assert quiet.exit_code == 0, quiet.output
+        assert json.loads(quiet.stdout)["refreshes"] == []
+
+        instance_refreshes["dev-asg"] = [
+            refresh("Successful", PercentageComplete=100),
+            refresh("InProgress", PercentageComplete=40, InstancesToUpdate=3)
+            | {"StartTime": refresh("x")["StartTime"].replace(hour=16)},
+        ]
+        instance_refreshes["other-asg"] = [refresh("Failed", StatusReason="not ours")]
+        running = runner.invoke(cli, ["status", "--stack", "dev", "--json"])
+        assert running.exit_code == 0, running.output
+        (shown,) = json.loads(running.stdout)["refreshes"]
+        assert shown["group"] == "dev-asg" and shown["status"] == "InProgress"
+        assert shown["percent"] == 40 and shown["to_update"] == 3
+        text = runner.invoke(cli, ["status", "--stack", "dev"]).stdout
+        assert "instance refresh InProgress on dev-asg: 40% done, 3 instance(s) to replace" in text
+        assert "not ours" not in text
+
+        reason = (
+            "Waiting for 1 instance protected from scale in timed out; the instance refresh failed."
+        )
+        instance_refreshes["dev-asg"] = [
+            refresh("Failed", StatusReason=reason, EndTime=refresh("x")["StartTime"])
+        ]
+        failed = runner.invoke(cli, ["status", "--stack", "dev"])
+    assert failed.exit_code == 0, failed.output
+    assert "instance refresh FAILED on dev-asg" in failed.stdout
+    assert reason in failed.stdout and "run the previous code" in failed.stdout
+    assert '"ScaleInProtectedInstances": "Refresh"' in failed.stdout
