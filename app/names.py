@@ -14,6 +14,8 @@ DISTRIBUTION = "celery-fleet"
 
 # The tag on the autoscaling group (propagated to its instances) that names the stack.
 STACK_TAG = "celery-fleet:stack"
+# The tag an instance whose boot failed puts on itself: why (scripts/fleet-boot.sh fail_boot).
+BOOT_ERROR_TAG = "celery-fleet:boot-error"
 
 # CloudWatch: the namespace and dimension of the metrics launchers publish.
 METRIC_NAMESPACE = "CeleryFleet"
@@ -22,6 +24,12 @@ METRIC_DIMENSION = "Stack"
 HELD_BATCHES_METRIC = "HeldBatches"
 # Batches written since the last report, for the stack's dashboard.
 BATCHES_COMPLETED_METRIC = "BatchesCompleted"
+# What each worker publishes (FLEET_METRICS=cloudwatch, app/worker/heartbeat.py), every
+# minute, per instance (dimensions Stack and InstanceId) and for the stack (Stack alone):
+# its slots running a batch, and the batches it finished in that minute.
+INSTANCE_DIMENSION = "InstanceId"
+BUSY_SLOTS_METRIC = "BusySlots"
+WORKER_BATCHES_METRIC = "WorkerBatchesFinished"
 
 # systemd units on a worker host (app.host.units writes them).
 WORKER_UNIT = "celery-fleet-worker.service"

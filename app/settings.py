@@ -279,6 +279,15 @@ VARIABLES = (
         "before it restarts itself; `0` turns the watchdog off (see Operating a fleet)",
     ),
     Variable(
+        "FLEET_METRICS",
+        None,
+        None,
+        "`cloudwatch` on EC2, else none",
+        "`cloudwatch`: every worker publishes its busy slots and finished batches to "
+        "CloudWatch each minute, per instance (`FLEET_INSTANCE_ID`) and for the stack; "
+        "`python -m app.boot` sets it on EC2",
+    ),
+    Variable(
         "FLEET_TLS_CA_FILE",
         "tls_ca_file",
         None,

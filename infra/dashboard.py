@@ -8,7 +8,14 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
-from app.names import BATCHES_COMPLETED_METRIC, METRIC_DIMENSION, METRIC_NAMESPACE
+from app.names import (
+    BATCHES_COMPLETED_METRIC,
+    BUSY_SLOTS_METRIC,
+    INSTANCE_DIMENSION,
+    METRIC_DIMENSION,
+    METRIC_NAMESPACE,
+    WORKER_BATCHES_METRIC,
+)
 from infra.endpoint import PERIOD, MetricSpec, QueueDepth
 from infra.scaling import group_metric
 
@@ -25,7 +32,7 @@ class DashboardArgs:
 def _widget(
     title: str, metrics: list[list[Any]], position: int, region: str, stat: str
 ) -> dict[str, Any]:
-    """A 12x6 graph; `position` 0-3 fills a 2x2 grid left to right, top to bottom."""
+    """A 12x6 graph; `position` fills a grid two wide, left to right, top to bottom."""
     return {
         "type": "metric",
         "x": 12 * (position % 2),
@@ -40,6 +47,27 @@ def _widget(
             "region": region,
         },
     }
+
+
+def per_instance(metric: str, stack: str, stat: str, qid: str) -> list[Any]:
+    """One line per instance of a metric the workers publish (app/worker/heartbeat.py): a
+    SEARCH, as the instances come and go; labelled by instance id."""
+    search = (
+        f"{{{METRIC_NAMESPACE},{INSTANCE_DIMENSION},{METRIC_DIMENSION}}} "
+        f'MetricName="{metric}" {METRIC_DIMENSION}="{stack}"'
+    )
+    return [{"id": qid, "expression": f"SEARCH('{search}', '{stat}', {PERIOD})"}]
+
+
+def fleet_total(metric: str, stack: str, qid: str) -> list[Any]:
+    """The workers' metric for the whole stack (dimension Stack alone): their sum."""
+    return [
+        METRIC_NAMESPACE,
+        metric,
+        METRIC_DIMENSION,
+        stack,
+        {"id": qid, "stat": "Sum", "label": "all instances"},
+    ]
 
 
 class Dashboard(pulumi.ComponentResource):
@@ -69,6 +97,24 @@ class Dashboard(pulumi.ComponentResource):
             ("Instances", [in_service.for_dashboard(True), desired.for_dashboard(True)], "Average"),
             ("CPU utilisation (%)", [cpu.for_dashboard(True)], "Average"),
             ("Batches per minute", [batches.for_dashboard(True)], "Sum"),
+            # Published by every worker each minute (FLEET_METRICS=cloudwatch), whatever the
+            # broker: per instance, and for the stack.
+            (
+                "Busy slots (running batches)",
+                [
+                    fleet_total(BUSY_SLOTS_METRIC, args.stack, "busy"),
+                    per_instance(BUSY_SLOTS_METRIC, args.stack, "Average", "busy_each"),
+                ],
+                "Sum",
+            ),
+            (
+                "Batches finished per minute, by the workers",
+                [
+                    fleet_total(WORKER_BATCHES_METRIC, args.stack, "done"),
+                    per_instance(WORKER_BATCHES_METRIC, args.stack, "Sum", "done_each"),
+                ],
+                "Sum",
+            ),
         ]
         body = {
             "widgets": [

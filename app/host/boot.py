@@ -40,16 +40,21 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from app.cpus import available_cpus
+from app.host import cwagent
 from app.host.command import host_argv, worker_environ
 from app.host.configure import configure, load_settings, stack_from_prefix
 from app.host.envfile import read_env, write_if_changed
+from app.host.imds import Imds
 from app.host.paths import HostPaths
 from app.host.service import BootError, service_for, want_systemd
 from app.host.status import host_status, wait_online
 from app.host.units import SERVICE_USER, on_ec2
+from app.names import log_group
+from app.settings import ConfigError, Settings
 
 
 def say(message: str) -> None:
@@ -124,13 +129,45 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def ec2_env(imds: Imds | None, environ: Mapping[str, str]) -> dict[str, str]:
+    """On EC2, what the worker needs to publish its metrics: this instance's id, and
+    FLEET_METRICS=cloudwatch unless the environment says otherwise. Nothing elsewhere."""
+    if imds is None:
+        return {}
+    try:
+        instance_id = imds.instance_id()
+    except (OSError, RuntimeError) as exc:
+        say(f"no instance metadata ({exc}): the worker publishes no metrics")
+        return {}
+    return {
+        "FLEET_INSTANCE_ID": instance_id,
+        "FLEET_METRICS": environ.get("FLEET_METRICS") or "cloudwatch",
+    }
+
+
+def shipped_log_group(settings: Settings, use_systemd: bool, ec2: bool) -> str | None:
+    """The log group the CloudWatch agent ships this host's logs to, or None (and why)."""
+    if not (use_systemd and ec2):
+        return None
+    if not cwagent.installed():
+        say(f"no CloudWatch agent ({cwagent.CTL}): the logs stay in the journal")
+        return None
+    if not settings.stack:
+        say("no stack (FLEET_STACK): no log group to ship the logs to")
+        return None
+    return log_group(settings.stack)
+
+
 def run_configure(args: argparse.Namespace, paths: HostPaths) -> int:
     stack = args.stack
     if not stack and not args.settings and args.ssm_prefix:
         stack = stack_from_prefix(args.ssm_prefix)
     settings, extra, source = load_settings(args.settings, stack, os.environ)
     use_systemd = not args.foreground and want_systemd(args.systemd)
-    agent = {"yes": True, "no": False}.get(args.agent, on_ec2())
+    ec2 = on_ec2()
+    agent = {"yes": True, "no": False}.get(args.agent, ec2)
+    extra = {**ec2_env(Imds() if ec2 else None, os.environ), **extra}
+    logs_to = shipped_log_group(settings, use_systemd, ec2)
     report = configure(
         paths,
         settings,
@@ -143,6 +180,7 @@ def run_configure(args: argparse.Namespace, paths: HostPaths) -> int:
         agent=agent,
         foreground=args.foreground,
         user=args.user,
+        log_group=logs_to,
     )
     say(
         f"settings from {report.source}; {report.concurrency} worker processes "
@@ -169,12 +207,26 @@ def run_configure(args: argparse.Namespace, paths: HostPaths) -> int:
     return 0
 
 
+def note_failure(exc: BaseException) -> None:
+    """Hand why the boot failed to scripts/fleet-boot.sh (its fail_boot tags the instance)."""
+    path = os.environ.get("FLEET_BOOT_REASON_FILE")
+    if not path:
+        return
+    reason = exc.message if isinstance(exc, ConfigError) else str(exc) or type(exc).__name__
+    with contextlib.suppress(OSError):
+        Path(path).write_text(f"app.boot: {' '.join(reason.split())}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     paths = HostPaths.from_env()
     try:
         if args.command == "configure":
-            return run_configure(args, paths)
+            try:
+                return run_configure(args, paths)
+            except (Exception, ConfigError) as exc:
+                note_failure(exc)
+                raise
         service = service_for(paths, want_systemd(args.systemd))
         if args.command == "logs":
             command = service.logs_argv(args.lines, args.follow)

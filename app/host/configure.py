@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import pwd
 import socket
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from app.cpus import available_cpus
+from app.host import cwagent
 from app.host.envfile import read_env, render_env, write_if_changed
 from app.host.paths import HostPaths
 from app.host.service import Systemd, run_command
@@ -26,6 +28,34 @@ def stack_from_prefix(prefix: str) -> str:
     if not stack or ssm_prefix(stack) != prefix:
         raise ConfigError(f"SSM prefix {prefix!r} is not of the form {ssm_prefix('<stack>')}.")
     return stack
+
+
+# Tries of every AWS call of a boot (and of each network step of scripts/fleet-boot.sh).
+BOOT_ATTEMPTS = 5
+
+
+def boot_attempts(environ: Mapping[str, str]) -> int:
+    """FLEET_BOOT_ATTEMPTS, as fleet-boot.sh reads it (tests make it small)."""
+    raw = environ.get("FLEET_BOOT_ATTEMPTS", "").strip()
+    return max(1, int(raw)) if raw.isdigit() else BOOT_ATTEMPTS
+
+
+def aws_session(environ: Mapping[str, str]) -> Any:
+    """A boto3 session whose every client retries (botocore's standard mode, with backoff):
+    a boot's SSM reads must outlast a throttled or briefly unreachable endpoint."""
+    import boto3
+    import botocore.config
+    import botocore.session
+
+    core = botocore.session.get_session()
+    core.set_default_client_config(
+        botocore.config.Config(
+            retries={"mode": "standard", "total_max_attempts": boot_attempts(environ)},
+            connect_timeout=5,
+            read_timeout=20,
+        )
+    )
+    return boto3.session.Session(botocore_session=core)
 
 
 def load_settings(
@@ -43,7 +73,8 @@ def load_settings(
     if stack:
         from app.stack import settings_from_stack
 
-        return settings_from_stack(stack), {}, f"SSM Parameter Store (stack {stack})"
+        settings = settings_from_stack(stack, aws_session(environ))
+        return settings, {}, f"SSM Parameter Store (stack {stack})"
     if environ.get("FLEET_BROKER_URL"):
         return Settings.from_env(dict(environ)), {}, "the environment"
     raise ConfigError(
@@ -119,6 +150,38 @@ def ensure_user(user: str, home: Path) -> bool:
         return True
 
 
+def host_files(
+    paths: HostPaths,
+    env: Mapping[str, str],
+    python: str,
+    user: str,
+    agent: bool,
+    foreground: bool,
+    log_group: str | None,
+) -> dict[Path, tuple[str, int]]:
+    """What configure writes: path -> (content, mode)."""
+    files = {paths.env_file: (render_env(env), 0o600)}
+    if foreground:
+        return files
+    shipped = log_group is not None
+    logs = {name: paths.log_dir / name if shipped else None for name, _ in cwagent.LOG_FILES}
+    files[paths.systemd_dir / WORKER_UNIT] = (
+        worker_unit(paths, env, python, user, logs["worker.log"]),
+        0o644,
+    )
+    if agent:
+        drain = agent_unit(paths, env, python, logs["agent.log"])
+        files[paths.systemd_dir / AGENT_UNIT] = (drain, 0o644)
+    if log_group is not None:
+        config = cwagent.agent_config(log_group, paths.log_dir)
+        files[paths.cwagent_config] = (json.dumps(config, indent=2) + "\n", 0o644)
+        rotate = cwagent.logrotate_config(paths.log_dir)
+        files[paths.logrotate_dir / "celery-fleet"] = (rotate, 0o644)
+        # systemd creates a unit's log file, not its directory.
+        paths.log_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    return files
+
+
 def configure(
     paths: HostPaths,
     settings: Settings,
@@ -133,14 +196,13 @@ def configure(
     foreground: bool = False,
     user: str = SERVICE_USER,
     python: str = sys.executable,
+    log_group: str | None = None,
 ) -> Report:
+    """`log_group`: ship the units' logs there with the CloudWatch agent (app/host/cwagent.py)."""
     env = host_env(settings, extra, concurrency, node)
-    files = {paths.env_file: (render_env(env), 0o600)}
     units = [WORKER_UNIT, *([AGENT_UNIT] if agent else [])]
-    if not foreground:
-        files[paths.systemd_dir / WORKER_UNIT] = (worker_unit(paths, env, python, user), 0o644)
-        if agent:
-            files[paths.systemd_dir / AGENT_UNIT] = (agent_unit(paths, env, python), 0o644)
+    shipped = log_group is not None and not foreground
+    files = host_files(paths, env, python, user, agent, foreground, log_group)
     written = [
         str(path) for path, (text, mode) in files.items() if write_if_changed(path, text, mode)
     ]
@@ -168,10 +230,20 @@ def configure(
             # comes back with the new settings.
             systemd.ctl("restart", *units)
             report.actions.append(f"(re)started {' '.join(units)}")
+            if shipped:
+                start_cwagent(paths, report)
         write_if_changed(applied, state.hexdigest(), 0o600)
     elif start:
         stopped = [u for u in units if not systemd.running(u)]
         if stopped:
             systemd.ctl("start", *stopped)
             report.actions.append(f"started {' '.join(stopped)}")
+        if shipped and not systemd.running(cwagent.UNIT):
+            start_cwagent(paths, report)
     return report
+
+
+def start_cwagent(paths: HostPaths, report: Report) -> None:
+    """Load the rendered configuration into the CloudWatch agent and (re)start it."""
+    run_command(cwagent.start_argv(paths.cwagent_config))
+    report.actions.append(f"started the CloudWatch agent ({paths.cwagent_config})")

@@ -53,8 +53,10 @@ class BootError(RuntimeError):
 class Systemd:
     name = "systemd"
 
-    def __init__(self, unit: str = WORKER_UNIT) -> None:
+    def __init__(self, unit: str = WORKER_UNIT, logfile: Path | None = None) -> None:
         self.unit = unit
+        # Where the unit appends its output when the CloudWatch agent ships it (else the journal).
+        self.logfile = logfile
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run_command(["systemctl", *args], check)
@@ -79,6 +81,8 @@ class Systemd:
         self.ctl("stop", self.unit)
 
     def logs_argv(self, lines: int, follow: bool) -> list[str]:
+        if self.logfile is not None and self.logfile.is_file():
+            return ["tail", "-n", str(lines), *(["-F"] if follow else []), str(self.logfile)]
         return [
             "journalctl",
             "--unit",
@@ -171,7 +175,7 @@ class Pidfile:
 
 
 def service_for(paths: HostPaths, use_systemd: bool) -> WorkerService:
-    return Systemd() if use_systemd else Pidfile(paths)
+    return Systemd(logfile=paths.log_dir / "worker.log") if use_systemd else Pidfile(paths)
 
 
 def want_systemd(choice: str) -> bool:

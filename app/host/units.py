@@ -28,7 +28,24 @@ def _exec(argv: Sequence[str]) -> str:
     return " ".join(_unit_arg(a) for a in argv)
 
 
-def worker_unit(paths: HostPaths, env: Mapping[str, str], python: str, user: str) -> str:
+def _output(log_file: Path | None) -> str:
+    """Where a unit's stdout and stderr go: the journal, or appended to `log_file` (which the
+    CloudWatch agent tails: it does not read the journal, see app/host/cwagent.py)."""
+    if log_file is None:
+        return ""
+    return (
+        "# Appended to a file the CloudWatch agent ships (logrotate bounds it).\n"
+        f"StandardOutput=append:{log_file}\nStandardError=append:{log_file}\n"
+    )
+
+
+def worker_unit(
+    paths: HostPaths,
+    env: Mapping[str, str],
+    python: str,
+    user: str,
+    log_file: Path | None = None,
+) -> str:
     stop_timeout = stop_seconds(env)
     return f"""\
 # {HEADER}
@@ -45,7 +62,7 @@ WorkingDirectory={paths.app_dir}
 # FLEET_* settings; root's only (secrets inside): systemd reads it before it drops to User=.
 EnvironmentFile={paths.env_file}
 ExecStart={_exec(host_argv(env, python))}
-# SIGTERM is Celery's warm shutdown: take no new batch, finish the running ones.
+{_output(log_file)}# SIGTERM is Celery's warm shutdown: take no new batch, finish the running ones.
 KillSignal=SIGTERM
 # SIGTERM to the main process only; the pool children would die on it mid-batch.
 KillMode=mixed
@@ -64,7 +81,9 @@ WantedBy=multi-user.target
 """
 
 
-def agent_unit(paths: HostPaths, env: Mapping[str, str], python: str) -> str:
+def agent_unit(
+    paths: HostPaths, env: Mapping[str, str], python: str, log_file: Path | None = None
+) -> str:
     argv = [python, "-m", "app.agent", "--unit", WORKER_UNIT, "--node", env["FLEET_NODE_NAME"]]
     return f"""\
 # {HEADER}
@@ -79,7 +98,7 @@ Type=exec
 WorkingDirectory={paths.app_dir}
 EnvironmentFile={paths.env_file}
 ExecStart={_exec(argv)}
-Restart=always
+{_output(log_file)}Restart=always
 RestartSec=5
 
 [Install]

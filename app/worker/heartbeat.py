@@ -13,13 +13,21 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
 from celery.worker import state as worker_state
 
 from app.batch import run_batch
-from app.names import app_version
+from app.names import (
+    BUSY_SLOTS_METRIC,
+    INSTANCE_DIMENSION,
+    METRIC_DIMENSION,
+    METRIC_NAMESPACE,
+    WORKER_BATCHES_METRIC,
+    app_version,
+)
 from app.registry import FleetTask
 from app.settings import Settings
 from app.store import open_store
@@ -46,6 +54,110 @@ def taken_batches() -> dict[str, int]:
         "reserved": len(worker_state.reserved_requests),
         "active": len(worker_state.active_requests),
     }
+
+
+def finished_batches() -> int:
+    """Batches this worker has finished since it started: accepted, and running no more."""
+    accepted: int = worker_state.all_total_count[0]
+    return accepted - len(worker_state.active_requests)
+
+
+# -- the worker's own metrics in CloudWatch (FLEET_METRICS=cloudwatch) ---------------
+
+METRICS_PERIOD = 60.0
+
+
+def metric_data(stack: str, instance_id: str, busy: int, finished: int) -> dict[str, Any]:
+    """The PutMetricData request of one worker's minute: its slots running a batch and the
+    batches it finished, per instance (Stack, InstanceId) and for the stack (Stack alone,
+    which CloudWatch sums over the instances)."""
+    per_instance = [
+        {"Name": METRIC_DIMENSION, "Value": stack},
+        {"Name": INSTANCE_DIMENSION, "Value": instance_id},
+    ]
+    per_stack = [{"Name": METRIC_DIMENSION, "Value": stack}]
+    return {
+        "Namespace": METRIC_NAMESPACE,
+        "MetricData": [
+            {"MetricName": name, "Dimensions": dims, "Value": float(value), "Unit": "Count"}
+            for name, value in ((BUSY_SLOTS_METRIC, busy), (WORKER_BATCHES_METRIC, finished))
+            for dims in (per_instance, per_stack)
+        ],
+    }
+
+
+class InstanceMetrics:
+    """Publishes this worker's busy slots and finished batches every `period` seconds.
+
+    Its own thread, so that a slow CloudWatch never delays a heartbeat; a failure to
+    publish is logged and the next minute is tried again (its batches count then).
+    """
+
+    def __init__(
+        self,
+        stack: str,
+        instance_id: str,
+        client: Any,
+        sample: Callable[[], tuple[int, int]],
+        clock: Callable[[], float] = time.monotonic,
+        period: float = METRICS_PERIOD,
+    ) -> None:
+        self.stack, self.instance_id, self.client = stack, instance_id, client
+        self.sample, self.clock, self.period = sample, clock, period
+        self.next_at = clock()
+        self.published = sample()[1]  # finished batches already published
+
+    def tick(self) -> bool:
+        """Publish if a period has passed since the last time; True if it did."""
+        now = self.clock()
+        if now < self.next_at:
+            return False
+        self.next_at = now + self.period
+        busy, finished = self.sample()
+        try:
+            self.client.put_metric_data(
+                **metric_data(self.stack, self.instance_id, busy, finished - self.published)
+            )
+            self.published = finished
+        except Exception:
+            log.warning("could not publish the worker's metrics to CloudWatch", exc_info=True)
+        return True
+
+    def run(self, stop: threading.Event, wait: Callable[[float], object] | None = None) -> None:
+        wait = wait or stop.wait
+        while not stop.is_set():
+            self.tick()
+            wait(max(0.0, self.next_at - self.clock()))
+
+
+def instance_metrics(settings: Settings, environ: Mapping[str, str]) -> InstanceMetrics | None:
+    """The publisher FLEET_METRICS asks for (`cloudwatch`), or None."""
+    kind = environ.get("FLEET_METRICS", "").strip().lower()
+    if kind in ("", "none", "off"):
+        return None
+    stack, instance_id = settings.stack, environ.get("FLEET_INSTANCE_ID", "").strip()
+    if kind != "cloudwatch" or not stack or not instance_id:
+        log.warning(
+            "FLEET_METRICS=%s: not publishing metrics (needs `cloudwatch`, FLEET_STACK and "
+            "FLEET_INSTANCE_ID)",
+            kind,
+        )
+        return None
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client(
+        "cloudwatch",
+        region_name=settings.aws_region or environ.get("AWS_DEFAULT_REGION") or None,
+        config=Config(
+            retries={"mode": "standard", "total_max_attempts": 3},
+            connect_timeout=5,
+            read_timeout=10,
+        ),
+    )
+    return InstanceMetrics(
+        stack, instance_id, client, lambda: (taken_batches()["active"], finished_batches())
+    )
 
 
 # Messages taken and event-loop turns of the main thread: the watchdog's proof it consumes.
@@ -115,6 +227,11 @@ class _Heartbeat:
 
         self.thread = threading.Thread(target=beat, name="fleet-heartbeat", daemon=True)
         self.thread.start()
+        metrics = instance_metrics(settings, os.environ)
+        if metrics is not None:
+            threading.Thread(
+                target=metrics.run, args=(self.stop,), name="fleet-metrics", daemon=True
+            ).start()
         if liveness is not None:
             threading.Thread(
                 target=watch, args=(liveness,), name="fleet-watchdog", daemon=True

@@ -316,3 +316,265 @@ def test_fetch_artifact_mirrors_s3_and_wants_one_app_wheel(tmp_path):
     two = bash(f"fetch_artifact {tmp_path}/opt/wheels", env)
     assert two.returncode != 0 and "found 2" in two.stderr
     assert bash(f"fetch_artifact {app_wheel()}", env).stdout.strip() == str(app_wheel())
+
+
+# -- a boot that fails: retries, then fail_boot (tag, Unhealthy) -------------------
+
+INSTANCE_ID = "i-0fa11ed0b00700000"
+
+
+@pytest.fixture
+def imds():
+    """IMDSv2 on a loopback port: a token from PUT, then instance-id and region with it."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    data = {
+        "instance-id": INSTANCE_ID,
+        "placement/region": "eu-west-1",
+        # As soon as the instance is reported Unhealthy: the group holds it in its hook.
+        "autoscaling/target-lifecycle-state": "Terminated",
+    }
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:
+            ok = self.path == "/latest/api/token" and self.headers.get(
+                "X-aws-ec2-metadata-token-ttl-seconds"
+            )
+            self.reply(200 if ok else 400, "token-1" if ok else "")
+
+        def do_GET(self) -> None:
+            if self.headers.get("X-aws-ec2-metadata-token") != "token-1":
+                return self.reply(401, "")
+            value = data.get(self.path.removeprefix("/latest/meta-data/"))
+            self.reply(404, "") if value is None else self.reply(200, value)
+
+        def reply(self, code: int, body: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture
+def fake_aws(tmp_path):
+    """`aws` and `dnf` on a PATH of their own that record their argv (one tab-separated line a
+    call, in calls-aws / calls-dnf) and fail their first $FAKE_S3_FAILURES `s3 sync`s (and
+    $FAKE_DNF_FAILURES installs); a sync that succeeds copies $FAKE_S3_SOURCE."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    for name, failing in (("aws", "S3"), ("dnf", "DNF")):
+        script = bin_dir / name
+        script.write_text(
+            textwrap.dedent(f"""\
+            #!/bin/bash
+            (IFS=$'\\t'; echo "$*") >>{tmp_path}/calls-{name}
+            if [[ "{name}" == dnf || "$1 $2" == "s3 sync" ]]; then
+                n=$(cat {tmp_path}/count-{name} 2>/dev/null || echo 0)
+                echo $((n + 1)) >{tmp_path}/count-{name}
+                if ((n < ${{FAKE_{failing}_FAILURES:-0}})); then
+                    echo "fake {name}: failing on purpose" >&2
+                    exit 1
+                fi
+                [[ "{name}" == aws ]] && cp "$FAKE_S3_SOURCE"/*.whl "${{@: -1}}"
+            fi
+            case "$*" in
+            *describe-auto-scaling-instances*) echo fleet-group ;;
+            *describe-lifecycle-hooks*) echo fleet-drain ;;
+            esac
+            exit 0
+            """)
+        )
+        script.chmod(0o755)
+
+    def calls(name: str = "aws") -> list[list[str]]:
+        """The calls since the last look."""
+        path = tmp_path / f"calls-{name}"
+        lines = path.read_text().splitlines() if path.exists() else []
+        path.unlink(missing_ok=True)
+        return [line.split("\t") for line in lines]
+
+    calls.path = f"{bin_dir}:{os.environ['PATH']}"  # type: ignore[attr-defined]
+    return calls
+
+
+def failing_host(tmp_path: Path, fake_aws, imds_url: str, **extra: str) -> dict[str, str]:
+    root = tmp_path / "host"
+    (root / "run").mkdir(parents=True)
+    env = host_env(
+        root,
+        PATH=fake_aws.path,
+        AWS_EC2_METADATA_SERVICE_ENDPOINT=imds_url,
+        FLEET_BOOT_ATTEMPTS="3",
+        FLEET_BOOT_BACKOFF="0",
+        FLEET_BOOT_RELEASE_SECONDS="3",
+    )
+    env.update(extra)
+    return env
+
+
+def test_boot_retries_failing_steps_and_completes(fleet, tmp_path, fake_aws, imds):
+    settings = write_settings(fleet.settings, tmp_path / "settings.env")
+    env = failing_host(
+        tmp_path,
+        fake_aws,
+        imds,
+        FLEET_ARTIFACT="s3://bucket/artifacts/abc/",
+        FLEET_SETTINGS_FILE=str(settings),
+        FAKE_S3_SOURCE=str(wheelhouse()),
+        FAKE_S3_FAILURES="2",
+        FAKE_DNF_FAILURES="1",
+    )
+    result = fleet_boot(env)
+    assert result.returncode == 0, result.stderr
+    calls = fake_aws()
+    syncs = [c for c in calls if c[:2] == ["s3", "sync"]]
+    assert len(syncs) == 3, "two failures, then the sync that worked"
+    assert "attempt 2 of 3 failed (exit 1), again in 0 s: aws s3 sync" in result.stderr
+    install = ["install", "-y", "--quiet", "--setopt=timeout=20", "--setopt=retries=1"]
+    assert fake_aws("dnf") == [[*install, "amazon-cloudwatch-agent"]] * 2
+    assert f"installed {app_wheel().name}" in result.stderr
+    assert "boot failed" not in result.stderr
+    assert calls == syncs, "a boot that worked tags nothing, reports nothing"
+
+
+def test_boot_that_keeps_failing_tags_the_instance_and_reports_it_unhealthy(
+    tmp_path, fake_aws, imds
+):
+    env = failing_host(
+        tmp_path, fake_aws, imds, FLEET_ARTIFACT="s3://bucket/artifacts/abc/", FAKE_S3_FAILURES="99"
+    )
+    env.pop("AWS_DEFAULT_REGION", None)  # then the region comes from instance metadata
+    result = fleet_boot(env)
+    assert result.returncode != 0
+    calls = fake_aws()
+    syncs = [c for c in calls if c[:2] == ["s3", "sync"]]
+    assert len(syncs) == 3, "FLEET_BOOT_ATTEMPTS tries, no more"
+    reason = (
+        "aws s3 sync --only-show-errors --delete s3://bucket/artifacts/abc/ "
+        f"{env['FLEET_APP_DIR']}/wheels/ failed 3 times (exit 1)"
+    )
+    assert f"fleet-boot: boot failed: {reason}" in result.stderr
+    tag, health, find_group, find_hook, release = calls[3:]
+    assert tag[:6] == ["--region", "eu-west-1", "ec2", "create-tags", "--resources", INSTANCE_ID]
+    assert tag[6] == "--tags"
+    assert json.loads(tag[7]) == [{"Key": "celery-fleet:boot-error", "Value": reason}]
+    assert health == [
+        "--region",
+        "eu-west-1",
+        "autoscaling",
+        "set-instance-health",
+        "--instance-id",
+        INSTANCE_ID,
+        "--health-status",
+        "Unhealthy",
+        "--no-should-respect-grace-period",
+    ]
+    # No drain agent runs to let the termination hook go: the failed boot does, at once.
+    assert find_group[2:5] == ["autoscaling", "describe-auto-scaling-instances", "--instance-ids"]
+    assert find_hook[2:6] == [
+        "autoscaling",
+        "describe-lifecycle-hooks",
+        "--auto-scaling-group-name",
+        "fleet-group",
+    ]
+    assert release == [
+        "--region",
+        "eu-west-1",
+        "autoscaling",
+        "complete-lifecycle-action",
+        "--auto-scaling-group-name",
+        "fleet-group",
+        "--lifecycle-hook-name",
+        "fleet-drain",
+        "--instance-id",
+        INSTANCE_ID,
+        "--lifecycle-action-result",
+        "CONTINUE",
+    ]
+    assert f"let fleet-drain go: {INSTANCE_ID} terminates now" in result.stderr
+
+
+def test_python_failure_of_the_boot_goes_through_fail_boot_too(booted, tmp_path, fake_aws, imds):
+    env = dict(
+        booted.env,
+        PATH=fake_aws.path,
+        AWS_EC2_METADATA_SERVICE_ENDPOINT=imds,
+        AWS_DEFAULT_REGION="us-east-2",
+        FLEET_SETTINGS_FILE=str(tmp_path / "missing.env"),
+        FLEET_BOOT_ATTEMPTS="2",
+        FLEET_BOOT_BACKOFF="0",
+        FLEET_BOOT_RELEASE_SECONDS="3",
+    )
+    env.pop("FLEET_ARTIFACT")  # installed already: straight to app.boot
+    result = fleet_boot(env)
+    assert result.returncode == 1, result.stderr
+    reason = f"app.boot: settings file {tmp_path}/missing.env does not exist."
+    assert f"boot failed: {reason}" in result.stderr
+    tag, health, *release = fake_aws()
+    assert release[-1][2:4] == ["autoscaling", "complete-lifecycle-action"]
+    assert tag[:2] == ["--region", "us-east-2"] and tag[2:4] == ["ec2", "create-tags"]
+    assert json.loads(tag[-1])[0]["Value"] == reason
+    assert health[2:6] == ["autoscaling", "set-instance-health", "--instance-id", INSTANCE_ID]
+    # A command that is not a boot (`fleet ops` runs these) never marks the instance.
+    status = fleet_boot(dict(env, FLEET_ENV_FILE=str(tmp_path / "no-env")), "status")
+    assert status.returncode != 0 and fake_aws() == []
+
+
+def test_failing_boot_off_ec2_only_logs(tmp_path, fake_aws):
+    from scripts.local.processes import free_port
+
+    nothing = f"http://127.0.0.1:{free_port()}"  # no metadata service answers here
+    env = failing_host(tmp_path, fake_aws, nothing, FLEET_ARTIFACT=str(tmp_path / "none.whl"))
+    result = fleet_boot(env)
+    assert result.returncode == 1
+    assert f"boot failed: no wheel at {tmp_path}/none.whl" in result.stderr
+    assert "not on EC2 (no instance metadata" in result.stderr
+    assert fake_aws() == []
+
+
+def test_cloudwatch_agent_install_is_skipped_without_dnf(tmp_path):
+    if shutil.which("dnf"):
+        pytest.skip("this machine has dnf")
+    result = bash("install_cloudwatch_agent && echo done", host_env(tmp_path))
+    assert result.returncode == 0 and result.stdout == "done\n", result.stderr
+    assert "no dnf: not installing the CloudWatch agent" in result.stderr
+
+
+def test_units_that_append_to_log_files_verify_with_systemd(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    layout = HostPaths(tmp_path, tmp_path / "env", tmp_path, tmp_path, tmp_path / "log")
+    env = {"FLEET_QUEUE": "q", "FLEET_CONCURRENCY": "4", "FLEET_NODE_NAME": "n@h"}
+    (tmp_path / "env").write_text(render_env(env))
+    worker = worker_unit(layout, env, sys.executable, "root", tmp_path / "log" / "worker.log")
+    agent = agent_unit(layout, env, sys.executable, tmp_path / "log" / "agent.log")
+    for name, text in ((WORKER_UNIT, worker), (AGENT_UNIT, agent)):
+        (tmp_path / name).write_text(text)
+        result = subprocess.run(
+            [analyze, "verify", str(tmp_path / name)], capture_output=True, text=True, cwd=tmp_path
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert not result.stderr.strip(), result.stderr  # no "Unknown key" warnings either
+    assert f"StandardOutput=append:{tmp_path}/log/worker.log" in worker.splitlines()
+
+
+def test_a_cloudwatch_agent_that_will_not_install_does_not_fail_the_boot(tmp_path, fake_aws):
+    env = host_env(tmp_path, PATH=fake_aws.path, FAKE_DNF_FAILURES="99", FLEET_BOOT_BACKOFF="0")
+    env["FLEET_BOOT_ATTEMPTS"] = "2"
+    result = bash(
+        'REASON_FILE=$(mktemp); install_cloudwatch_agent; echo "rc=$? reason=$(<"$REASON_FILE")"',
+        env,
+    )
+    assert result.stdout == "rc=0 reason=\n", result.stderr
+    assert len(fake_aws("dnf")) == 2
+    assert "could not install the CloudWatch agent" in result.stderr
