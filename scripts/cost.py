@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,8 @@ class CostReport:
     idle: list[LineItem]
     instances: list[InstancePrice]
     notes: list[str] = field(default_factory=list)
+    # The idle total of the same stack with each `celery-fleet:nat` option, side by side.
+    idle_by_network: dict[str, float] = field(default_factory=dict)
 
     @property
     def idle_hourly(self) -> float:
@@ -112,8 +114,21 @@ class CostReport:
         return {**asdict(self), "idle_hourly": round(self.idle_hourly, 5)}
 
 
+NETWORK_OPTIONS = ("single", "per-az", "none")
+
+
 def estimate(settings: StackSettings, prices: dict) -> CostReport:
-    """The hourly cost of the idle stack and of each worker instance type, from `prices`."""
+    """The hourly cost of the idle stack and of each worker instance type, from `prices`,
+    and the idle total with each network option."""
+    report = _estimate(settings, prices)
+    by_network = {
+        nat: round(_estimate(replace(settings, nat=nat), prices).idle_hourly, 5)
+        for nat in NETWORK_OPTIONS
+    }
+    return replace(report, idle_by_network=by_network)
+
+
+def _estimate(settings: StackSettings, prices: dict) -> CostReport:
     try:
         table = prices["regions"][settings.region]
     except KeyError:
@@ -185,6 +200,12 @@ def render(report: CostReport) -> str:
     lines += [f"  {i.count:>3} x {i.item:<40} ${i.hourly:>8.4f}/h" for i in report.idle]
     monthly = report.idle_hourly * HOURS_PER_MONTH
     lines.append(f"  {'total':<46} ${report.idle_hourly:>8.4f}/h  (${monthly:.2f}/month)")
+    if report.idle_by_network:
+        lines.append("Idle total with each network option (celery-fleet:nat):")
+        lines += [
+            f"  {nat:<46} ${hourly:>8.4f}/h  (${hourly * HOURS_PER_MONTH:.2f}/month)"
+            for nat, hourly in report.idle_by_network.items()
+        ]
     lines.append("Each worker instance-hour, with its root volume:")
     for p in report.instances:
         on_demand = "n/a" if p.on_demand is None else f"${p.on_demand:.4f}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -11,7 +12,7 @@ from infra.config import StackConfig
 from infra.program import WORKER_SERVICES
 from scripts import cost as cost_module
 from scripts.cli.cost import cost
-from scripts.cost import StackSettings, estimate
+from scripts.cost import StackSettings, estimate, render
 
 PRICES = json.loads(cost_module.PRICES.read_text())
 US = PRICES["regions"]["us-east-1"]
@@ -55,6 +56,23 @@ def test_default_stack_idles_on_one_nat_gateway():
     assert c7i.instance_type == "c7i.xlarge"
     assert c7i.on_demand == pytest.approx(US["ec2"]["c7i.xlarge"]["on_demand"] + root, abs=1e-5)
     assert c7i.spot == pytest.approx(US["ec2"]["c7i.xlarge"]["spot"] + root, abs=1e-5)
+
+
+def test_idle_cost_of_each_network_option_side_by_side():
+    settings = StackSettings(region="us-east-1")
+    report = estimate(settings, PRICES)
+    assert list(report.idle_by_network) == ["single", "per-az", "none"]
+    for nat, hourly in report.idle_by_network.items():
+        alone = estimate(replace(settings, nat=nat), PRICES)
+        assert hourly == pytest.approx(alone.idle_hourly, abs=1e-5)
+    assert report.idle_by_network["single"] == pytest.approx(report.idle_hourly, abs=1e-5)
+    nat = US["nat_gateway_hour"] + US["public_ipv4_hour"]
+    assert report.idle_by_network["per-az"] - report.idle_by_network["single"] == pytest.approx(
+        nat, abs=1e-5
+    )
+    text = render(report)
+    assert "Idle total with each network option" in text
+    assert all(f"  {nat:<46} $" in text for nat in report.idle_by_network)
 
 
 def test_rabbitmq_cluster_without_nat():
