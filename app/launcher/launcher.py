@@ -72,6 +72,17 @@ class Launcher:
         finally:
             conn.release()
 
+    def _lost_store(self, job: str, opts: JobOptions, exc: BaseException) -> Unreachable:
+        """The result store is gone for good mid-job (its client's retries gave up)."""
+        where = "standard output" if str(opts.out) == "-" else str(opts.out)
+        why = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
+        return Unreachable(
+            f"lost the result store at {redact(self.settings.result_url)} during job {job}: "
+            f"{why}. What was written is in "
+            f"{where}; once the store is back with its data, `fleet run --resume {job} "
+            f"--out {opts.out}` goes on from there."
+        )
+
     def slots(self) -> int:
         """Worker processes consuming this queue now (cached for 2 s)."""
         at, n = self._slots_cache
@@ -164,6 +175,16 @@ class Launcher:
             check_writable(opts.out)
             self.check_connections()
             job, meta = self._new_job(opts, total)
+        lost: tuple[type[BaseException], ...] = (StoreUnavailable, *self.store.connection_errors)
+        try:
+            return self._dispatch(job, meta, opts, started)
+        except lost as exc:
+            raise self._lost_store(job, opts, exc) from None
+
+    def _dispatch(
+        self, job: str, meta: dict[str, Any], opts: JobOptions, started: float
+    ) -> JobSummary:
+        """Send the job's batches and write their results, until done or interrupted."""
         task, source = meta["task"], Source.from_meta(meta["source"])
         plan = BatchPlan.from_meta(meta["layout"], meta.get("total"))
         committed_bits, written_bits, offset, items, errors = self.store.journal(job)

@@ -38,6 +38,9 @@ Journal = tuple[bytes, bytes, int | None, int, int]
 class Store(Protocol):
     """What the launcher and the workers need of a result store."""
 
+    # What a call raises once the store's own retries have given up on reaching it.
+    connection_errors: tuple[type[BaseException], ...]
+
     def ping(self) -> None: ...
     def put_meta(self, job: str, meta: dict[str, Any]) -> None: ...
     def get_meta(self, job: str) -> dict[str, Any] | None: ...

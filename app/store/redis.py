@@ -103,6 +103,9 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 
 
 class RedisStore:
+    # Raised once self.r's retries (about a minute) have given up on the server.
+    connection_errors: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
+
     def __init__(self, url: str, ttl: int = 7 * 24 * 3600, tls_ca_file: str | None = None) -> None:
         self.url = url
         self.ttl = ttl

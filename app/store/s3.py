@@ -57,6 +57,11 @@ class S3Store:
             config=botocore.config.Config(retries={"max_attempts": 10, "mode": "adaptive"}),
         )
         self._errors = botocore.exceptions
+        # No answer from S3 once botocore's retries are spent (no route, timeouts, resets).
+        self.connection_errors: tuple[type[BaseException], ...] = (
+            botocore.exceptions.ConnectionError,  # no route, refused, connect timeout
+            botocore.exceptions.HTTPClientError,  # read timeout, connection closed
+        )
         self._fetched: dict[tuple[str, int], bytes] = {}
         self._announced: dict[str, set[int]] = {}
 
