@@ -52,3 +52,8 @@ def app_version() -> str:
         return metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:
         return "dev"
+
+
+# The AWS SDKs' (boto3, the aws CLI, the Go SDK of the CloudWatch agent) switch to
+# dual-stack endpoints; a stack with `nat: ipv6` sets it on its worker hosts.
+DUALSTACK_VARIABLE = "AWS_USE_DUALSTACK_ENDPOINT"

@@ -26,7 +26,7 @@ from app.stack import CHOICE_KEYS, StackChoices
 
 BROKERS = ("sqs", "rabbitmq")
 RESULT_STORES = ("s3", "redis")
-NAT_MODES = ("none", "single", "per-az")
+NAT_MODES = ("none", "single", "per-az", "ipv6")
 BROKER_DEPLOYMENT_MODES = ("SINGLE_INSTANCE", "CLUSTER_MULTI_AZ")
 
 # The architectures Amazon Linux 2023 is published for (its SSM parameter names).
@@ -57,6 +57,24 @@ MAX_CONSUMER_TIMEOUT_MS = 2**31 - 1
 # call the EC2 API (the Spot notice and the lifecycle state come from instance
 # metadata); no "kms": SSM decrypts SecureStrings on the workers' behalf.
 WORKER_SERVICES = ["ssm", "ssmmessages", "ec2messages", "logs", "monitoring", "autoscaling"]
+# With `nat: ipv6` the workers reach every AWS API they call over IPv6, through an
+# egress-only internet gateway, at the service's dual-stack endpoint: each service
+# a worker host calls, with where AWS says it has one. botocore's endpoint rule sets
+# build a dual-stack name for any service (a generic rule), so they prove nothing;
+# these are the services' own pages. S3 (artifacts, results, and Amazon Linux's
+# package repositories, which are S3 buckets) also stays on the gateway endpoint.
+DUALSTACK_SERVICES = {
+    "s3": "S3 User Guide, dual-stack endpoints (s3.dualstack.<region>.amazonaws.com)",
+    "sqs": "SQS Developer Guide, dual-stack endpoints (sqs.<region>.api.aws)",
+    "ssm": "SSM Agent 3.3.3270.0 (2025-10): IPv6 support, UseDualStackEndpoint",
+    "ssmmessages": "SSM Agent 3.3.3270.0 (2025-10): IPv6 support, UseDualStackEndpoint",
+    "ec2messages": "SSM Agent 3.3.3270.0 (2025-10): IPv6 support, UseDualStackEndpoint",
+    "logs": "General Reference, CloudWatch Logs endpoints (logs.<region>.api.aws)",
+    "monitoring": "General Reference, CloudWatch endpoints (monitoring.<region>.api.aws)",
+    "autoscaling": "General Reference, EC2 Auto Scaling endpoints (autoscaling.<region>.api.aws)",
+    "ec2": "EC2 Developer Guide, dual-stack endpoints (ec2.<region>.api.aws): the boot's "
+    "create-tags on a failure",
+}
 # AWS keeps the first four addresses and the last of every subnet.
 RESERVED_PER_SUBNET = 5
 # A RabbitMQ CLUSTER_MULTI_AZ deployment runs three brokers over the subnets.
@@ -260,7 +278,7 @@ class StackConfig(StackChoices):
         return {
             "reserved by AWS": RESERVED_PER_SUBNET,
             "instances": math.ceil(peak / (self.az_count - 1)),
-            "interface endpoints": len(self.endpoint_services) if self.nat == "none" else 0,
+            "interface endpoints": len(self.endpoint_services) if self.interface_endpoints else 0,
             "Amazon MQ": brokers,
             "ElastiCache": 1 if self.resolved_result_store == "redis" else 0,
         }
@@ -358,9 +376,20 @@ class StackConfig(StackChoices):
 
     @property
     def offline_install(self) -> bool:
-        # Without a NAT gateway the workers cannot reach PyPI, so the artifact
-        # bucket carries every dependency wheel as well.
+        # Without a NAT gateway the workers cannot reach PyPI over IPv4, so the
+        # artifact bucket carries every dependency wheel as well (with `ipv6` too:
+        # a boot then needs nothing outside AWS).
+        return self.nat in ("none", "ipv6")
+
+    @property
+    def interface_endpoints(self) -> bool:
+        """Whether the workers reach the AWS APIs through interface endpoints (`nat: none`)."""
         return self.nat == "none"
+
+    @property
+    def dualstack(self) -> bool:
+        """Whether the workers call AWS at dual-stack endpoints, over IPv6 (`nat: ipv6`)."""
+        return self.nat == "ipv6"
 
     @property
     def ssm_prefix(self) -> str:

@@ -5,8 +5,13 @@ zones. How the workers reach AWS APIs and PyPI is the `nat` setting:
 
 - none:   no internet at all; interface endpoints for the AWS APIs the workers
           call, and the artifact bucket carries every wheel (offline install);
-- single: one NAT gateway (cheapest way to reach PyPI and AWS APIs);
-- per-az: one NAT gateway per zone, so losing a zone keeps the rest online.
+- single: one NAT gateway (cheapest way to reach PyPI and AWS APIs over IPv4);
+- per-az: one NAT gateway per zone, so losing a zone keeps the rest online;
+- ipv6:   dual-stack private subnets and an egress-only internet gateway (free,
+          outbound only, IPv6 only): the workers call every AWS API at its
+          dual-stack endpoint (AWS_USE_DUALSTACK_ENDPOINT, set by the boot),
+          IPv4 goes nowhere but inside the VPC and to S3, and the artifact
+          carries every wheel. Nothing here idles at a price.
 
 Public subnets exist only to hold NAT gateways. S3 is reached through a free
 gateway endpoint in every mode.
@@ -15,6 +20,7 @@ gateway endpoint in every mode.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 from dataclasses import dataclass
 
 import pulumi
@@ -70,9 +76,12 @@ class Network(pulumi.ComponentResource):
         super().__init__("celery-fleet:infra:Network", name, None, opts)
         child = pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(parent=self))
 
+        dualstack = args.nat == "ipv6"
         self.vpc = aws.ec2.Vpc(
             f"{name}-vpc",
             cidr_block=args.cidr,
+            # A /56 of Amazon's, for dual-stack subnets (nat: ipv6).
+            assign_generated_ipv6_cidr_block=dualstack or None,
             # Interface endpoints answer on the services' public names only with DNS on.
             enable_dns_support=True,
             enable_dns_hostnames=True,
@@ -98,6 +107,9 @@ class Network(pulumi.ComponentResource):
                 cidr_block=str(blocks[i]),
                 availability_zone=zone,
                 map_public_ip_on_launch=False,
+                # nat: ipv6: one /64 of the VPC's /56 each, an address for every instance.
+                ipv6_cidr_block=self._ipv6_block(i) if dualstack else None,
+                assign_ipv6_address_on_creation=dualstack or None,
                 tags={"Name": f"{name}-private-{zone}"},
                 opts=child,
             )
@@ -105,9 +117,23 @@ class Network(pulumi.ComponentResource):
         ]
 
         nat_gateways = self._nat_gateways(name, args, blocks, child)
+        egress_only = (
+            aws.ec2.EgressOnlyInternetGateway(
+                f"{name}-eigw", vpc_id=self.vpc.id, tags={"Name": name}, opts=child
+            )
+            if dualstack
+            else None
+        )
         private_tables = []
         for i, zone in zones:
             routes = []
+            if egress_only:
+                # Out over IPv6 only; nothing from outside can open a connection in.
+                routes.append(
+                    aws.ec2.RouteTableRouteArgs(
+                        ipv6_cidr_block="::/0", egress_only_gateway_id=egress_only.id
+                    )
+                )
             if nat_gateways:
                 nat = nat_gateways[i] if args.nat == "per-az" else nat_gateways[0]
                 routes.append(
@@ -158,6 +184,17 @@ class Network(pulumi.ComponentResource):
             description="HTTPS to AWS APIs and package mirrors",
             opts=child,
         )
+        if dualstack:
+            aws.vpc.SecurityGroupEgressRule(
+                f"{name}-worker-https6-out",
+                security_group_id=self.worker_sg.id,
+                cidr_ipv6="::/0",
+                ip_protocol="tcp",
+                from_port=443,
+                to_port=443,
+                description="HTTPS to AWS dual-stack endpoints over IPv6",
+                opts=child,
+            )
 
         if args.nat == "none":
             self._interface_endpoints(name, args, child)
@@ -173,6 +210,15 @@ class Network(pulumi.ComponentResource):
             }
         )
 
+    def _ipv6_block(self, index: int) -> pulumi.Output[str]:
+        """The `index`th /64 of the VPC's IPv6 /56 (AWS assigns the /56 at creation)."""
+
+        def nth(block: str) -> str:
+            subnets = ipaddress.IPv6Network(block).subnets(new_prefix=64)
+            return str(next(itertools.islice(subnets, index, None)))
+
+        return self.vpc.ipv6_cidr_block.apply(nth)
+
     def _nat_gateways(
         self,
         name: str,
@@ -180,7 +226,7 @@ class Network(pulumi.ComponentResource):
         blocks: list[ipaddress.IPv4Network],
         child: pulumi.ResourceOptions,
     ) -> list[aws.ec2.NatGateway]:
-        if args.nat == "none":
+        if args.nat in ("none", "ipv6"):
             return []
         igw = aws.ec2.InternetGateway(
             f"{name}-igw", vpc_id=self.vpc.id, tags={"Name": name}, opts=child

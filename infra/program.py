@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-from app.names import STACK_TAG
+from app.names import DUALSTACK_VARIABLE, STACK_TAG
 from infra.artifact import REPO_ROOT, Artifact, ArtifactArgs, Builder, build_artifact
 from infra.broker import RabbitBroker, RabbitBrokerArgs, SqsBroker, SqsBrokerArgs
 
@@ -162,6 +162,9 @@ def build(cfg: StackConfig, builder: Builder = build_artifact) -> Stack:
                 "FLEET_ARTIFACT": uri,
                 "FLEET_OFFLINE_INSTALL": "1" if cfg.offline_install else "0",
                 "AWS_DEFAULT_REGION": region,
+                # nat: ipv6: the aws CLI, boto3 and the CloudWatch agent call AWS at its
+                # dual-stack endpoints (app.boot hands it on to the worker and agent).
+                **({DUALSTACK_VARIABLE: "true"} if cfg.dualstack else {}),
             }
         )
     )

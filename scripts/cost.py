@@ -114,7 +114,7 @@ class CostReport:
         return {**asdict(self), "idle_hourly": round(self.idle_hourly, 5)}
 
 
-NETWORK_OPTIONS = ("single", "per-az", "none")
+NETWORK_OPTIONS = ("single", "per-az", "none", "ipv6")
 
 
 def estimate(settings: StackSettings, prices: dict) -> CostReport:
@@ -143,7 +143,8 @@ def _estimate(settings: StackSettings, prices: dict) -> CostReport:
         if count:
             idle.append(LineItem(item, count, round(count * unit_hourly, 5)))
 
-    nat_gateways = {"none": 0, "single": 1, "per-az": settings.az_count}[settings.nat]
+    # An egress-only internet gateway (nat: ipv6) has no hourly price.
+    nat_gateways = {"none": 0, "ipv6": 0, "single": 1, "per-az": settings.az_count}[settings.nat]
     # A NAT gateway's Elastic IP is a public IPv4 address, billed on its own.
     add("NAT gateway", nat_gateways, table["nat_gateway_hour"] + table["public_ipv4_hour"])
     if settings.nat == "none":

@@ -18,7 +18,7 @@ from app.host.envfile import read_env, render_env, write_if_changed
 from app.host.paths import HostPaths
 from app.host.service import Systemd, run_command
 from app.host.units import SERVICE_USER, agent_unit, worker_unit
-from app.names import AGENT_UNIT, WORKER_UNIT, ssm_prefix
+from app.names import AGENT_UNIT, DUALSTACK_VARIABLE, WORKER_UNIT, ssm_prefix
 from app.settings import ConfigError, Settings
 
 
@@ -58,6 +58,15 @@ def aws_session(environ: Mapping[str, str]) -> Any:
     return boto3.session.Session(botocore_session=core)
 
 
+# Variables of the boot's environment (the user-data's boot.env) that the worker and
+# the drain agent need as well, so the environment file carries them on.
+HANDED_ON = (DUALSTACK_VARIABLE,)
+
+
+def handed_on(environ: Mapping[str, str]) -> dict[str, str]:
+    return {key: environ[key] for key in HANDED_ON if environ.get(key)}
+
+
 def load_settings(
     settings_file: str | None, stack: str | None, environ: Mapping[str, str]
 ) -> tuple[Settings, dict[str, str], str]:
@@ -69,14 +78,14 @@ def load_settings(
         if raw is None:
             raise ConfigError(f"settings file {settings_file} does not exist.")
         # Variables the settings do not cover (the agent's FLEET_AUTOSCALING_GROUP, AWS_*) stay.
-        return Settings.from_env(raw), raw, f"file {settings_file}"
+        return Settings.from_env(raw), {**handed_on(environ), **raw}, f"file {settings_file}"
     if stack:
         from app.stack import settings_from_stack
 
         settings = settings_from_stack(stack, aws_session(environ))
-        return settings, {}, f"SSM Parameter Store (stack {stack})"
+        return settings, handed_on(environ), f"SSM Parameter Store (stack {stack})"
     if environ.get("FLEET_BROKER_URL"):
-        return Settings.from_env(dict(environ)), {}, "the environment"
+        return Settings.from_env(dict(environ)), handed_on(environ), "the environment"
     raise ConfigError(
         "no settings: give --stack NAME, --ssm-prefix PREFIX (FLEET_SSM_PREFIX), "
         "--settings FILE (FLEET_SETTINGS_FILE), or FLEET_BROKER_URL and "
@@ -173,7 +182,8 @@ def host_files(
         drain = agent_unit(paths, env, python, logs["agent.log"])
         files[paths.systemd_dir / AGENT_UNIT] = (drain, 0o644)
     if log_group is not None:
-        config = cwagent.agent_config(log_group, paths.log_dir)
+        dualstack = env.get(DUALSTACK_VARIABLE, "").lower() == "true"
+        config = cwagent.agent_config(log_group, paths.log_dir, dualstack=dualstack)
         files[paths.cwagent_config] = (json.dumps(config, indent=2) + "\n", 0o644)
         rotate = cwagent.logrotate_config(paths.log_dir)
         files[paths.logrotate_dir / "celery-fleet"] = (rotate, 0o644)

@@ -31,15 +31,25 @@ ROTATE_SIZE = "50M"
 LOG_FILES = (("worker.log", "worker"), ("agent.log", "agent"))
 
 
-def agent_config(log_group: str, log_dir: Path, boot_log: Path = BOOT_LOG) -> dict[str, Any]:
-    """The agent's JSON configuration: the host's log files into `log_group`, one stream each."""
+def agent_config(
+    log_group: str, log_dir: Path, boot_log: Path = BOOT_LOG, *, dualstack: bool = False
+) -> dict[str, Any]:
+    """The agent's JSON configuration: the host's log files into `log_group`, one stream each.
+
+    `dualstack` (a stack with `nat: ipv6`): the agent calls CloudWatch Logs at its
+    dual-stack endpoint (`use_dualstack_endpoint`, in the agent since September 2025,
+    amazon-cloudwatch-agent#1864; an older agent cannot reach the service over IPv6).
+    """
     files = [(log_dir / name, stream) for name, stream in LOG_FILES] + [(boot_log, "boot")]
+    agent: dict[str, Any] = {
+        # Root: the log files are root's (systemd opens them for the units).
+        "run_as_user": "root",
+        "logfile": "/opt/aws/amazon-cloudwatch-agent/logs/amazon-cloudwatch-agent.log",
+    }
+    if dualstack:
+        agent["use_dualstack_endpoint"] = True
     return {
-        "agent": {
-            # Root: the log files are root's (systemd opens them for the units).
-            "run_as_user": "root",
-            "logfile": "/opt/aws/amazon-cloudwatch-agent/logs/amazon-cloudwatch-agent.log",
-        },
+        "agent": agent,
         "logs": {
             "logs_collected": {
                 "files": {

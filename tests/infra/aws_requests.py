@@ -194,13 +194,13 @@ def _subnet(
             **tag_spec("subnet", p, ctx),
         },
     )
-    # The provider modifies the attribute only to turn it on.
-    if p.get("mapPublicIpOnLaunch"):
-        yield (
-            "ec2",
-            "ModifySubnetAttribute",
-            {"SubnetId": ref(name), "MapPublicIpOnLaunch": {"Value": True}},
-        )
+    # The provider modifies an attribute only to turn it on, one per call.
+    for key, member in (
+        ("mapPublicIpOnLaunch", "MapPublicIpOnLaunch"),
+        ("assignIpv6AddressOnCreation", "AssignIpv6AddressOnCreation"),
+    ):
+        if p.get(key):
+            yield "ec2", "ModifySubnetAttribute", {"SubnetId": ref(name), member: {"Value": True}}
 
 
 @maps("aws:ec2/internetGateway:InternetGateway")
@@ -212,6 +212,15 @@ def _igw(name: str, p: dict[str, Any], ctx: Context) -> Iterator[tuple[str, str,
             "AttachInternetGateway",
             {"InternetGatewayId": ref(name), "VpcId": p["vpcId"]},
         )
+
+
+@maps("aws:ec2/egressOnlyInternetGateway:EgressOnlyInternetGateway")
+def _eigw(name: str, p: dict[str, Any], ctx: Context) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    yield (
+        "ec2",
+        "CreateEgressOnlyInternetGateway",
+        {"VpcId": p.get("vpcId"), **tag_spec("egress-only-internet-gateway", p, ctx)},
+    )
 
 
 @maps("aws:ec2/eip:Eip")

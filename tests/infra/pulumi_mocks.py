@@ -43,6 +43,12 @@ def _fake_outputs(typ: str, name: str, inputs: dict) -> dict:
             "primaryEndpointAddress": f"master.{name}.abc123.use1.cache.amazonaws.com"
         },
         "aws:ec2/launchTemplate:LaunchTemplate": lambda: {"latestVersion": 7},
+        # The /56 Amazon assigns a VPC that asks for one.
+        "aws:ec2/vpc:Vpc": lambda: (
+            {"ipv6CidrBlock": "2600:1f18:4a3:6a00::/56"}
+            if inputs.get("assignGeneratedIpv6CidrBlock")
+            else {}
+        ),
         "aws:autoscaling/group:Group": lambda: {
             "name": f"{name}-0123",
             "arn": f"arn:aws:autoscaling:{REGION}:{ACCOUNT}:autoScalingGroup:uuid:"

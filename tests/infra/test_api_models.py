@@ -65,6 +65,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 CONFIGS |= {
     "per-az-nat-3-zones": {"nat": "per-az", "az_count": 3},
+    # The same configurations test_network_ipv6.py builds.
+    "ipv6-sqs-s3": {"nat": "ipv6"},
+    "ipv6-rabbitmq-redis-3-zones": {
+        "nat": "ipv6",
+        "broker": "rabbitmq",
+        "result_store": "redis",
+        "az_count": 3,
+    },
     "rabbitmq-cluster": {"broker": "rabbitmq", "broker_deployment_mode": "CLUSTER_MULTI_AZ"},
     "rabbitmq-hour-long-batches": {"broker": "rabbitmq", "max_batch_seconds": 3600},
     "arm64-a1": {"instance_types": ("a1.large",)},

@@ -97,7 +97,7 @@ def test_instance_facts_are_never_guessed():
     ("overrides", "message"),
     [
         ({"broker": "kafka"}, "celery-fleet:broker='kafka': use one of sqs, rabbitmq"),
-        ({"nat": "two"}, "celery-fleet:nat='two'"),
+        ({"nat": "two"}, "celery-fleet:nat='two': use one of none, single, per-az, ipv6"),
         ({"az_count": 1}, "celery-fleet:azCount=1: must be at least 2"),
         ({"instance_types": ()}, "instanceTypes is empty"),
         ({"vpc_cidr": "10.0.0.0/8"}, "IPv4 block from /16 to /24"),
@@ -240,6 +240,16 @@ def test_the_address_count_decides_the_smallest_vpc():
         StackConfig(stack="dev", vpc_cidr="10.0.0.0/24", broker="rabbitmq")
     # Three zones: one zone out of capacity leaves two to carry the fleet.
     StackConfig(stack="dev", vpc_cidr="10.0.0.0/23", nat="none", az_count=3, max_instances=20)
+    # nat: ipv6 has no interface endpoint to take addresses: a /24 holds the fleet as with NAT.
+    StackConfig(stack="dev", vpc_cidr="10.0.0.0/24", nat="ipv6")
+
+
+def test_ipv6_ships_every_wheel_and_switches_the_sdks_to_dual_stack():
+    cfg = StackConfig(stack="dev", nat="ipv6")
+    assert cfg.offline_install and cfg.dualstack and not cfg.interface_endpoints
+    assert not StackConfig(stack="dev").dualstack
+    none = StackConfig(stack="dev", nat="none")
+    assert none.offline_install and none.interface_endpoints and not none.dualstack
 
 
 def test_a_fleet_no_vpc_can_hold_is_refused_with_what_to_do():

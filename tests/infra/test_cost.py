@@ -61,13 +61,19 @@ def test_default_stack_idles_on_one_nat_gateway():
 def test_idle_cost_of_each_network_option_side_by_side():
     settings = StackSettings(region="us-east-1")
     report = estimate(settings, PRICES)
-    assert list(report.idle_by_network) == ["single", "per-az", "none"]
+    assert list(report.idle_by_network) == ["single", "per-az", "none", "ipv6"]
     for nat, hourly in report.idle_by_network.items():
         alone = estimate(replace(settings, nat=nat), PRICES)
         assert hourly == pytest.approx(alone.idle_hourly, abs=1e-5)
     assert report.idle_by_network["single"] == pytest.approx(report.idle_hourly, abs=1e-5)
     nat = US["nat_gateway_hour"] + US["public_ipv4_hour"]
     assert report.idle_by_network["per-az"] - report.idle_by_network["single"] == pytest.approx(
+        nat, abs=1e-5
+    )
+    # ipv6: no NAT gateway, no interface endpoint; what idles is the dashboard and alarms.
+    ipv6 = {i.item for i in estimate(replace(settings, nat="ipv6"), PRICES).idle}
+    assert ipv6 == {"CloudWatch dashboard", "CloudWatch alarm metric"}
+    assert report.idle_by_network["single"] - report.idle_by_network["ipv6"] == pytest.approx(
         nat, abs=1e-5
     )
     text = render(report)
@@ -95,8 +101,9 @@ def test_rabbitmq_cluster_without_nat():
         StackConfig(stack="test", broker="sqs", result_store="s3", nat="none"),
         StackConfig(stack="test", broker="rabbitmq", result_store="redis", nat="none"),
         StackConfig(stack="test", nat="per-az", az_count=3),
+        StackConfig(stack="test", nat="ipv6"),
     ],
-    ids=["sqs-single", "sqs-none", "rabbitmq-none", "per-az"],
+    ids=["sqs-single", "sqs-none", "rabbitmq-none", "per-az", "ipv6"],
 )
 def test_counts_match_the_resources_the_program_creates(run_stack, cfg):
     run = run_stack(cfg)

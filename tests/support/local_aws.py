@@ -44,6 +44,7 @@ SKIPPED = {
     "aws:ec2/eip:Eip": "the network is the test's network namespaces",
     "aws:ec2/natGateway:NatGateway": "the network is the test's network namespaces",
     "aws:ec2/internetGateway:InternetGateway": "the network is the test's network namespaces",
+    "aws:ec2/egressOnlyInternetGateway:EgressOnlyInternetGateway": "the network is the namespaces",
     "aws:ec2/defaultSecurityGroup:DefaultSecurityGroup": "the network is the namespaces",
     "aws:ec2/securityGroup:SecurityGroup": "the network is the test's network namespaces",
     "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule": "the network is the namespaces",

@@ -18,10 +18,11 @@ import jsonschema  # type: ignore[import-untyped]
 import pytest
 
 from app.host import boot, cwagent
-from app.host.configure import configure
+from app.host.configure import configure, load_settings
+from app.host.envfile import read_env
 from app.host.paths import HostPaths
 from app.host.service import Systemd, service_for
-from app.names import AGENT_UNIT, WORKER_UNIT, log_group
+from app.names import AGENT_UNIT, DUALSTACK_VARIABLE, WORKER_UNIT, log_group
 from app.settings import Settings
 
 SCHEMA = Path(__file__).resolve().parents[1] / "support" / "cloudwatch_agent_schema.json"
@@ -210,3 +211,45 @@ def test_logs_are_shipped_only_by_an_installed_agent_on_ec2_with_a_stack(tmp_pat
     assert boot.shipped_log_group(SETTINGS, True, False) is None, "not on EC2"
     no_stack = Settings("redis://127.0.0.1:1/0", "redis://127.0.0.1:1/1")
     assert boot.shipped_log_group(no_stack, True, True) is None
+
+
+def test_a_dual_stack_boot_hands_the_switch_to_the_units_and_the_agent(host):
+    """nat: ipv6: the boot's AWS_USE_DUALSTACK_ENDPOINT reaches the worker's and the drain
+    agent's environment file and the CloudWatch agent's configuration."""
+    paths, _, _ = host
+    environ = {
+        "FLEET_BROKER_URL": "redis://127.0.0.1:1/0",
+        "FLEET_RESULT_URL": "redis://127.0.0.1:1/1",
+        "FLEET_STACK": "dev",
+        DUALSTACK_VARIABLE: "true",
+    }
+    settings, extra, _ = load_settings(None, None, environ)
+    configure(
+        paths,
+        settings,
+        extra,
+        "test",
+        concurrency=2,
+        node="n@h",
+        agent=True,
+        log_group=log_group("dev"),
+    )
+    assert read_env(paths.env_file)[DUALSTACK_VARIABLE] == "true"
+    config = json.loads(paths.cwagent_config.read_text())
+    assert config["agent"]["use_dualstack_endpoint"] is True
+    jsonschema.Draft4Validator(json.loads(SCHEMA.read_text())).validate(config)
+    # Without the switch (every other network option): neither.
+    del environ[DUALSTACK_VARIABLE]
+    settings, extra, _ = load_settings(None, None, environ)
+    configure(
+        paths,
+        settings,
+        extra,
+        "test",
+        concurrency=2,
+        node="n@h",
+        agent=True,
+        log_group=log_group("dev"),
+    )
+    assert DUALSTACK_VARIABLE not in read_env(paths.env_file)
+    assert "use_dualstack_endpoint" not in json.loads(paths.cwagent_config.read_text())["agent"]
