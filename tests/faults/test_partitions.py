@@ -379,7 +379,7 @@ def test_sigterm_and_sigquit_to_workers(fleet, tmp_path, exec_dir, report_file, 
         cold.proc.send_signal(signal.SIGQUIT)
         codes = {}
         for host in (cold, warm):
-            codes[host.role] = host.proc.wait(60)
+            codes[host.role] = fleet.wait_exit(host, 60)
             fleet.restart_host(host)
         return {"exit_codes": codes}
 

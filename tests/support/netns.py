@@ -487,6 +487,8 @@ class NetFleet:
         env.update(self.settings.as_env())
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         env["FLEET_NETNS_HOST"] = host.role
+        # A worker that will not stop can be asked where its threads are (SIGABRT).
+        env["PYTHONFAULTHANDLER"] = "1"
         env.update(self.extra_env)
         return env
 
@@ -513,6 +515,32 @@ class NetFleet:
             os.killpg(host.proc.pid, signal.SIGKILL)
         _kill_ns(host.ns)
         host.proc.wait(10)
+
+    def wait_exit(self, host: Host, timeout: float) -> int:
+        """The exit code of the host's worker once it exits by itself, within `timeout`.
+
+        One that does not is a failure: its threads' stacks (Python's faulthandler,
+        on SIGABRT) go into the message, and the host is killed and started again, so
+        that the tests after this one find a whole fleet.
+        """
+        assert host.proc is not None
+        try:
+            return host.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        log = self.workdir / f"{host.role}.log"
+        before = log.stat().st_size
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(host.proc.pid, signal.SIGABRT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            host.proc.wait(10)
+        stacks = log.read_bytes()[before:].decode(errors="replace")
+        self.kill_host(host)
+        self.start_host(host)
+        raise AssertionError(
+            f"{host.role}'s worker (pid {host.proc.pid}) did not exit within {timeout:.0f} s; "
+            f"its threads when it was aborted:\n{stacks[-6000:]}"
+        )
 
     def restart_host(self, host: Host) -> None:
         """What systemd's Restart=always does once the worker has exited."""
