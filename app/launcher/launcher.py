@@ -123,6 +123,12 @@ class Launcher:
             {},
             argsrepr=f"[{job!r}, {batch}, ...]",
             kwargsrepr="{}",
+            # The header overrides the task's own ignore_result, and Celery's default
+            # (False) would have every worker store each batch's return value in the
+            # result backend: two more store round trips per batch, and a write that
+            # fails outside the batch (a store cut off as the batch ends) whose
+            # failure Celery's pool could lose track of.
+            ignore_result=True,
         )._replace(body=body)
         try:
             with self.celery.producer_or_acquire() as producer:

@@ -56,10 +56,15 @@ def taken_batches() -> dict[str, int]:
     }
 
 
+def started_batches() -> int:
+    """Batches a pool process of this worker has accepted (started) since it began."""
+    accepted: int = worker_state.all_total_count[0]
+    return accepted
+
+
 def finished_batches() -> int:
     """Batches this worker has finished since it started: accepted, and running no more."""
-    accepted: int = worker_state.all_total_count[0]
-    return accepted - len(worker_state.active_requests)
+    return started_batches() - len(worker_state.active_requests)
 
 
 # -- the worker's own metrics in CloudWatch (FLEET_METRICS=cloudwatch) ---------------
@@ -220,10 +225,11 @@ class _Heartbeat:
 
         def watch(liveness: Liveness) -> None:
             while not self.stop.wait(period):
-                stuck = liveness.check(_activity, taken_batches()["reserved"])
+                taken = {**taken_batches(), "accepted": started_batches()}
+                stuck = liveness.check(_activity, taken)
                 if stuck and not self.stop.is_set():
                     self.stop.set()  # the heartbeat unregisters the slots that are going
-                    liveness.restart(stuck)  # ends the process
+                    liveness.restart(stuck, running=taken["active"])  # ends the process
 
         self.thread = threading.Thread(target=beat, name="fleet-heartbeat", daemon=True)
         self.thread.start()

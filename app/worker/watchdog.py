@@ -95,6 +95,32 @@ class Watchdog:
         self.since: float | None = None  # when all three conditions were first seen together
         self.last_ready = 0
         self.loop_stalled = False
+        self.accepted_seen: int | None = None
+        self.holding_since: float | None = None
+
+    def holding(self, reserved: int, active: int, concurrency: int, accepted: int) -> float | None:
+        """Seconds this worker has held a batch no pool process starts, once that reaches
+        the grace; else None.
+
+        `reserved`: batches taken and not finished; `active`: those a pool process has
+        accepted (started); `accepted`: how many it has accepted since it began. A batch
+        waiting while a pool process is free starts within milliseconds; one that waits
+        a whole grace, with no other batch started meanwhile, never will (Celery's pool
+        can lose track of a process across a broker reconnect). No ready messages are
+        needed for this one: the held batch is the work waiting.
+        """
+        now = self.clock()
+        started_one = accepted != self.accepted_seen
+        self.accepted_seen = accepted
+        waiting = reserved > active and active < concurrency
+        if started_one or not waiting:
+            self.holding_since = None
+            return None
+        if self.holding_since is None:
+            self.holding_since = now
+            return None
+        held = now - self.holding_since
+        return held if held >= self.grace else None
 
     def check(
         self, received: int, reserved: int, concurrency: int, turns: int | None = None
@@ -197,13 +223,25 @@ class Liveness:
             self._reader = ready_count(self.settings)
         return self._reader.ready()
 
-    def check(self, activity: ConsumerActivity, reserved: int) -> str | None:
-        """Why this worker is stuck, or None; `reserved`: batches taken and not finished."""
+    def check(self, activity: ConsumerActivity, taken: Mapping[str, int]) -> str | None:
+        """Why this worker is stuck, or None.
+
+        `taken`: the batches taken and not finished ("reserved"), those running
+        ("active") and all ever started ("accepted"), as heartbeat.taken_batches counts.
+        """
+        reserved = taken["reserved"]
         try:
+            held = self.rule.holding(reserved, taken["active"], self.concurrency, taken["accepted"])
             starving = self.rule.check(activity.taken, reserved, self.concurrency, activity.turns)
         except Exception:
             log.warning("watchdog check failed", exc_info=True)
             return None
+        if held is not None:
+            return (
+                f"stuck: {reserved - taken['active']} batch(es) taken but not started for "
+                f"{held:.1f} s while {self.concurrency - taken['active']} pool slot(s) are free "
+                f"(grace {self.rule.grace:g} s)"
+            )
         if starving is None:
             return None
         could = (
@@ -217,11 +255,20 @@ class Liveness:
             f"{starving:.1f} s (grace {self.rule.grace:g} s)"
         )
 
-    def restart(self, reason: str) -> None:
-        """Exit the worker for its supervisor to restart it (does not return)."""
+    def restart(self, reason: str, running: int) -> None:
+        """Exit the worker for its supervisor to restart it (does not return).
+
+        `running`: batches running now. The warm shutdown waits for them, at most
+        the longest a batch may take; with none running there is nothing to wait
+        for (a batch the pool never started would hold the shutdown for ever), so
+        it gets as long as the main loop gets to begin it.
+        """
+        respond = min(self.rule.grace, RESPOND_SECONDS)
         exit_worker(
             reason,
             blueprint_stopping(self.controller),
-            respond_seconds=min(self.rule.grace, RESPOND_SECONDS),
-            stop_seconds=self.settings.max_batch_seconds + STOP_MARGIN_SECONDS,
+            respond_seconds=respond,
+            stop_seconds=(
+                self.settings.max_batch_seconds + STOP_MARGIN_SECONDS if running else respond
+            ),
         )

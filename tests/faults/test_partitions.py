@@ -293,10 +293,16 @@ def verify(
             break
         if time.monotonic() > deadline:
             exited = {h.role: h.proc.returncode for h in fleet.hosts if h.proc.poll() is not None}
+            # Where the idle hosts' threads are (the hosts are restarted by the next test).
+            stacks = "".join(
+                f"\n--- {h.role}:\n{fleet.abort_with_stacks(h)[-6000:]}"
+                for h in fleet.hosts
+                if h.role in idle and h.proc.poll() is None
+            )
             raise AssertionError(
                 f"not live {bound:.0f} s after the heal: job finished: {finished is not None} "
                 f"({job.written()}/{job.n} written), hosts that ran nothing since: {idle}, "
-                f"workers that exited: {exited}; logs in {fleet.workdir}; seed {SEED}"
+                f"workers that exited: {exited}; logs in {fleet.workdir}; seed {SEED}{stacks}"
             )
         if finished is not None:
             hosts.probe(deadline)

@@ -261,6 +261,18 @@ def test_marking_batches_written_twice_counts_them_once(fleet):
     assert [i for i in range(4) if written[i // 8] >> (7 - i % 8) & 1] == [0, 1, 3]
 
 
+def test_batches_leave_nothing_in_celerys_result_backend(fleet, tmp_path):
+    # The batch writes its results to the store itself; a Celery result per batch
+    # (the message header overrides the task's ignore_result) would cost two more
+    # store round trips each and pile up keys until they expire.
+    store = RedisStore(fleet.settings.result_url)
+    before = set(store.r.scan_iter("celery-task-meta-*"))
+    out = tmp_path / "out.jsonl"
+    summary = run_job(fleet, "double", "range:0:500", out, batch_size=50)
+    assert (summary.status, summary.batches) == ("ok", 10)
+    assert set(store.r.scan_iter("celery-task-meta-*")) - before == set()
+
+
 # -- monitoring --------------------------------------------------------------------
 
 

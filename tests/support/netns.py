@@ -528,19 +528,35 @@ class NetFleet:
             return host.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             pass
-        log = self.workdir / f"{host.role}.log"
-        before = log.stat().st_size
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(host.proc.pid, signal.SIGABRT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            host.proc.wait(10)
-        stacks = log.read_bytes()[before:].decode(errors="replace")
-        self.kill_host(host)
+        pid = host.proc.pid
+        stacks = self.abort_with_stacks(host)
         self.start_host(host)
         raise AssertionError(
-            f"{host.role}'s worker (pid {host.proc.pid}) did not exit within {timeout:.0f} s; "
-            f"its threads when it was aborted:\n{stacks[-6000:]}"
+            f"{host.role}'s worker (pid {pid}) did not exit within {timeout:.0f} s; "
+            f"its threads when it was aborted:\n{stacks[-8000:]}"
         )
+
+    def abort_with_stacks(self, host: Host) -> str:
+        """Abort every process of the host (its pool too), and say where their threads were.
+
+        The workers run with Python's faulthandler on, which writes each thread's
+        stack to the host's log on SIGABRT. The host is dead afterwards
+        (`restart_host` or `start_host` brings it back).
+        """
+        assert host.proc is not None
+        log = self.workdir / f"{host.role}.log"
+        before = log.stat().st_size
+        with contextlib.suppress(psutil.Error):
+            main = psutil.Process(host.proc.pid)
+            # Children first: the main process's death would take them down unheard.
+            for proc in [*main.children(recursive=True), main]:
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(signal.SIGABRT)
+                    proc.wait(5)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            host.proc.wait(5)
+        self.kill_host(host)
+        return log.read_bytes()[before:].decode(errors="replace")
 
     def restart_host(self, host: Host) -> None:
         """What systemd's Restart=always does once the worker has exited."""
