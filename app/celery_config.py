@@ -7,13 +7,16 @@ same way, and plain Celery clients.
 
 from __future__ import annotations
 
+import functools
 import ssl
+from importlib import metadata
 from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery
 
 from app.cpus import worker_concurrency
+from app.names import TASK_ENTRY_POINTS
 from app.settings import Settings, query_options, redis_tls_options
 
 # Modules every worker imports: the batch task (with the heartbeat) and the example tasks.
@@ -21,6 +24,40 @@ WORKER_MODULES = ("app.worker.task",)
 # The modules whose functions a job may name as module:function (app/registry.py),
 # besides FLEET_INCLUDE's. The worker's own modules are not among them.
 TASK_MODULES = ("app.tasks",)
+
+
+@functools.cache
+def entry_point_modules() -> dict[str, str]:
+    """Task modules the installed projects declare: module -> the project declaring it.
+
+    A project names them in the entry-point group `celery_fleet.tasks`
+    (`[project.entry-points."celery_fleet.tasks"] mytasks = "myproj.tasks"`), the way
+    plugins are found in Python packaging; a value's `:attribute`, if any, is ignored
+    (the module is what is imported). Read once per process: what is installed does
+    not change under a running worker.
+    """
+    found: dict[str, str] = {}
+    for ep in metadata.entry_points(group=TASK_ENTRY_POINTS):
+        module = ep.value.partition(":")[0].strip()
+        dist = getattr(ep, "dist", None)
+        found.setdefault(module, dist.name if dist is not None else ep.name)
+    return found
+
+
+def task_module_origins(settings: Settings) -> dict[str, str]:
+    """Every module whose tasks the workers run, with who asked for it: the kit's, the
+    installed projects' (entry points) and FLEET_INCLUDE's, each once, in that order."""
+    origins = dict.fromkeys(TASK_MODULES, "this kit")
+    for module, project in entry_point_modules().items():
+        origins.setdefault(module, f"project {project}, entry point group {TASK_ENTRY_POINTS}")
+    for module in settings.include:
+        origins.setdefault(module, "FLEET_INCLUDE")
+    return origins
+
+
+def task_modules(settings: Settings) -> tuple[str, ...]:
+    """The modules of `task_module_origins`, in its order."""
+    return tuple(task_module_origins(settings))
 
 
 def result_backend(settings: Settings) -> dict[str, Any]:
@@ -129,7 +166,7 @@ def make_app(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
     # (app/worker/guard.py).
     app = Celery(
         "fleet",
-        include=[*WORKER_MODULES, *TASK_MODULES, *settings.include, *include],
+        include=[*WORKER_MODULES, *task_modules(settings), *include],
         task_cls="app.worker.guard:GuardedTask",
     )
     app.conf.update(celery_config(settings))

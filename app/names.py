@@ -57,3 +57,7 @@ def app_version() -> str:
 # The AWS SDKs' (boto3, the aws CLI, the Go SDK of the CloudWatch agent) switch to
 # dual-stack endpoints; a stack with `nat: ipv6` sets it on its worker hosts.
 DUALSTACK_VARIABLE = "AWS_USE_DUALSTACK_ENDPOINT"
+
+# The entry-point group where a user's project names its task modules
+# ([project.entry-points."celery_fleet.tasks"] mytasks = "myproj.tasks").
+TASK_ENTRY_POINTS = "celery_fleet.tasks"

@@ -43,12 +43,14 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from app.celery_config import task_module_origins
 from app.cpus import available_cpus
 from app.host import cwagent
 from app.host.command import host_argv, worker_environ
-from app.host.configure import configure, load_settings, stack_from_prefix
+from app.host.configure import configure, host_env, load_settings, stack_from_prefix
 from app.host.envfile import read_env, write_if_changed
 from app.host.imds import Imds
+from app.host.imports import check_task_modules
 from app.host.paths import HostPaths
 from app.host.service import BootError, service_for, want_systemd
 from app.host.status import host_status, wait_online
@@ -168,6 +170,9 @@ def run_configure(args: argparse.Namespace, paths: HostPaths) -> int:
     agent = {"yes": True, "no": False}.get(args.agent, ec2)
     extra = {**ec2_env(Imds() if ec2 else None, os.environ), **extra}
     logs_to = shipped_log_group(settings, use_systemd, ec2)
+    # Every task module must import before a worker starts (ConfigError: the boot fails).
+    worker_env = {**os.environ, **host_env(settings, extra, args.concurrency, args.node)}
+    check_task_modules(sys.executable, task_module_origins(settings), worker_env)
     report = configure(
         paths,
         settings,

@@ -89,6 +89,8 @@ class LocalFleet:
         self.queue = queue
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="celery-fleet-"))
+        # Set when an instance failed to start: stop() then keeps the workdir's logs.
+        self.keep_logs = False
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.extra_env = env or {}
         self.lease_seconds = lease_seconds
@@ -191,9 +193,12 @@ class LocalFleet:
         while time.monotonic() < deadline:
             for inst in self.instances:
                 if inst.proc is not None and inst.proc.poll() is not None:
+                    path = self.workdir / f"instance{inst.index}.log"
+                    # The logs outlive the stop that follows: they say why.
+                    self.keep_logs = True
                     raise LocalFleetError(
-                        f"instance {inst.index} exited with code {inst.proc.returncode}; "
-                        f"see {self.workdir / f'instance{inst.index}.log'}"
+                        f"instance {inst.index} exited with code {inst.proc.returncode} while "
+                        f"starting; the end of its log ({path}, kept):\n{log_tail(path)}"
                     )
             if len(store.workers()) >= want:
                 return
@@ -230,7 +235,7 @@ class LocalFleet:
         if self.write_state:
             with contextlib.suppress(FileNotFoundError):
                 state_file().unlink()
-        if self._own_workdir:
+        if self._own_workdir and not self.keep_logs:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- state for other commands -----------------------------------------
@@ -263,3 +268,12 @@ class LocalFleet:
             f"results {redact(self.settings.result_url)}\n  {per}{tls}\n"
             f"  logs in {self.workdir}"
         )
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last `lines` lines of a log, indented, or a note that there is none."""
+    try:
+        text = path.read_text(errors="replace").rstrip().splitlines()
+    except FileNotFoundError:
+        return "    (no log)"
+    return "\n".join(f"    {line}" for line in text[-lines:]) or "    (empty)"

@@ -578,3 +578,32 @@ def test_a_cloudwatch_agent_that_will_not_install_does_not_fail_the_boot(tmp_pat
     assert result.stdout == "rc=0 reason=\n", result.stderr
     assert len(fake_aws("dnf")) == 2
     assert "could not install the CloudWatch agent" in result.stderr
+
+
+def test_a_task_module_that_will_not_import_stops_the_boot_naming_it(
+    booted, tmp_path, fake_aws, imds
+):
+    settings = tmp_path / "settings.env"
+    original = Path(booted.env["FLEET_SETTINGS_FILE"]).read_text()
+    settings.write_text(original + "FLEET_INCLUDE=nosuch_project.tasks\n")
+    env = dict(
+        booted.env,
+        PATH=fake_aws.path,
+        AWS_EC2_METADATA_SERVICE_ENDPOINT=imds,
+        AWS_DEFAULT_REGION="us-east-2",
+        FLEET_SETTINGS_FILE=str(settings),
+        FLEET_BOOT_ATTEMPTS="2",
+        FLEET_BOOT_BACKOFF="0",
+        FLEET_BOOT_RELEASE_SECONDS="3",
+    )
+    env.pop("FLEET_ARTIFACT")  # installed already: straight to app.boot
+    result = fleet_boot(env)
+    assert result.returncode == 1, result.stderr
+    reason = (
+        "app.boot: task module nosuch_project.tasks (FLEET_INCLUDE) cannot be imported: "
+        "ModuleNotFoundError: No module named 'nosuch_project'."
+    )
+    assert reason in result.stderr
+    tag, health, *_ = fake_aws()
+    assert json.loads(tag[-1])[0]["Value"].startswith(reason)
+    assert health[2:4] == ["autoscaling", "set-instance-health"]

@@ -192,3 +192,15 @@ def test_fleet_demo_runs_the_example_task_and_leaves_nothing_behind(tmp_path):
     # The fleet's servers and workers inherited the marker: none may outlive the demo.
     left = psutil.wait_procs(processes_mentioning(marker), timeout=10)[1]
     assert not [p for p in left if alive(p)], names(left)
+
+
+def test_a_worker_that_cannot_start_is_explained_and_its_log_kept(local_fleet, tmp_path):
+    f = local_fleet("-n", "1", "--include", "nosuch_project.tasks")
+    rc = f.proc.wait(120)
+    output = f.output()
+    assert rc != 0, output
+    assert "instance 0 exited with code" in output, output
+    # The reason itself, not only where to look, and the log it points to is still there.
+    assert "No module named 'nosuch_project'" in output, output
+    kept = output.split("the end of its log (", 1)[1].split(", kept)", 1)[0]
+    assert "No module named 'nosuch_project'" in Path(kept).read_text()
