@@ -1,14 +1,16 @@
 """Plain Celery on the fleet: group, chunks and chord with real workers, on both brokers.
 
 The fleet is for batches, but the usual Celery API must keep working on it:
-the workers load tests.support.fleet_tasks (tests.square, tests.total) and the client
-app is the one the kit builds, app.celery_config.make_app.
+the workers load tests.support.fleet_tasks (tests.square, tests.total, shared tasks) and
+tests.support.app_tasks (tests.cube, tests.sum_of, on `from app import celery_app` as a
+user's module writes them), and the client app is the one the kit builds,
+app.celery_config.make_app.
 """
 
 from __future__ import annotations
 
 import pytest
-from celery import chord, group
+from celery import chord, chunks, group
 
 from app.celery_config import make_app
 
@@ -69,3 +71,16 @@ def test_a_failing_plain_task_reports_its_error(client):
     with pytest.raises(TypeError):
         result.get(timeout=30)
     assert result.state == "FAILURE"
+
+
+# -- tasks of a module that uses `from app import celery_app` (tests/support/app_tasks.py) --
+
+
+def test_app_celery_app_tasks_in_a_group_chunks_and_a_chord(client):
+    ids = list(range(60))
+    cubes = [i**3 for i in ids]
+    assert group(client.signature("tests.cube", args=(i,)) for i in ids)().get(timeout=60) == cubes
+    parts = chunks(client.signature("tests.cube"), ((i,) for i in ids), 20)().get(timeout=60)
+    assert [v for part in parts for v in part] == cubes
+    header = [client.signature("tests.cube", args=(i,)) for i in ids]
+    assert chord(header)(client.signature("tests.sum_of")).get(timeout=60) == sum(cubes)

@@ -8,8 +8,9 @@ from app.queue_depth import ready_count
 from app.store import open_store
 from scripts.local.fleet import LocalFleet
 
-# The tasks every test fleet loads (FLEET_INCLUDE).
-TASKS = ("tests.support.fleet_tasks",)
+# The tasks every test fleet loads (FLEET_INCLUDE): @fleet_task functions and shared
+# Celery tasks, and plain Celery tasks on `from app import celery_app`.
+TASKS = ("tests.support.fleet_tasks", "tests.support.app_tasks")
 
 
 def restore(fleet: LocalFleet, timeout: float = 60) -> None:
