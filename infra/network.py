@@ -173,26 +173,25 @@ class Network(pulumi.ComponentResource):
             tags={"Name": f"{name}-worker"},
             opts=child,
         )
-        # HTTPS out for AWS APIs, S3 and (through NAT) PyPI and OS packages.
-        aws.vpc.SecurityGroupEgressRule(
-            f"{name}-worker-https-out",
-            security_group_id=self.worker_sg.id,
-            cidr_ipv4="0.0.0.0/0",
-            ip_protocol="tcp",
-            from_port=443,
-            to_port=443,
-            description="HTTPS to AWS APIs and package mirrors",
-            opts=child,
-        )
+        # HTTPS out for AWS APIs, S3 and (through NAT) PyPI and OS packages; with
+        # nat: ipv6 over IPv6 too, to the AWS APIs' dual-stack endpoints.
+        egress: list[tuple[str, str | None, str | None, str]] = [
+            ("https-out", "0.0.0.0/0", None, "HTTPS to AWS APIs and package mirrors")
+        ]
         if dualstack:
+            egress.append(
+                ("https6-out", None, "::/0", "HTTPS to AWS dual-stack endpoints over IPv6")
+            )
+        for rule, ipv4, ipv6, description in egress:
             aws.vpc.SecurityGroupEgressRule(
-                f"{name}-worker-https6-out",
+                f"{name}-worker-{rule}",
                 security_group_id=self.worker_sg.id,
-                cidr_ipv6="::/0",
+                cidr_ipv4=ipv4,
+                cidr_ipv6=ipv6,
                 ip_protocol="tcp",
                 from_port=443,
                 to_port=443,
-                description="HTTPS to AWS dual-stack endpoints over IPv6",
+                description=description,
                 opts=child,
             )
 

@@ -503,18 +503,25 @@ def test_boot_that_keeps_failing_tags_the_instance_and_reports_it_unhealthy(
     assert f"let fleet-drain go: {INSTANCE_ID} terminates now" in result.stderr
 
 
-def test_python_failure_of_the_boot_goes_through_fail_boot_too(booted, tmp_path, fake_aws, imds):
+def python_boot_env(booted, fake_aws, imds, settings_file: Path) -> dict[str, str]:
+    """A second boot of the booted host on "EC2" (fake aws CLI, metadata stand-in), with
+    the app installed already (straight to app.boot) and `settings_file`, failing fast."""
     env = dict(
         booted.env,
         PATH=fake_aws.path,
         AWS_EC2_METADATA_SERVICE_ENDPOINT=imds,
         AWS_DEFAULT_REGION="us-east-2",
-        FLEET_SETTINGS_FILE=str(tmp_path / "missing.env"),
+        FLEET_SETTINGS_FILE=str(settings_file),
         FLEET_BOOT_ATTEMPTS="2",
         FLEET_BOOT_BACKOFF="0",
         FLEET_BOOT_RELEASE_SECONDS="3",
     )
-    env.pop("FLEET_ARTIFACT")  # installed already: straight to app.boot
+    env.pop("FLEET_ARTIFACT")
+    return env
+
+
+def test_python_failure_of_the_boot_goes_through_fail_boot_too(booted, tmp_path, fake_aws, imds):
+    env = python_boot_env(booted, fake_aws, imds, tmp_path / "missing.env")
     result = fleet_boot(env)
     assert result.returncode == 1, result.stderr
     reason = f"app.boot: settings file {tmp_path}/missing.env does not exist."
@@ -586,18 +593,7 @@ def test_a_task_module_that_will_not_import_stops_the_boot_naming_it(
     settings = tmp_path / "settings.env"
     original = Path(booted.env["FLEET_SETTINGS_FILE"]).read_text()
     settings.write_text(original + "FLEET_INCLUDE=nosuch_project.tasks\n")
-    env = dict(
-        booted.env,
-        PATH=fake_aws.path,
-        AWS_EC2_METADATA_SERVICE_ENDPOINT=imds,
-        AWS_DEFAULT_REGION="us-east-2",
-        FLEET_SETTINGS_FILE=str(settings),
-        FLEET_BOOT_ATTEMPTS="2",
-        FLEET_BOOT_BACKOFF="0",
-        FLEET_BOOT_RELEASE_SECONDS="3",
-    )
-    env.pop("FLEET_ARTIFACT")  # installed already: straight to app.boot
-    result = fleet_boot(env)
+    result = fleet_boot(python_boot_env(booted, fake_aws, imds, settings))
     assert result.returncode == 1, result.stderr
     reason = (
         "app.boot: task module nosuch_project.tasks (FLEET_INCLUDE) cannot be imported: "

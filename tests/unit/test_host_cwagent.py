@@ -223,33 +223,26 @@ def test_a_dual_stack_boot_hands_the_switch_to_the_units_and_the_agent(host):
         "FLEET_STACK": "dev",
         DUALSTACK_VARIABLE: "true",
     }
-    settings, extra, _ = load_settings(None, None, environ)
-    configure(
-        paths,
-        settings,
-        extra,
-        "test",
-        concurrency=2,
-        node="n@h",
-        agent=True,
-        log_group=log_group("dev"),
-    )
+
+    def boot() -> dict:
+        settings, extra, _ = load_settings(None, None, environ)
+        configure(
+            paths,
+            settings,
+            extra,
+            "test",
+            concurrency=2,
+            node="n@h",
+            agent=True,
+            log_group=log_group("dev"),
+        )
+        return json.loads(paths.cwagent_config.read_text())
+
+    config = boot()
     assert read_env(paths.env_file)[DUALSTACK_VARIABLE] == "true"
-    config = json.loads(paths.cwagent_config.read_text())
     assert config["agent"]["use_dualstack_endpoint"] is True
     jsonschema.Draft4Validator(json.loads(SCHEMA.read_text())).validate(config)
     # Without the switch (every other network option): neither.
     del environ[DUALSTACK_VARIABLE]
-    settings, extra, _ = load_settings(None, None, environ)
-    configure(
-        paths,
-        settings,
-        extra,
-        "test",
-        concurrency=2,
-        node="n@h",
-        agent=True,
-        log_group=log_group("dev"),
-    )
+    assert "use_dualstack_endpoint" not in boot()["agent"]
     assert DUALSTACK_VARIABLE not in read_env(paths.env_file)
-    assert "use_dualstack_endpoint" not in json.loads(paths.cwagent_config.read_text())["agent"]
