@@ -164,12 +164,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def make_app(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
     # GuardedTask: a malformed message is refused, never the end of the worker
     # (app/worker/guard.py).
+    modules = task_modules(settings)
     app = Celery(
         "fleet",
-        include=[*WORKER_MODULES, *task_modules(settings), *include],
+        include=[*WORKER_MODULES, *modules, *include],
         task_cls="app.worker.guard:GuardedTask",
     )
     app.conf.update(celery_config(settings))
     # The batch task reads the store URL, lease and allowed modules from here.
     app.fleet_settings = settings
+    app.fleet_task_modules = modules
     return app

@@ -18,7 +18,6 @@ from typing import Any
 from celery import Task, shared_task
 
 from app.batch import BadPayload, check_address, check_payload, run_batch
-from app.celery_config import task_modules
 from app.registry import UnknownTask, resolve
 from app.settings import Settings
 from app.store import Done, Store, open_store
@@ -82,7 +81,8 @@ def fleet_batch(self: Task, job: str, batch: int, task_name: str, payload: Any) 
         return 0  # a redelivery of a finished batch, or a cancelled job
     try:
         check_payload(payload, settings.message_limit)
-        task = resolve(task_name, task_modules(settings))
+        # The modules the app was built with (make_app): worked out once, not per batch.
+        task = resolve(task_name, self.app.fleet_task_modules)
     except (BadPayload, UnknownTask) as exc:
         # Announced: the job's launcher stops with this reason instead of re-sending.
         store.announce(job, Done(batch, 0, 0, 0.0, me, refused=str(exc)))

@@ -76,6 +76,22 @@ class ConsumerActivity:
             on_tick.add(self.turned)
 
 
+class _Stretch:
+    """How long a condition has held at every check in a row."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None  # the first check of the current stretch
+
+    def seconds(self, holds: bool, now: float) -> float | None:
+        """Seconds since the stretch began (0 at its first check); None when it is broken."""
+        if not holds:
+            self.since = None
+            return None
+        if self.since is None:
+            self.since = now
+        return now - self.since
+
+
 class Watchdog:
     """The stuck rule (docs/watchdog.md), one `check` per heartbeat.
 
@@ -92,11 +108,15 @@ class Watchdog:
         self.clock = clock
         self.received_seen: int | None = None
         self.turns_seen: int | None = None
-        self.since: float | None = None  # when all three conditions were first seen together
+        self.starving = _Stretch()  # all three conditions of the first rule
         self.last_ready = 0
         self.loop_stalled = False
         self.accepted_seen: int | None = None
-        self.holding_since: float | None = None
+        self.held = _Stretch()  # a batch held and not started (the second rule)
+
+    def _past_grace(self, stretch: _Stretch, holds: bool, now: float) -> float | None:
+        seconds = stretch.seconds(holds, now)
+        return seconds if seconds is not None and seconds >= self.grace else None
 
     def holding(self, reserved: int, active: int, concurrency: int, accepted: int) -> float | None:
         """Seconds this worker has held a batch no pool process starts, once that reaches
@@ -113,14 +133,7 @@ class Watchdog:
         started_one = accepted != self.accepted_seen
         self.accepted_seen = accepted
         waiting = reserved > active and active < concurrency
-        if started_one or not waiting:
-            self.holding_since = None
-            return None
-        if self.holding_since is None:
-            self.holding_since = now
-            return None
-        held = now - self.holding_since
-        return held if held >= self.grace else None
+        return self._past_grace(self.held, waiting and not started_one, now)
 
     def check(
         self, received: int, reserved: int, concurrency: int, turns: int | None = None
@@ -134,22 +147,15 @@ class Watchdog:
         took_something = received != self.received_seen
         self.loop_stalled = turns is not None and turns == self.turns_seen
         self.received_seen, self.turns_seen = received, turns
-        if took_something or (reserved >= concurrency and not self.loop_stalled):
-            self.since = None
-            return None
-        try:
-            self.last_ready = self.ready()
-        except Exception as exc:
-            log.debug("watchdog: cannot read the queue depth (%s)", exc)
-            self.last_ready = 0
-        if self.last_ready <= 0:
-            self.since = None
-            return None
-        if self.since is None:
-            self.since = now
-            return None
-        starving = now - self.since
-        return starving if starving >= self.grace else None
+        could_take = not took_something and (reserved < concurrency or self.loop_stalled)
+        if could_take:
+            # The broker is asked only while the first two conditions hold.
+            try:
+                self.last_ready = self.ready()
+            except Exception as exc:
+                log.debug("watchdog: cannot read the queue depth (%s)", exc)
+                self.last_ready = 0
+        return self._past_grace(self.starving, could_take and self.last_ready > 0, now)
 
 
 # -- the action -------------------------------------------------------------------
