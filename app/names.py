@@ -7,7 +7,11 @@ all import them from here.
 
 from __future__ import annotations
 
+import functools
+import json
+import sys
 from importlib import metadata
+from pathlib import Path
 
 # The distribution that every worker installs (its wheel is celery_fleet-*.whl).
 DISTRIBUTION = "celery-fleet"
@@ -61,3 +65,24 @@ DUALSTACK_VARIABLE = "AWS_USE_DUALSTACK_ENDPOINT"
 # The entry-point group where a user's project names its task modules
 # ([project.entry-points."celery_fleet.tasks"] mytasks = "myproj.tasks").
 TASK_ENTRY_POINTS = "celery_fleet.tasks"
+
+# A wheelhouse (app/wheelhouse.py: `fleet package`, `pulumi up`) holds, beside its wheels,
+# its manifest (what it holds, and the content hash of the code: its version) and the
+# requirements file the hosts install from (every wheel, pinned, with its sha256).
+# scripts/fleet-boot.sh copies the manifest into the venv it installs, where the
+# worker reads its version (code_version).
+WHEELHOUSE_MANIFEST = "celery-fleet-wheelhouse.json"
+WHEELHOUSE_REQUIREMENTS = "celery-fleet-requirements.txt"
+
+
+@functools.cache
+def code_version(prefix: str | None = None) -> str | None:
+    """The content hash of the code this interpreter's environment was installed from (the
+    wheelhouse manifest in the venv), or None where it was not installed from a wheelhouse
+    (a checkout, a single wheel). Read once: a new install restarts the worker."""
+    try:
+        manifest = json.loads(Path(prefix or sys.prefix, WHEELHOUSE_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    version = manifest.get("version") if isinstance(manifest, dict) else None
+    return version if isinstance(version, str) and version else None

@@ -271,6 +271,16 @@ VARIABLES = (
         "FLEET_STACK", "stack", None, "", "the stack the settings came from; set by `--stack`"
     ),
     Variable(
+        "FLEET_CODE_VERSION",
+        "code_version",
+        None,
+        "",
+        "the content hash of the code deployed to the fleet (`pulumi up` keeps it in SSM, "
+        "`fleet local --code` in its state); `fleet run` and `fleet status` compare the "
+        "workers' own with it",
+        ssm="code_version",
+    ),
+    Variable(
         "FLEET_WATCHDOG_SECONDS",
         None,
         None,
@@ -356,6 +366,9 @@ class Settings:
     # launcher then publishes its held-back batches to CloudWatch, where the
     # stack's scaling policy adds them to the queue depth.
     stack: str | None = None
+    # The content hash of the wheelhouse deployed to the fleet (app/wheelhouse.py), which
+    # every worker installed from it reports too; None: not known (no wheelhouse).
+    code_version: str | None = None
     # A PEM file of the CAs that sign the broker's and result store's TLS
     # certificates (rediss://, amqps://). None: the system's CAs, which sign
     # Amazon MQ's and ElastiCache's. The certificate and host name are always checked.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -165,6 +166,9 @@ class StackConfig(StackChoices):
     lifecycle_heartbeat_seconds: int | None = None
     log_retention_days: int = 14
     tags: dict[str, str] = field(default_factory=dict)
+    # The user's project directories whose code the workers run (relative to Pulumi.yaml),
+    # packaged with this kit into the stack's wheelhouse (infra/artifact.py).
+    code: tuple[str, ...] = ()
     # Not a setting: what EC2 says of instance_types, looked up by infra/program.py
     # at program time and set with `with_instance_facts`.
     instance_facts: InstanceFacts | None = field(default=None, init=False)
@@ -375,13 +379,6 @@ class StackConfig(StackChoices):
         return f"resolve:ssm:{parameter}"
 
     @property
-    def offline_install(self) -> bool:
-        # Without a NAT gateway the workers cannot reach PyPI over IPv4, so the
-        # artifact bucket carries every dependency wheel as well (with `ipv6` too:
-        # a boot then needs nothing outside AWS).
-        return self.nat in ("none", "ipv6")
-
-    @property
     def interface_endpoints(self) -> bool:
         """Whether the workers reach the AWS APIs through interface endpoints (`nat: none`)."""
         return self.nat == "none"
@@ -421,6 +418,7 @@ _KEYS: dict[str, tuple[str, str]] = {
     "lifecycleHeartbeatSeconds": ("lifecycle_heartbeat_seconds", "int"),
     "logRetentionDays": ("log_retention_days", "int"),
     "tags": ("tags", "object"),
+    "code": ("code", "paths"),
 }
 
 
@@ -433,6 +431,8 @@ def load_config() -> StackConfig:
         "float": cfg.get_float,
         "bool": cfg.get_bool,
         "list": lambda key: _as_tuple(key, cfg.get_object(key)),
+        # One path (`pulumi config set celery-fleet:code ../proj`) or a list of them.
+        "paths": lambda key: _as_tuple(key, _one_or_list(cfg.get(key))),
         "object": cfg.get_object,
     }
     values: dict[str, Any] = {}
@@ -445,6 +445,18 @@ def load_config() -> StackConfig:
     except StackConfigError as exc:
         # pulumi prints a RunError as the message alone, without a traceback.
         raise pulumi.RunError(str(exc)) from None
+
+
+def _one_or_list(raw: str | None) -> object:
+    """A list (`pulumi config set --path 'celery-fleet:code[0]' ../a` stores JSON) or one
+    plain value, as a list."""
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return [raw]
+    return value if isinstance(value, list) else [raw]
 
 
 def _as_tuple(key: str, value: object) -> tuple[str, ...] | None:

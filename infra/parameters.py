@@ -5,6 +5,7 @@ same parameters, so neither needs the stack's outputs or secrets in plain
 text. The names come from app/settings.py's VARIABLES (their `ssm`):
 
     broker_url, result_url, queue, max_batch_seconds, result_ttl   (String)
+    code_version       (String: the content hash of the wheelhouse the workers install)
     queue_url                                   (String, SQS broker only)
     broker_password, result_password            (SecureString, RabbitMQ / Redis only)
     broker_password_parameter, result_password_parameter
@@ -31,6 +32,7 @@ class SsmParametersArgs:
     queue_name: pulumi.Input[str]
     max_batch_seconds: int
     result_ttl_seconds: int
+    code_version: str
     broker: Endpoint
     results: Endpoint
 
@@ -57,6 +59,7 @@ class SsmParameters(pulumi.ComponentResource):
             parameter_name("queue"): args.queue_name,
             parameter_name("max_batch_seconds"): str(args.max_batch_seconds),
             parameter_name("result_ttl"): str(args.result_ttl_seconds),
+            parameter_name("code_version"): args.code_version,
             **args.broker.parameters,
             **args.results.parameters,
         }

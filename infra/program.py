@@ -12,7 +12,7 @@ import pulumi
 import pulumi_aws as aws
 
 from app.names import DUALSTACK_VARIABLE, STACK_TAG
-from infra.artifact import REPO_ROOT, Artifact, ArtifactArgs, Builder, build_artifact
+from infra.artifact import REPO_ROOT, Artifact, ArtifactArgs, Builder, build_wheelhouse
 from infra.broker import RabbitBroker, RabbitBrokerArgs, SqsBroker, SqsBrokerArgs
 
 # Re-exported: tests/infra/test_cost.py checks `fleet cost` counts the same endpoints.
@@ -48,7 +48,7 @@ class Stack:
     user_data: pulumi.Output[str]
 
 
-def build(cfg: StackConfig, builder: Builder = build_artifact) -> Stack:
+def build(cfg: StackConfig, builder: Builder = build_wheelhouse) -> Stack:
     # One explicit provider, so every resource carries the stack tag without
     # each component repeating it.
     provider = aws.Provider(
@@ -94,10 +94,10 @@ def build(cfg: StackConfig, builder: Builder = build_artifact) -> Stack:
     )
     subnets = network.private_subnet_ids
 
-    # Built now, while the program runs, so the digest is a plain string.
-    artifact = Artifact(
-        "artifacts", ArtifactArgs(built=builder(REPO_ROOT, cfg.offline_install, cfg.arch)), opts
-    )
+    # Built now, while the program runs, so the version is a plain string. The project
+    # directories are relative to Pulumi.yaml, which is in REPO_ROOT.
+    wheelhouse = builder([REPO_ROOT / path for path in cfg.code], cfg.arch)
+    artifact = Artifact("artifacts", ArtifactArgs(wheelhouse=wheelhouse), opts)
 
     queue_name = cfg.resource_prefix
     broker: SqsBroker | RabbitBroker
@@ -149,6 +149,7 @@ def build(cfg: StackConfig, builder: Builder = build_artifact) -> Stack:
             queue_name=broker.queue_name,
             max_batch_seconds=cfg.max_batch_seconds,
             result_ttl_seconds=cfg.result_ttl_seconds,
+            code_version=artifact.version,
             broker=broker.service,
             results=results.service,
         ),
@@ -160,7 +161,6 @@ def build(cfg: StackConfig, builder: Builder = build_artifact) -> Stack:
             {
                 "FLEET_SSM_PREFIX": cfg.ssm_prefix,
                 "FLEET_ARTIFACT": uri,
-                "FLEET_OFFLINE_INSTALL": "1" if cfg.offline_install else "0",
                 "AWS_DEFAULT_REGION": region,
                 # nat: ipv6: the aws CLI, boto3 and the CloudWatch agent call AWS at its
                 # dual-stack endpoints (app.boot hands it on to the worker and agent).
@@ -224,6 +224,7 @@ def build(cfg: StackConfig, builder: Builder = build_artifact) -> Stack:
         "asgName": fleet.group_name,
         "artifactBucket": artifact.bucket.name,
         "artifactPrefix": artifact.prefix,
+        "codeVersion": artifact.version,
         "ssmPrefix": cfg.ssm_prefix,
         "dashboardName": dashboard.name,
         "logGroup": fleet.log_group.name,

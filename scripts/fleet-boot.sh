@@ -1,41 +1,27 @@
 #!/usr/bin/env bash
-# Boot a Celery fleet worker: install the app wheel into its venv, then hand
-# over to `python -m app.boot` (app/host/), which does everything else:
-# settings from SSM Parameter Store, concurrency from the usable CPUs, the
-# environment file, the systemd units, the start. Only what must happen before
-# the app's Python code exists is here.
+# Boot a Celery fleet worker: install the code into its venv, then hand over to
+# `python -m app.boot` (app/host/), which does everything else: settings from
+# SSM Parameter Store, concurrency from the usable CPUs, the environment file,
+# the systemd units, the start. Only what must happen before the app's Python
+# code exists is here.
 #
 #   fleet-boot                    install, configure and start (cloud-init runs this, as root)
 #   fleet-boot --foreground       install, then run the worker in the foreground (containers)
-#   fleet-boot install [ARTIFACT] install only (AMI bake, Ansible, `fleet ops deploy`)
+#   fleet-boot install [ARTIFACT] install only (AMI bake, Ansible, `fleet ops deploy`, `fleet local --code`)
 #   fleet-boot ARGS...            install, then `python -m app.boot ARGS...`
 #
 # /etc/celery-fleet/boot.env (the user-data writes it; optional elsewhere) sets:
 #
 #   FLEET_SSM_PREFIX       /celery-fleet/<stack>/, where app.boot reads the settings
-#   FLEET_ARTIFACT         the wheels: s3://<bucket>/artifacts/<digest>/, a directory, or a .whl
-#   FLEET_OFFLINE_INSTALL  1 when the subnets have no way to PyPI: wheels only
+#   FLEET_ARTIFACT         the code: a wheelhouse (app/wheelhouse.py, `fleet package`),
+#                          the stack's s3://<bucket>/artifacts/<version>/ or a directory
 #   AWS_DEFAULT_REGION     the stack's region
 #
-# FLEET_WHEELHOUSE adds a directory of dependency wheels; FLEET_APP_DIR
-# (/opt/celery-fleet) and FLEET_PYTHON (python3.11) move things for tests.
-# Installing is skipped when the venv already holds this exact wheel (an AMI
-# baked with it, a second run). Sourcing this file only defines functions.
-#
-# Every network step (dnf, apt-get, aws s3 sync, pip install) is retried with
-# capped exponential backoff: FLEET_BOOT_ATTEMPTS tries (5), waiting
-# FLEET_BOOT_BACKOFF seconds (2), doubled each time up to FLEET_BOOT_BACKOFF_MAX
-# (30): with the defaults, 30 s of waiting per step at most. app.boot's AWS
-# clients try as many times (botocore's own retries).
-#
-# A boot that fails (`fleet-boot`, `fleet-boot configure ...`, the install steps
-# of `fleet-boot --foreground`; not the other commands) goes through fail_boot,
-# here, for shell and Python failures alike: app.boot writes its reason to
-# $FLEET_BOOT_REASON_FILE. fail_boot logs the reason and, on EC2, tags the
-# instance celery-fleet:boot-error=<reason>, sets its health to Unhealthy so
-# that the autoscaling group replaces it (`fleet status --stack` shows why), and
-# lets the termination hook go once the group holds the instance in it. Off EC2
-# (no instance metadata within two seconds: Ansible, a container) it only logs.
+# The wheelhouse is installed offline, exactly as its requirements file pins it;
+# every network step is retried with backoff; a boot that fails goes through
+# fail_boot (on EC2: tagged with the reason, reported Unhealthy). How and why:
+# docs/boot.md. FLEET_APP_DIR (/opt/celery-fleet) and FLEET_PYTHON (python3.11)
+# move things for tests. Sourcing this file only defines functions.
 
 set -euo pipefail
 # Let a failing command inside $(...) stop the script too.
@@ -50,6 +36,9 @@ BACKOFF_MAX=${FLEET_BOOT_BACKOFF_MAX:-30}
 IMDS=${AWS_EC2_METADATA_SERVICE_ENDPOINT:-http://169.254.169.254}
 IMDS=${IMDS%/}
 BOOT_ERROR_TAG=celery-fleet:boot-error
+# A wheelhouse's manifest and requirements file (app/names.py).
+MANIFEST=celery-fleet-wheelhouse.json
+REQUIREMENTS=celery-fleet-requirements.txt
 CWAGENT_CTL=/opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl
 # Set by main while it boots: the file the reason of a failure goes to.
 REASON_FILE=
@@ -222,28 +211,17 @@ install_cloudwatch_agent() {
     fi
 }
 
-# Print the app wheel of ARTIFACT; an s3:// prefix is mirrored to $APP_DIR/wheels first.
+# Print the wheelhouse directory of ARTIFACT; an s3:// prefix is mirrored to $APP_DIR/wheels.
 fetch_artifact() {
-    local artifact=$1 dir wheels
-    case "$artifact" in
-        s3://*)
-            dir=$APP_DIR/wheels
-            mkdir -p "$dir"
-            # sync: a baked image that holds these wheels downloads nothing.
-            retry aws s3 sync --only-show-errors --delete "$artifact" "$dir/" >&2
-            ;;
-        *.whl)
-            [[ -f "$artifact" ]] || die "no wheel at $artifact"
-            echo "$artifact"
-            return
-            ;;
-        *) dir=$artifact ;;
-    esac
-    shopt -s nullglob
-    wheels=("$dir"/celery_fleet-*.whl)
-    shopt -u nullglob
-    ((${#wheels[@]} == 1)) || die "expected one celery_fleet-*.whl in $dir, found ${#wheels[@]}"
-    echo "${wheels[0]}"
+    local artifact=$1 dir=$1
+    if [[ "$artifact" == s3://* ]]; then
+        dir=$APP_DIR/wheels
+        mkdir -p "$dir"
+        # sync: a baked image that holds these wheels downloads nothing.
+        retry aws s3 sync --only-show-errors --delete "$artifact" "$dir/" >&2
+    fi
+    [[ -f "$dir/$MANIFEST" ]] || die "no wheelhouse at $artifact (no $MANIFEST): make one with \`fleet package\`"
+    echo "$dir"
 }
 
 # pip acting on the venv VENV: its own if it has one, else the system's (pip >= 22.3 has --python).
@@ -257,36 +235,55 @@ venv_pip() {
     fi
 }
 
-# Install WHEEL (with the [aws] extra) into $APP_DIR/venv unless it is installed already.
-install_app() {
-    local wheel=$1 venv=$APP_DIR/venv digest stamp
-    stamp=$venv/.celery-fleet-wheel
-    digest=$(sha256sum "$wheel")
-    digest=${digest%% *}
-    if [[ -x "$venv/bin/python" && -f "$stamp" && "$(<"$stamp")" == "$digest" ]]; then
-        log "unchanged: ${wheel##*/} is installed in $venv"
+# Make the venv VENV. No pip inside it when the system's pip can install into it:
+# ensurepip costs seconds of every boot.
+make_venv() {
+    local venv=$1
+    ensure_python
+    "$PYTHON" -m venv --without-pip "$venv"
+    venv_pip "$venv" --version >/dev/null 2>&1 || "$venv/bin/python" -m ensurepip --default-pip >/dev/null
+}
+
+# manifest_field PYTHON FILE KEY...: a wheelhouse manifest's value (lists space-separated).
+manifest_field() {
+    local python=$1 file=$2
+    shift 2
+    "$python" - "$file" "$@" <<'PY'
+import json, sys
+manifest = json.load(open(sys.argv[1]))
+for key in sys.argv[2:]:
+    value = manifest.get(key, "")
+    print(" ".join(value) if isinstance(value, list) else value)
+PY
+}
+
+# Install the wheelhouse DIR into $APP_DIR/venv unless that very wheelhouse is installed:
+# offline, exactly the wheels its requirements file pins, each checked against its sha256.
+install_wheelhouse() {
+    local dir=$1 venv=$APP_DIR/venv stamp version ours
+    stamp=$venv/$MANIFEST
+    if [[ -x "$venv/bin/python" && -f "$stamp" ]] && cmp -s "$dir/$MANIFEST" "$stamp"; then
+        log "unchanged: wheelhouse $(manifest_field "$venv/bin/python" "$stamp" version) is installed in $venv"
         return
     fi
-    local pip_args=(--quiet --disable-pip-version-check --find-links "$(dirname "$wheel")")
-    [[ -d "$APP_DIR/wheels" ]] && pip_args+=(--find-links "$APP_DIR/wheels")
-    [[ -n "${FLEET_WHEELHOUSE:-}" ]] && pip_args+=(--find-links "$FLEET_WHEELHOUSE")
-    [[ "${FLEET_OFFLINE_INSTALL:-0}" == 1 ]] && pip_args+=(--no-index)
     if [[ ! -x "$venv/bin/python" ]]; then
-        ensure_python
-        # No pip inside the venv when the system's pip can install into it:
-        # ensurepip costs seconds of every boot.
-        "$PYTHON" -m venv --without-pip "$venv"
-        venv_pip "$venv" --version >/dev/null 2>&1 || "$venv/bin/python" -m ensurepip --default-pip >/dev/null
-    elif [[ -f "$stamp" ]]; then
-        # Not installed until the new wheel is, should this fail half-way.
+        make_venv "$venv"
+    else
+        # The kit's and the projects' wheels (those installed and those coming) may keep
+        # their version numbers, which pip would call installed: out with them first. A
+        # project no longer shipped goes too, and its task modules with it.
+        ours=$(manifest_field "$venv/bin/python" "$dir/$MANIFEST" built)
+        [[ -f "$stamp" ]] && ours+=" $(manifest_field "$venv/bin/python" "$stamp" built)"
+        # Not installed until the new wheelhouse is, should this fail half-way.
         rm -f "$stamp"
-        # A rebuilt wheel may keep its version number, which pip would call installed.
-        venv_pip "$venv" uninstall --quiet --yes celery-fleet
+        # shellcheck disable=SC2086 # a list of distribution names
+        venv_pip "$venv" uninstall --quiet --yes $ours
     fi
-    # By file, not by name, so a same-named project on PyPI can never be picked.
-    retry venv_pip "$venv" install "${pip_args[@]}" "${wheel}[aws]"
-    echo "$digest" >"$stamp"
-    log "installed ${wheel##*/} in $venv"
+    retry venv_pip "$venv" install --quiet --disable-pip-version-check --no-index \
+        --find-links "$dir" --require-hashes -r "$dir/$REQUIREMENTS"
+    cp "$dir/$MANIFEST" "$stamp"
+    version=$(manifest_field "$venv/bin/python" "$stamp" version)
+    log "installed wheelhouse $version ($(manifest_field "$venv/bin/python" "$stamp" built)) in $venv"
 }
 
 main() {
@@ -297,10 +294,10 @@ main() {
         source "$BOOT_ENV"
         set +a
     fi
-    local wheel arg foreground=0
+    local code arg foreground=0
     if [[ "${1:-}" == install ]]; then
-        wheel=$(fetch_artifact "${2:-${FLEET_ARTIFACT:?give an artifact or set FLEET_ARTIFACT}}")
-        install_app "$wheel"
+        code=$(fetch_artifact "${2:-${FLEET_ARTIFACT:?give a wheelhouse or set FLEET_ARTIFACT}}")
+        install_wheelhouse "$code"
         install_cloudwatch_agent
         return
     fi
@@ -313,8 +310,8 @@ main() {
             ;;
     esac
     if [[ -n "${FLEET_ARTIFACT:-}" ]]; then
-        wheel=$(fetch_artifact "$FLEET_ARTIFACT")
-        install_app "$wheel"
+        code=$(fetch_artifact "$FLEET_ARTIFACT")
+        install_wheelhouse "$code"
         install_cloudwatch_agent
     elif [[ ! -x "$APP_DIR/venv/bin/python" ]]; then
         die "no app installed in $APP_DIR/venv and no FLEET_ARTIFACT to install"

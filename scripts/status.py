@@ -4,7 +4,9 @@
   (type, zone, lifecycle state) and EC2 (Spot or on-demand, private address);
   for a local fleet, its instance processes;
 - workers online: the result store's worker registry (each worker's heartbeat
-  carries its concurrency, app version and the batches it holds);
+  carries its concurrency, app version, the content hash of its code and the
+  batches it holds), and how many run each code version against the one
+  deployed (app/launcher/versions.py);
 - queue depth: the broker (Redis list length and RabbitMQ message count through
   a passive declare in kombu; SQS queue attributes through boto3);
 - in flight: the store's batch leases (running now, by job) and the batches
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.launcher.versions import UNPACKAGED, CodeVersions
 from app.names import BOOT_ERROR_TAG, STACK_TAG
 from app.settings import Settings, redact
 
@@ -152,6 +155,8 @@ def collect(
         "instances": instances,
         "workers": [],
         "slots": 0,
+        # Workers per code version, the version deployed, and what is wrong, if anything.
+        "code": None,
         "queue": None,
         "running_batches": None,
         "jobs_in_flight": None,
@@ -177,6 +182,7 @@ def collect(
                 "node": w.get("hostname"),
                 "concurrency": w.get("concurrency"),
                 "version": w.get("version"),
+                "code": w.get("code"),
                 "queue": w.get("queue"),
                 "active": w.get("active"),
                 "reserved": w.get("reserved"),
@@ -184,6 +190,12 @@ def collect(
             for w in workers
         ]
         status["slots"] = sum(int(w.get("concurrency") or 0) for w in workers)
+        versions = CodeVersions.of(workers, settings.code_version, settings.queue)
+        status["code"] = {
+            "workers": versions.counts,
+            "deployed": versions.deployed,
+            "problem": versions.problem(),
+        }
         running = store.busy_slots()  # "job/batch" of each batch with a live lease
         status["running_batches"] = len(running)
         status["jobs_in_flight"] = sorted({m.rpartition("/")[0] for m in running})
@@ -216,8 +228,9 @@ def render(status: dict[str, Any]) -> str:
     for w in status["workers"]:
         lines.append(
             f"  {w['node']}  concurrency {w['concurrency']}  version {w['version']}  "
-            f"running {w['active']}  holding {w['reserved']}"
+            f"code {w.get('code') or UNPACKAGED}  running {w['active']}  holding {w['reserved']}"
         )
+    lines.extend(_code_lines(status.get("code")))
     queue = status["queue"]
     if queue is not None:
         received = f", {queue['received']} received" if queue["received"] is not None else ""
@@ -231,6 +244,16 @@ def render(status: dict[str, Any]) -> str:
         )
     lines.extend(f"error: {e}" for e in status["errors"])
     return "\n".join(lines)
+
+
+def _code_lines(code: dict[str, Any] | None) -> list[str]:
+    """Workers per code version; a warning when they differ or are not what was deployed."""
+    if not code or not code["workers"]:
+        return []
+    versions = CodeVersions(code["workers"], code["deployed"])
+    if code["problem"]:
+        return [f"code: {versions.describe()}", f"warning: {code['problem']}"]
+    return [f"code: {versions.describe()}"]
 
 
 def _refresh_lines(refreshes: list[dict[str, Any]]) -> list[str]:

@@ -247,8 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "wait":
             status = wait_online(paths, service, args.timeout)
             say(
-                f"{status['node']} answers: version {status['worker_version']}, "
-                f"{status['concurrency']} processes"
+                f"{status['node']} answers: version {status['worker_version']}, code "
+                f"{status['worker_code'] or 'unpackaged'}, {status['concurrency']} processes"
             )
             return 0
         getattr(service, args.command)()

@@ -11,7 +11,7 @@ from app.cpus import available_cpus
 from app.host.envfile import read_env
 from app.host.paths import HostPaths
 from app.host.service import BootError, WorkerService
-from app.names import app_version
+from app.names import app_version, code_version
 from app.settings import ConfigError, Settings
 
 
@@ -28,8 +28,11 @@ def host_status(paths: HostPaths, service: WorkerService) -> dict[str, Any]:
         "cores": available_cpus(),
         "concurrency": int(env.get("FLEET_CONCURRENCY") or 0),
         "version": app_version(),
+        # The content hash of the wheelhouse installed in this venv (None: none).
+        "code": code_version(),
         "online": False,
         "worker_version": None,
+        "worker_code": None,
         "active": None,
         "reserved": None,
         "error": None,
@@ -55,6 +58,7 @@ def host_status(paths: HostPaths, service: WorkerService) -> dict[str, Any]:
         status.update(
             online=status["running"],
             worker_version=heartbeat.get("version"),
+            worker_code=heartbeat.get("code"),
             active=heartbeat.get("active"),
             reserved=heartbeat.get("reserved"),
             concurrency=heartbeat.get("concurrency", status["concurrency"]),

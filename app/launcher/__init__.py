@@ -12,6 +12,7 @@
     metrics.py    what a --stack job tells CloudWatch
     discovery.py  which fleet to talk to: a stack, flags, FLEET_* or the local fleet
     job.py        the public types: options, summary, errors
+    versions.py   which code the workers online run, against what was deployed
 
 Nothing here is imported by the workers or the host daemons
 (tests/unit/test_imports.py). The names above are imported on first use, so
@@ -25,7 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from app.launcher.discovery import resolve_settings
-    from app.launcher.job import BadInput, JobError, JobOptions, JobSummary, Unreachable
+    from app.launcher.job import (
+        BadInput,
+        JobError,
+        JobOptions,
+        JobSummary,
+        Unreachable,
+        VersionMismatch,
+    )
     from app.launcher.launcher import Launcher
     from app.launcher.sources import InputError, Source
 
@@ -36,6 +44,7 @@ _EXPORTS = {
     "JobError": "app.launcher.job",
     "BadInput": "app.launcher.job",
     "Unreachable": "app.launcher.job",
+    "VersionMismatch": "app.launcher.job",
     "Source": "app.launcher.sources",
     "InputError": "app.launcher.sources",
     "resolve_settings": "app.launcher.discovery",
@@ -50,6 +59,7 @@ __all__ = [
     "Launcher",
     "Source",
     "Unreachable",
+    "VersionMismatch",
     "resolve_settings",
 ]
 

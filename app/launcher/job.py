@@ -25,6 +25,12 @@ class Unreachable(JobError):
     exit_code = 3
 
 
+class VersionMismatch(JobError):
+    """The workers online run other code than each other, or than was deployed."""
+
+    exit_code = 4
+
+
 @dataclass
 class JobOptions:
     task: str | None = None  # None only with resume: taken from the job
@@ -35,6 +41,9 @@ class JobOptions:
     out: Path | None = None  # None: stdout
     resume: str | None = None
     progress: bool = True
+    # Refuse to start while the workers online run more than one version of the code, or
+    # another than was deployed (app/launcher/versions.py); otherwise that is a warning.
+    require_version: bool = False
 
 
 @dataclass

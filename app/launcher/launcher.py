@@ -33,11 +33,19 @@ from kombu.utils.uuid import uuid
 from app.batch import expand, pack
 from app.celery_config import make_app
 from app.launcher.dispatch import Dispatch, interrupt_guard
-from app.launcher.job import BadInput, JobOptions, JobSummary, Unreachable, new_job_id
+from app.launcher.job import (
+    BadInput,
+    JobOptions,
+    JobSummary,
+    Unreachable,
+    VersionMismatch,
+    new_job_id,
+)
 from app.launcher.metrics import StackMetrics
 from app.launcher.output import Progress, check_writable, open_output, say
 from app.launcher.plan import BatchPlan, batch_size, probe_count
 from app.launcher.sources import InputError, Source
+from app.launcher.versions import CodeVersions
 from app.settings import Settings, redact
 from app.store import StoreUnavailable, open_store
 
@@ -71,6 +79,19 @@ class Launcher:
             ) from None
         finally:
             conn.release()
+
+    def check_code(self, require: bool) -> CodeVersions:
+        """Compare the code of the workers online with each other and with what was
+        deployed: a warning, or with `require` a VersionMismatch."""
+        versions = CodeVersions.of(
+            self.store.workers(), self.settings.code_version, self.settings.queue
+        )
+        problem = versions.problem()
+        if problem and require:
+            raise VersionMismatch(f"{problem} Not started (--require-version).")
+        if problem:
+            say(f"warning: {problem}")
+        return versions
 
     def _lost_store(self, job: str, opts: JobOptions, exc: BaseException) -> Unreachable:
         """The result store is gone for good mid-job (its client's retries gave up)."""
@@ -173,6 +194,7 @@ class Launcher:
         started = time.monotonic()
         if opts.resume:
             self.check_connections()
+            self.check_code(opts.require_version)
             job, meta = opts.resume, self._resume_meta(opts)
         else:
             # Input and output first: a bad file costs no broker round trip
@@ -180,6 +202,7 @@ class Launcher:
             total = self._count(opts)
             check_writable(opts.out)
             self.check_connections()
+            self.check_code(opts.require_version)
             job, meta = self._new_job(opts, total)
         lost: tuple[type[BaseException], ...] = (StoreUnavailable, *self.store.connection_errors)
         try:

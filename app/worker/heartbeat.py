@@ -27,6 +27,7 @@ from app.names import (
     METRIC_NAMESPACE,
     WORKER_BATCHES_METRIC,
     app_version,
+    code_version,
 )
 from app.registry import FleetTask
 from app.settings import Settings
@@ -207,6 +208,9 @@ class _Heartbeat:
             "concurrency": concurrency,
             "pid": os.getpid(),
             "version": app_version(),
+            # The content hash of the wheelhouse this worker's venv was installed from
+            # (None: a checkout or a single wheel); `fleet run` compares them.
+            "code": code_version(),
             "queue": settings.queue,
         }
         period = settings.lease_seconds / 3

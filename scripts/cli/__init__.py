@@ -2,7 +2,8 @@
 
 Status and progress go to stderr, results to stdout. Exit codes: 0 every
 item succeeded; 1 some items failed; 2 bad input, usage or unknown task; 3
-broker or result store unreachable; 130 interrupted.
+broker or result store unreachable; 4 the workers run other code than was
+deployed (`fleet run --require-version`); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class LazyGroup(click.Group):
         "demo": "scripts.cli.demo:demo",
         "local": "scripts.cli.local:local",
         "ops": "scripts.cli.ops:ops",
+        "package": "scripts.cli.package:package",
         "run": "scripts.cli.run:run",
         "simulate": "scripts.cli.simulate:simulate",
         "status": "scripts.cli.status:status",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import signal
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -37,6 +38,14 @@ if TYPE_CHECKING:
     multiple=True,
     metavar="MODULE",
     help="Extra module with tasks for the workers to load (repeatable).",
+)
+@click.option(
+    "--code",
+    multiple=True,
+    metavar="PROJECT",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A project directory whose tasks the workers run (repeatable): packaged with this "
+    "kit as `fleet package` does and installed for the workers, as on EC2.",
 )
 @click.option("--queue", default="fleet", show_default=True)
 @click.option(
@@ -78,6 +87,7 @@ def local(
     instances,
     broker_kind,
     include,
+    code,
     queue,
     print_env,
     autoscale,
@@ -101,7 +111,14 @@ def local(
     if read_local_state() is not None:
         fail("a local fleet is already running (see `fleet local --env`).", 1)
     fleet = LocalFleet(
-        0 if autoscale else instances, broker_kind, tuple(include), queue, write_state=True, tls=tls
+        0 if autoscale else instances,
+        broker_kind,
+        tuple(include),
+        queue,
+        write_state=True,
+        tls=tls,
+        code=code,
+        say=lambda message: say(f"  {message}..."),
     )
     flower_proc = None
     stopping: list[int] = []

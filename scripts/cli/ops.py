@@ -1,7 +1,8 @@
 """`fleet ops`: deploy, restart, drain, logs and status of a fleet's hosts over SSH.
 
-The tasks are in scripts/ops/tasks.py, the hosts in scripts/ops/hosts.py;
-this module only assembles them into commands.
+`deploy` rolls out a wheelhouse from `fleet package` (app/wheelhouse.py). The
+tasks are in scripts/ops/tasks.py, the hosts in scripts/ops/hosts.py; this
+module only assembles them into commands.
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from app.launcher.versions import UNPACKAGED
+from scripts.cli.common import fail
 from scripts.ops import tasks
 from scripts.ops.hosts import SSM_PROXY, Host, Hosts, discover, instance_connect_pusher
 from scripts.ops.rolling import Outcome, Prefixed, everywhere, label, rolling
 
 if TYPE_CHECKING:
     from fabric import Connection
+
+    from app.wheelhouse import Wheelhouse
 
 
 def host_options(fn):
@@ -89,8 +94,24 @@ def ops() -> None:
     """Deploy, restart, drain, read logs and status of a fleet's hosts over SSH."""
 
 
+def _load_wheelhouse(path: Path) -> Wheelhouse:
+    """The wheelhouse in directory `path`; a usage error (exit 2) if it is not one."""
+    from app.wheelhouse import PackageError, read_wheelhouse
+
+    if not path.is_dir():
+        fail(
+            f"{path} is a file, not a wheelhouse (a directory); "
+            "make one with `fleet package PROJECT --out DIR`.",
+            2,
+        )
+    try:
+        return read_wheelhouse(path)
+    except PackageError as exc:
+        fail(str(exc), 2)
+
+
 @ops.command()
-@click.argument("wheel", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("wheelhouse", type=click.Path(exists=True, path_type=Path))
 @host_options
 @click.option(
     "--at-a-time",
@@ -107,20 +128,27 @@ def ops() -> None:
     show_default=True,
     help="Seconds a new worker may take to answer.",
 )
-def deploy(wheel, at_a_time, timeout, **how):
-    """Roll WHEEL out: per host drain, install, start, wait; stop at the first failure."""
+def deploy(wheelhouse, at_a_time, timeout, **how):
+    """Roll WHEELHOUSE out: per host drain, install, start, wait; stop at the first failure.
+
+    WHEELHOUSE is the directory `fleet package PROJECT --out DIR` wrote.
+    """
+    from app.wheelhouse import summary
+
+    house = _load_wheelhouse(wheelhouse)
     hosts = make_hosts(**how)
     say = lambda m: click.echo(m, err=True)  # noqa: E731
+    say(f"rolling out {summary(house)[0]}")
 
-    def deploy_one(c: Connection, wheel: Path, timeout: float) -> dict[str, Any]:
-        return tasks.deploy(c, wheel, timeout, step=lambda s: say(f"{label(c)}: {s}"))
+    def deploy_one(c: Connection, house: Wheelhouse, timeout: float) -> dict[str, Any]:
+        return tasks.deploy(c, house, timeout, step=lambda s: say(f"{label(c)}: {s}"))
 
     try:
-        outcomes = rolling(hosts, deploy_one, wheel, timeout, at_a_time=at_a_time, say=say)
+        outcomes = rolling(hosts, deploy_one, house, timeout, at_a_time=at_a_time, say=say)
     finally:
         hosts.close()
     done = [o for o in outcomes if o.ok]
-    click.echo(f"deployed {wheel.name} to {len(done)} of {len(outcomes)} host(s)", err=True)
+    say(f"deployed wheelhouse {house.version} to {len(done)} of {len(outcomes)} host(s)")
     _finish(outcomes)
 
 
@@ -183,7 +211,8 @@ def logs(lines, follow, **how):
 @host_options
 @click.option("--json", "as_json", is_flag=True)
 def status(as_json, **how):
-    """Per host: cores, concurrency, batches running, app version installed and running."""
+    """Per host: cores, concurrency, batches running and held, the kit's version, and the
+    code version (the wheelhouse's) installed and the one the running worker reports."""
     hosts = make_hosts(**how)
     try:
         outcomes = everywhere(hosts, tasks.status)
@@ -198,17 +227,20 @@ def status(as_json, **how):
     else:
         click.echo(
             f"{'host':<24} {'cores':>5} {'conc':>4} {'running':>7} {'held':>4} "
-            f"{'version':<10} {'worker':<8}"
+            f"{'version':<10} {'code':<16} {'worker code':<16} {'worker':<8}"
         )
         for r in rows:
             if "error" in r and r.get("cores") is None:
                 click.echo(f"{r['address']:<24} error: {r['error']}")
                 continue
             state = "online" if r["online"] else ("up" if r["running"] else "stopped")
+            # A host on an older kit reports no code at all.
+            code = r.get("code") or UNPACKAGED
+            worker_code = (r.get("worker_code") or UNPACKAGED) if r["online"] else "-"
             click.echo(
                 f"{r['address']:<24} {r['cores']:>5} {r['concurrency']:>4} "
                 f"{r['active'] if r['active'] is not None else '-':>7} "
                 f"{r['reserved'] if r['reserved'] is not None else '-':>4} "
-                f"{r['version']:<10} {state:<8}"
+                f"{r['version']:<10} {code:<16} {worker_code:<16} {state:<8}"
             )
     _finish(outcomes)

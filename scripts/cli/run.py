@@ -95,6 +95,12 @@ class BatchSize(click.ParamType):
     default=None,
     help="Progress bar on stderr (default: when stderr is a terminal).",
 )
+@click.option(
+    "--require-version",
+    is_flag=True,
+    help="Refuse to start (exit code 4) while the workers online run more than one version "
+    "of the code, or another than was deployed; without it that is a warning.",
+)
 def run(
     task,
     ids,
@@ -112,6 +118,7 @@ def run(
     queue,
     as_json,
     progress,
+    require_version,
 ):
     """Run TASK over every ID of --ids on the fleet.
 
@@ -140,6 +147,7 @@ def run(
         out=out,
         resume=resume,
         progress=sys.stderr.isatty() if progress is None else progress,
+        require_version=require_version,
     )
     try:
         summary = Launcher(settings).run(opts)

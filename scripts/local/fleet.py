@@ -22,9 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.cpus import available_cpus
 from app.host.command import worker_argv
@@ -34,6 +35,9 @@ from app.store import open_store
 from scripts.local.processes import LocalFleetError, kill_group, stop_process
 from scripts.local.servers import Server, rabbitmq_server, redis_server
 from scripts.local.tls import TlsFiles, make_tls_files
+
+if TYPE_CHECKING:
+    from app.wheelhouse import Wheelhouse
 
 
 def instance_cpus(instances: int, cpus: list[int]) -> list[list[int]]:
@@ -73,10 +77,14 @@ class LocalFleet:
         write_state: bool = False,
         settings: Settings | None = None,
         tls: bool = False,
+        code: Sequence[Path] = (),
+        say: Callable[[str], None] = lambda _: None,
     ) -> None:
         """`settings` given: no servers are started; the workers use that broker and store
         (an SQS queue and S3 bucket, say). `tls`: broker and store speak TLS only, with a
-        certificate from a throwaway CA (FLEET_TLS_CA_FILE for the workers and `fleet run`)."""
+        certificate from a throwaway CA (FLEET_TLS_CA_FILE for the workers and `fleet run`).
+        `code`: the workers run these projects from a wheelhouse installed for them
+        (scripts/local/code.py), not this checkout; `say` hears the packaging's steps."""
         if settings is None and broker not in ("redis", "rabbitmq"):
             raise LocalFleetError(f"unknown broker {broker!r}: use redis or rabbitmq.")
         self.broker_kind = broker
@@ -103,6 +111,11 @@ class LocalFleet:
         self._settings: Settings | None = settings
         if settings is not None:
             self.queue = settings.queue
+        self.code = tuple(code)
+        self.say = say
+        # With `code`: the wheelhouse and the Python of the virtualenv it is installed in.
+        self.wheelhouse: Wheelhouse | None = None
+        self.python = sys.executable
 
     @property
     def settings(self) -> Settings:
@@ -125,6 +138,12 @@ class LocalFleet:
         self.stop()
 
     def start(self, wait: bool = True) -> Settings:
+        if self.code and self.wheelhouse is None:
+            # First: a project that cannot be packaged starts nothing.
+            from scripts.local.code import install_code
+
+            self.wheelhouse, python = install_code(self.code, self.say)
+            self.python = str(python)
         if self._settings is None:
             self._settings = self._start_servers()
         self.instances = [Instance(i, cpus) for i, cpus in enumerate(self.cpu_sets)]
@@ -155,23 +174,28 @@ class LocalFleet:
             queue=self.queue,
             include=self.include,
             tls_ca_file=str(tls.ca) if tls else None,
+            code_version=self.wheelhouse.version if self.wheelhouse else None,
             **overrides,
         )
 
     def worker_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
         env.update(self.settings.as_env())
-        # Modules named by --include are found from the directory fleet was started in.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH")) if p)
+        if self.wheelhouse is None:
+            # Modules named by --include are found from the directory fleet was started in.
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (os.getcwd(), env.get("PYTHONPATH")) if p
+            )
+        else:
+            # The wheelhouse's code only: nothing of this checkout may shadow it.
+            env.pop("PYTHONPATH", None)
         env.update(self.extra_env)
         return env
 
     def start_instance(self, inst: Instance) -> None:
         cpus = inst.cpus
         # The command an EC2 instance runs (app/host/command.py); the size comes from the pinning.
-        argv = worker_argv(
-            sys.executable, self.queue, None, f"instance{inst.index}-{os.getpid()}@%h"
-        )
+        argv = worker_argv(self.python, self.queue, None, f"instance{inst.index}-{os.getpid()}@%h")
         log = open(self.workdir / f"instance{inst.index}.log", "ab")  # noqa: SIM115
         inst.proc = subprocess.Popen(
             argv,
@@ -179,6 +203,9 @@ class LocalFleet:
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
+            # `python -m` puts its directory first on the path: out of this checkout, with
+            # a wheelhouse, so that its app/ does not shadow the installed one.
+            cwd=Path(self.python).parent.parent if self.wheelhouse else None,
             start_new_session=True,
             # Pinned like a machine of that many cores; the worker sizes itself from it.
             preexec_fn=lambda: os.sched_setaffinity(0, cpus),
@@ -263,9 +290,13 @@ class LocalFleet:
             if self.tls_files
             else ""
         )
+        code = ""
+        if self.wheelhouse is not None:
+            projects = ", ".join(p["name"] for p in self.wheelhouse.manifest["projects"])
+            code = f"\n  code: wheelhouse {self.wheelhouse.version} ({projects or 'the kit alone'})"
         return (
             f"local fleet up: broker {redact(self.settings.broker_url)}, "
-            f"results {redact(self.settings.result_url)}\n  {per}{tls}\n"
+            f"results {redact(self.settings.result_url)}\n  {per}{tls}{code}\n"
             f"  logs in {self.workdir}"
         )
 

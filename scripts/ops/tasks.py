@@ -2,8 +2,9 @@
 
 Each runs `python -m app.boot ...` (app/host/boot.py) on the host: the commands the
 user-data and the Ansible role use, which drive the systemd unit where systemd
-runs and a pidfile elsewhere, so these tasks need not know which. A new wheel
-is installed by the host's own boot script (`fleet-boot install WHEEL`).
+runs and a pidfile elsewhere, so these tasks need not know which. New code, a
+wheelhouse from `fleet package` (app/wheelhouse.py), is uploaded and installed
+by the host's own boot script (`fleet-boot install DIR`), offline.
 scripts/cli/ops.py assembles these into `fleet ops` over many hosts.
 
 Paths are the host's: its defaults, or FLEET_APP_DIR / FLEET_BOOT_SCRIPT in the
@@ -16,12 +17,13 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # fabric is imported by whoever makes the Connection
     from fabric import Connection
     from invoke.runners import Result
+
+    from app.wheelhouse import Wheelhouse
 
 APP_DIR = '"${FLEET_APP_DIR:-/opt/celery-fleet}"'
 PYTHON = '"${FLEET_APP_DIR:-/opt/celery-fleet}/venv/bin/python"'
@@ -52,7 +54,8 @@ def boot(c: Connection, *args: str, **run: Any) -> Result:
 
 
 def status(c: Connection) -> dict[str, Any]:
-    """The host's worker: cores, concurrency, running, active batches, app versions."""
+    """The host's worker: cores, concurrency, running, active batches; the kit's version and
+    the code's (the wheelhouse's), installed and running (`worker_version`, `worker_code`)."""
     return json.loads(boot(c, "status", "--json").stdout)
 
 
@@ -85,34 +88,49 @@ def logs(
     return boot(c, *args, out_stream=out_stream).stdout
 
 
-def install(c: Connection, wheel: Path) -> str:
-    """Upload `wheel` and install it into the host's venv (the boot script's install); its word."""
-    tmp = c.run("mktemp -d", hide=True, in_stream=False).stdout.strip()
-    try:
-        remote = f"{tmp}/{wheel.name}"
-        c.put(str(wheel), remote)
-        result = c.run(
-            f"{_sudo(c)}{BOOT_SCRIPT} install {shlex.quote(remote)}", hide=True, in_stream=False
-        )
-        return result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
-    finally:
-        c.run(f"rm -rf {shlex.quote(tmp)}", hide=True, warn=True, in_stream=False)
+def upload(c: Connection, wheelhouse: Wheelhouse) -> str:
+    """Copy every file of `wheelhouse` into a new temporary directory on the host; its path."""
+    remote = c.run("mktemp -d", hide=True, in_stream=False).stdout.strip()
+    for path in wheelhouse.files:
+        c.put(str(path), f"{remote}/{path.name}")
+    return remote
+
+
+def install(c: Connection, remote: str) -> str:
+    """Install the wheelhouse uploaded to `remote` into the host's venv (the boot script's
+    install); the line the boot script logs of it."""
+    result = c.run(
+        f"{_sudo(c)}{BOOT_SCRIPT} install {shlex.quote(remote)}", hide=True, in_stream=False
+    )
+    # Its last lines may be about the CloudWatch agent, installed after the code.
+    said = [line for line in result.stderr.splitlines() if "wheelhouse" in line]
+    return said[-1].strip() if said else ""
 
 
 def deploy(
-    c: Connection, wheel: Path, timeout: float = 120, step: Callable[[str], None] = lambda _: None
+    c: Connection,
+    wheelhouse: Wheelhouse,
+    timeout: float = 120,
+    step: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Drain, install `wheel`, start, and wait until the new worker answers; its status.
+    """Upload `wheelhouse`, then drain, install, start, and wait until the new worker
+    answers; its status. The upload comes first, while the old worker still works: the
+    host is out of service only for the install and the start.
 
-    `step` is told each stage as it begins ("drain", "install", "start",
+    `step` is told each stage as it begins ("upload", "drain", "install", "start",
     "wait") and "done" at the end, for a caller that logs or times them.
     """
-    step("drain")
-    drain(c)
-    step("install")
-    install(c, wheel)
-    step("start")
-    start(c)
+    step("upload")
+    remote = upload(c, wheelhouse)
+    try:
+        step("drain")
+        drain(c)
+        step("install")
+        install(c, remote)
+        step("start")
+        start(c)
+    finally:
+        c.run(f"rm -rf {shlex.quote(remote)}", hide=True, warn=True, in_stream=False)
     step("wait")
     answer = wait(c, timeout)
     step("done")

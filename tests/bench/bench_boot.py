@@ -43,7 +43,10 @@ from tests.support.worker_host import (
 def one_boot(fleet: LocalFleet, root: Path, node: str) -> dict[str, float]:
     settings = write_settings(fleet.settings, root / "settings.env")
     env = host_env(
-        root, byte_compile=True, FLEET_ARTIFACT=str(wheelhouse()), FLEET_SETTINGS_FILE=str(settings)
+        root,
+        byte_compile=True,
+        FLEET_ARTIFACT=str(wheelhouse().directory),
+        FLEET_SETTINGS_FILE=str(settings),
     )
     (root / "run").mkdir(exist_ok=True)
     log = root / "boot.log"

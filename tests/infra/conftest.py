@@ -9,8 +9,10 @@ Pulumi secrets.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pulumi
@@ -33,25 +35,39 @@ def pytest_configure(config):
 # Mocks first, then the program (the pulumi/examples testing-unit-py order).
 pulumi.runtime.set_mocks(RecordingMocks(), project="celery-fleet", stack="test", preview=False)
 
-from infra.artifact import BuiltArtifact  # noqa: E402
+from app.names import WHEELHOUSE_MANIFEST, WHEELHOUSE_REQUIREMENTS  # noqa: E402
+from app.wheelhouse import Wheelhouse, read_wheelhouse  # noqa: E402
 from infra.config import StackConfig  # noqa: E402
 from infra.program import build  # noqa: E402
 
+# What the program asks of its builder: (project directories, architecture) -> a wheelhouse.
+FakeBuilder = Callable[[Sequence[Path], str], Wheelhouse]
+
 
 @pytest.fixture(scope="session")
-def fake_builder(tmp_path_factory) -> Callable[[Path, bool, str], BuiltArtifact]:
-    """Stands in for the wheel build: a stub wheel (and a dependency when offline)."""
-    wheels = tmp_path_factory.mktemp("wheels")
-    app = wheels / "celery_fleet-0.1.0-py3-none-any.whl"
-    dependency = wheels / "click-8.5.1-py3-none-any.whl"
-    for wheel in (app, dependency):
-        wheel.write_bytes(b"PK\x05\x06" + b"\0" * 18)
+def fake_builder(tmp_path_factory) -> FakeBuilder:
+    """Stands in for the wheelhouse build (app/wheelhouse.py, tested on its own): stub wheels
+    and a manifest, versioned `code<arch>`, plus a hash of the project paths if any."""
+    root = tmp_path_factory.mktemp("wheelhouses")
 
-    def builder(repo_root: Path, offline: bool, arch: str) -> BuiltArtifact:
-        return BuiltArtifact(
-            digest=f"digest{int(offline)}{arch}",
-            wheels=(app, dependency) if offline else (app,),
+    def builder(projects: Sequence[Path], arch: str) -> Wheelhouse:
+        named = "\0".join(map(str, projects))
+        version = f"code{arch}" + (
+            f"-{hashlib.sha256(named.encode()).hexdigest()[:6]}" if named else ""
         )
+        directory = root / version
+        if not directory.is_dir():
+            directory.mkdir()
+            wheels = ["celery_fleet-0.1.0-py3-none-any.whl", "click-8.5.1-py3-none-any.whl"]
+            for wheel in wheels:
+                (directory / wheel).write_bytes(b"PK\x05\x06" + b"\0" * 18)
+            manifest = {
+                "version": version,
+                "wheels": [{"file": w, "sha256": "0" * 64, "bytes": 22} for w in wheels],
+            }
+            (directory / WHEELHOUSE_MANIFEST).write_text(json.dumps(manifest))
+            (directory / WHEELHOUSE_REQUIREMENTS).write_text("celery-fleet==0.1.0\n")
+        return read_wheelhouse(directory)
 
     return builder
 

@@ -146,6 +146,32 @@ def test_load_config_reads_the_stack_settings():
     assert cfg.max_instances == 10, "unset keys keep their defaults"
 
 
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [
+        ("../my-project", ("../my-project",)),
+        ('["../a", "/srv/b"]', ("../a", "/srv/b")),
+        # What `pulumi config set --path 'celery-fleet:code[0]' ../a` stores.
+        ('["../a"]', ("../a",)),
+    ],
+)
+def test_code_is_one_project_or_a_list(value, code):
+    pulumi.runtime.set_all_config({"celery-fleet:code": value})
+    try:
+        assert load_config().code == code
+    finally:
+        pulumi.runtime.set_all_config({})
+
+
+def test_code_must_be_paths():
+    pulumi.runtime.set_all_config({"celery-fleet:code": '["../a", 3]'})
+    try:
+        with pytest.raises(pulumi.RunError, match="celery-fleet:code must be a list of strings"):
+            load_config()
+    finally:
+        pulumi.runtime.set_all_config({})
+
+
 def test_load_config_reports_a_bad_value_without_a_traceback():
     pulumi.runtime.set_all_config({"celery-fleet:maxInstances": "0"})
     try:
@@ -244,12 +270,12 @@ def test_the_address_count_decides_the_smallest_vpc():
     StackConfig(stack="dev", vpc_cidr="10.0.0.0/24", nat="ipv6")
 
 
-def test_ipv6_ships_every_wheel_and_switches_the_sdks_to_dual_stack():
+def test_ipv6_switches_the_sdks_to_dual_stack():
     cfg = StackConfig(stack="dev", nat="ipv6")
-    assert cfg.offline_install and cfg.dualstack and not cfg.interface_endpoints
+    assert cfg.dualstack and not cfg.interface_endpoints
     assert not StackConfig(stack="dev").dualstack
     none = StackConfig(stack="dev", nat="none")
-    assert none.offline_install and none.interface_endpoints and not none.dualstack
+    assert none.interface_endpoints and not none.dualstack
 
 
 def test_a_fleet_no_vpc_can_hold_is_refused_with_what_to_do():

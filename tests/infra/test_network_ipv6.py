@@ -83,11 +83,11 @@ def test_workers_may_send_https_out_on_both_families_and_nothing_else(run):
     assert not [r for r in inbound if r.props["securityGroupId"] == "network-worker-sg-id"]
 
 
-def test_the_boot_calls_dual_stack_endpoints_and_installs_offline(run):
+def test_the_boot_calls_dual_stack_endpoints_and_installs_the_wheelhouse(run):
     boot_env = yaml.safe_load(run.user_data)["write_files"][0]["content"].splitlines()
     assert f"{DUALSTACK_VARIABLE}=true" in boot_env
-    assert "FLEET_OFFLINE_INSTALL=1" in boot_env
-    assert run.outputs["artifactPrefix"] == "artifacts/digest1x86_64"
+    # Every wheel is in the wheelhouse (installed with no index): nothing from outside AWS.
+    assert f"FLEET_ARTIFACT=s3://artifacts-20250101/{run.outputs['artifactPrefix']}/" in boot_env
 
 
 def test_other_network_options_leave_the_sdks_on_their_ipv4_endpoints(run_stack):

@@ -245,6 +245,7 @@ def test_connection_parameters_match_the_settings_contract(run):
         "queue",
         "max_batch_seconds",
         "result_ttl",
+        "code_version",
     } <= strings.keys()
     for role, secret in (("broker", "broker_password"), ("result", "result_password")):
         if secret in params:
@@ -257,6 +258,8 @@ def test_connection_parameters_match_the_settings_contract(run):
     settings = Settings.from_env(env)
     assert settings.queue == "celery-fleet-test" and settings.max_batch_seconds == 900
     assert settings.result_ttl == 7 * 24 * 3600
+    # What `fleet run --stack` compares the workers' code with: the wheelhouse uploaded.
+    assert settings.code_version == run.outputs["codeVersion"]
     assert settings.broker_scheme == {"sqs": "sqs", "rabbitmq": "amqps"}[run.cfg.broker]
     for secret in run.secrets:
         assert secret in settings.broker_url + settings.result_url
@@ -274,11 +277,10 @@ def test_user_data_carries_locations_not_settings(run):
     assert run.user_data.startswith("#cloud-config\n")
     boot_env = yaml.safe_load(run.user_data)["write_files"][0]
     assert boot_env["path"] == "/etc/celery-fleet/boot.env"
-    offline = int(run.cfg.nat == "none")
+    # The wheelhouse holds every wheel, whatever the network: no index to choose.
     assert boot_env["content"].splitlines() == [
         "AWS_DEFAULT_REGION=us-east-1",
-        f"FLEET_ARTIFACT=s3://artifacts-20250101/artifacts/digest{offline}x86_64/",
-        f"FLEET_OFFLINE_INSTALL={offline}",
+        "FLEET_ARTIFACT=s3://artifacts-20250101/artifacts/codex86_64/",
         "FLEET_SSM_PREFIX=/celery-fleet/test/",
     ]
 
@@ -316,7 +318,8 @@ def test_outputs(run):
     outputs = run.outputs
     assert outputs["region"] == REGION and outputs["ssmPrefix"] == "/celery-fleet/test/"
     assert outputs["asgName"] == "fleet-asg-0123"
-    assert outputs["artifactPrefix"] == f"artifacts/digest{int(run.cfg.nat == 'none')}x86_64"
+    assert outputs["artifactPrefix"] == "artifacts/codex86_64"
+    assert outputs["codeVersion"] == "codex86_64"
     assert outputs["dashboardName"] == "celery-fleet-test"
     if run.cfg.broker == "sqs":
         assert {"queueName", "queueUrl"} <= outputs.keys()

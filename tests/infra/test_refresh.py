@@ -137,7 +137,7 @@ def test_a_new_digest_keeps_the_previous_artifact(registered):
     objects = [r for r in registered if r.typ == OBJECT]
     assert objects
     for obj in objects:
-        assert obj.inputs["key"].startswith("artifacts/digest0x86_64/")
+        assert obj.inputs["key"].startswith("artifacts/codex86_64/")
         # Replaced by the next digest's object (another key), never deleted by `pulumi up`.
         assert obj.retain_on_delete, f"{obj.name} would be deleted with its digest"
     # No rule expires artifacts by age: S3 counts from the upload, so it would take the

@@ -1,9 +1,9 @@
 """The Ansible role: production lint, and a real converge on this machine, twice.
 
-The converge installs the wheel from a local wheelhouse (the host-side
-artifact, as the stack's offline prefix is) and reads settings from a file
-that points at a local fleet with no worker of its own. systemd is not PID 1
-here: the role must say so and skip only the systemd steps. Then the worker it
+The converge copies this checkout's wheelhouse from the controller over the
+leftovers of an earlier one, installs it, and reads settings from a file that
+points at a local fleet with no worker of its own. systemd is not PID 1 here:
+the role must say so and skip only the systemd steps. Then the worker it
 configured is started from its environment file and must process a job.
 """
 
@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from app.host.envfile import parse_env
-from app.names import WORKER_UNIT
+from app.names import WORKER_UNIT, code_version
 from scripts.local.fleet import LocalFleet
 from tests.support.paths import ROOT
 from tests.support.worker_host import (
@@ -82,6 +82,9 @@ def recap(output: str) -> dict[str, int]:
 def converged(tmp_path_factory):
     """A fleet, and the role run twice against this machine; (fleet, root, first, second)."""
     root = tmp_path_factory.mktemp("ansible-host")
+    # What an earlier wheelhouse left: the copy of this one removes it.
+    (root / "opt" / "wheels").mkdir(parents=True)
+    (root / "opt" / "wheels" / "celery_fleet-0.0.1-py3-none-any.whl").write_bytes(b"old")
     with LocalFleet(0, "redis", workdir=root / "fleet") as fleet:
         inventory = root / "inventory.yml"
         inventory.write_text(
@@ -95,8 +98,8 @@ def converged(tmp_path_factory):
                             }
                         },
                         "vars": {
-                            "celery_fleet_worker_artifact": str(wheelhouse()),
-                            "celery_fleet_worker_offline": True,
+                            # On the controller: the role copies it to the host.
+                            "celery_fleet_worker_wheelhouse": str(wheelhouse().directory),
                             "celery_fleet_worker_python": sys.executable,
                             # As a dict: the role templates it into <etc>/settings.env.
                             "celery_fleet_worker_settings": fleet.settings.as_env(),
@@ -137,6 +140,9 @@ def test_first_converge_installs_and_configures_without_systemd(converged):
     fleet, root, first, _ = converged
     assert recap(first)["changed"] >= 3 and recap(first)["failed"] == 0
     assert (root / "opt" / "venv" / "bin" / "python").exists()
+    house = wheelhouse()
+    assert code_version(str(root / "opt" / "venv")) == house.version
+    assert {p.name for p in (root / "opt" / "wheels").iterdir()} == {p.name for p in house.files}
     assert (root / "sbin" / "fleet-boot").read_text() == (
         ROOT / "scripts" / "fleet-boot.sh"
     ).read_text()

@@ -1,4 +1,5 @@
-"""The boot path for real: fleet-boot installs the wheel, app.boot configures and runs the worker.
+"""The boot path for real: fleet-boot installs the wheelhouse, app.boot configures and runs
+the worker.
 
 scripts/fleet-boot.sh runs on this machine against a local fleet with no
 worker of its own, so every job here is done by the booted worker alone.
@@ -29,12 +30,12 @@ from app.host.envfile import parse_env, render_env
 from app.host.paths import HostPaths
 from app.host.service import BootError, Pidfile
 from app.host.units import agent_unit, worker_unit
-from app.names import AGENT_UNIT, WORKER_UNIT
+from app.names import AGENT_UNIT, WHEELHOUSE_MANIFEST, WORKER_UNIT
 from app.settings import Settings
+from app.wheelhouse import Wheelhouse
 from scripts.local.fleet import LocalFleet
 from tests.support.worker_host import (
     BOOT_SCRIPT,
-    app_wheel,
     host_env,
     run_job,
     wait_worker,
@@ -59,6 +60,7 @@ class Booted:
     first: subprocess.CompletedProcess
     second: subprocess.CompletedProcess
     mtimes_before_second: dict[str, float]
+    house: Wheelhouse
 
 
 def fleet_boot(
@@ -89,19 +91,23 @@ def booted(fleet, tmp_path_factory) -> Booted:
     root = tmp_path_factory.mktemp("host")
     (root / "run").mkdir()
     settings = write_settings(fleet.settings, root / "settings.env")
-    env = host_env(root, FLEET_ARTIFACT=str(wheelhouse()), FLEET_SETTINGS_FILE=str(settings))
+    house = wheelhouse()
+    env = host_env(root, FLEET_ARTIFACT=str(house.directory), FLEET_SETTINGS_FILE=str(settings))
     first = fleet_boot(env)
     assert first.returncode == 0, first.stderr
     before = files_under(root)
     second = fleet_boot(env, "--json")
-    return Booted(root, env, first, second, before)
+    return Booted(root, env, first, second, before, house)
 
 
 def test_first_boot_installs_and_configures(booted):
     log = booted.first.stderr
-    assert f"installed {app_wheel().name}" in log
+    assert f"installed wheelhouse {booted.house.version} (celery-fleet) in" in log
     venv_python = booted.root / "opt" / "venv" / "bin" / "python"
     assert venv_python.exists()
+    # The worker reports the code it runs from the manifest in its venv.
+    installed = json.loads((booted.root / "opt" / "venv" / WHEELHOUSE_MANIFEST).read_text())
+    assert installed == booted.house.manifest
     env_file = booted.root / "etc" / "env"
     assert env_file.stat().st_mode & 0o777 == 0o600, "the file holds the broker password"
     env = parse_env(env_file.read_text())
@@ -115,7 +121,7 @@ def test_first_boot_installs_and_configures(booted):
 
 def test_second_boot_changes_nothing(booted):
     assert booted.second.returncode == 0, booted.second.stderr
-    assert f"unchanged: {app_wheel().name} is installed" in booted.second.stderr
+    assert f"unchanged: wheelhouse {booted.house.version} is installed" in booted.second.stderr
     assert "nothing changed" in booted.second.stderr
     report = json.loads(booted.second.stdout)
     assert report["changed"] is False and report["files"] == [] and report["actions"] == []
@@ -294,17 +300,18 @@ def bash(script: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
-def test_fetch_artifact_mirrors_s3_and_wants_one_app_wheel(tmp_path):
+def test_fetch_artifact_mirrors_s3_and_wants_a_wheelhouse(tmp_path):
+    house = wheelhouse()
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "aws").write_text(
-        f'#!/bin/bash\necho "$*" >>{tmp_path}/calls\ncp {app_wheel()} "${{@: -1}}"\n'
+        f'#!/bin/bash\necho "$*" >>{tmp_path}/calls\ncp {house.directory}/* "${{@: -1}}"\n'
     )
     (fake / "aws").chmod(0o755)
     env = host_env(tmp_path, PATH=f"{fake}:{os.environ['PATH']}")
     result = bash("fetch_artifact s3://bucket/artifacts/abc/", env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"{tmp_path}/opt/wheels/{app_wheel().name}"
+    assert result.stdout.strip() == f"{tmp_path}/opt/wheels"
     assert (
         (tmp_path / "calls")
         .read_text()
@@ -312,10 +319,15 @@ def test_fetch_artifact_mirrors_s3_and_wants_one_app_wheel(tmp_path):
             f"s3 sync --only-show-errors --delete s3://bucket/artifacts/abc/ {tmp_path}/opt/wheels/"
         )
     )
-    shutil.copy(app_wheel(), tmp_path / "opt" / "wheels" / "celery_fleet-9.9-py3-none-any.whl")
-    two = bash(f"fetch_artifact {tmp_path}/opt/wheels", env)
-    assert two.returncode != 0 and "found 2" in two.stderr
-    assert bash(f"fetch_artifact {app_wheel()}", env).stdout.strip() == str(app_wheel())
+    assert bash(f"fetch_artifact {house.directory}", env).stdout.strip() == str(house.directory)
+    # A wheel alone, or a directory of wheels without the manifest, is no wheelhouse.
+    (tmp_path / "loose").mkdir()
+    shutil.copy(house.wheels[0], tmp_path / "loose")
+    for artifact in (tmp_path / "loose", house.wheels[0]):
+        refused = bash(f"fetch_artifact {artifact}", env)
+        assert refused.returncode != 0
+        assert f"no wheelhouse at {artifact} (no {WHEELHOUSE_MANIFEST})" in refused.stderr
+        assert "fleet package" in refused.stderr
 
 
 # -- a boot that fails: retries, then fail_boot (tag, Unhealthy) -------------------
@@ -384,7 +396,7 @@ def fake_aws(tmp_path):
                     echo "fake {name}: failing on purpose" >&2
                     exit 1
                 fi
-                [[ "{name}" == aws ]] && cp "$FAKE_S3_SOURCE"/*.whl "${{@: -1}}"
+                [[ "{name}" == aws ]] && cp "$FAKE_S3_SOURCE"/* "${{@: -1}}"
             fi
             case "$*" in
             *describe-auto-scaling-instances*) echo fleet-group ;;
@@ -423,13 +435,14 @@ def failing_host(tmp_path: Path, fake_aws, imds_url: str, **extra: str) -> dict[
 
 def test_boot_retries_failing_steps_and_completes(fleet, tmp_path, fake_aws, imds):
     settings = write_settings(fleet.settings, tmp_path / "settings.env")
+    house = wheelhouse()
     env = failing_host(
         tmp_path,
         fake_aws,
         imds,
         FLEET_ARTIFACT="s3://bucket/artifacts/abc/",
         FLEET_SETTINGS_FILE=str(settings),
-        FAKE_S3_SOURCE=str(wheelhouse()),
+        FAKE_S3_SOURCE=str(house.directory),
         FAKE_S3_FAILURES="2",
         FAKE_DNF_FAILURES="1",
     )
@@ -441,7 +454,7 @@ def test_boot_retries_failing_steps_and_completes(fleet, tmp_path, fake_aws, imd
     assert "attempt 2 of 3 failed (exit 1), again in 0 s: aws s3 sync" in result.stderr
     install = ["install", "-y", "--quiet", "--setopt=timeout=20", "--setopt=retries=1"]
     assert fake_aws("dnf") == [[*install, "amazon-cloudwatch-agent"]] * 2
-    assert f"installed {app_wheel().name}" in result.stderr
+    assert f"installed wheelhouse {house.version}" in result.stderr
     assert "boot failed" not in result.stderr
     assert calls == syncs, "a boot that worked tags nothing, reports nothing"
 
@@ -540,10 +553,10 @@ def test_failing_boot_off_ec2_only_logs(tmp_path, fake_aws):
     from scripts.local.processes import free_port
 
     nothing = f"http://127.0.0.1:{free_port()}"  # no metadata service answers here
-    env = failing_host(tmp_path, fake_aws, nothing, FLEET_ARTIFACT=str(tmp_path / "none.whl"))
+    env = failing_host(tmp_path, fake_aws, nothing, FLEET_ARTIFACT=str(tmp_path / "none"))
     result = fleet_boot(env)
     assert result.returncode == 1
-    assert f"boot failed: no wheel at {tmp_path}/none.whl" in result.stderr
+    assert f"boot failed: no wheelhouse at {tmp_path}/none (no " in result.stderr
     assert "not on EC2 (no instance metadata" in result.stderr
     assert fake_aws() == []
 

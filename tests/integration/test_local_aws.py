@@ -34,7 +34,7 @@ from tests.support.checker import exactly_once
 from tests.support.local_aws import SKIPPED, Replay, aws_cli, record
 from tests.support.netns import Net, NsServer, NsThread, netns_unavailable
 from tests.support.paths import FLEET_BIN
-from tests.support.worker_host import host_env, wheelhouse
+from tests.support.worker_host import host_env
 
 _why = netns_unavailable()
 pytestmark = [
@@ -182,9 +182,7 @@ def test_recorded_stack_deployed_on_moto_boots_a_worker_that_runs_a_job(local_aw
     env = host_env(
         root,
         FLEET_BOOT_ENV=str(boot_env),
-        # The host has no way to PyPI here: the dependency wheels come from a local
-        # directory; the app wheel from the artifact prefix on the emulator's S3.
-        FLEET_WHEELHOUSE=str(wheelhouse()),
+        # Every wheel comes from the artifact prefix on the emulator's S3: no index at all.
         PIP_NO_INDEX="1",
         AWS_ENDPOINT_URL=endpoint,
         PATH=f"{aws_cli().parent}:{os.environ['PATH']}",

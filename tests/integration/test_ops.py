@@ -26,18 +26,20 @@ from click.testing import CliRunner
 from app.host.envfile import read_env, render_env
 from app.host.paths import HostPaths
 from app.host.service import pid_alive
+from app.names import WHEELHOUSE_MANIFEST
+from app.wheelhouse import Wheelhouse
 from scripts.cli import cli
 from scripts.local.fleet import LocalFleet
 from scripts.local.processes import free_port, wait_port
 from scripts.ops import tasks as ops_tasks
 from scripts.ops.hosts import SSM_PROXY, Host, Hosts, expand_proxy
 from scripts.ops.rolling import rolling
-from tests.support.worker_host import BOOT_SCRIPT, app_wheel, host_env, wheelhouse, write_settings
+from tests.support.projects import write_project
+from tests.support.worker_host import BOOT_SCRIPT, host_env, wheelhouse, write_settings
 
 pytestmark = pytest.mark.timeout(240)
 
 SSHD = "/usr/sbin/sshd"
-NEW_VERSION = "0.1.0+deploy"
 
 
 @dataclass
@@ -55,6 +57,11 @@ class SshHost:
     def layout(self) -> HostPaths:
         return HostPaths.from_env(host_env(self.root))
 
+    @property
+    def stamp(self) -> Path:
+        """The manifest of the wheelhouse installed in the host's venv."""
+        return self.root / "opt" / "venv" / WHEELHOUSE_MANIFEST
+
     def worker_pid(self) -> int | None:
         try:
             return int(self.layout.pidfile.read_text())
@@ -64,7 +71,7 @@ class SshHost:
 
 def start_sshd(name: str, root: Path, keys: Path) -> SshHost:
     port = free_port()
-    env = host_env(root, FLEET_BOOT_SCRIPT=str(BOOT_SCRIPT), FLEET_WHEELHOUSE=str(wheelhouse()))
+    env = host_env(root, FLEET_BOOT_SCRIPT=str(BOOT_SCRIPT))
     setenv = " ".join(f"{k}={env[k]}" for k in sorted(env) if k.startswith("FLEET_"))
     config = root / "sshd_config"
     config.write_text(
@@ -111,12 +118,12 @@ def keys(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hosts(keys, tmp_path_factory):
-    """Two hosts, each with the app (the old wheel) installed and its worker running."""
+    """Two hosts, each with the kit's wheelhouse (the old code) installed and its worker online."""
     with LocalFleet(0, "redis", workdir=tmp_path_factory.mktemp("fleet")) as fleet:
         base = tmp_path_factory.mktemp("base")
         install = subprocess.run(
-            ["bash", str(BOOT_SCRIPT), "install", str(app_wheel())],
-            env=host_env(base, FLEET_WHEELHOUSE=str(wheelhouse())),
+            ["bash", str(BOOT_SCRIPT), "install", str(wheelhouse().directory)],
+            env=host_env(base),
             capture_output=True,
             text=True,
             timeout=180,
@@ -143,6 +150,7 @@ def hosts(keys, tmp_path_factory):
                         "1",
                     ],
                     ["start"],
+                    ["wait", "--timeout", "60"],
                 ):
                     r = subprocess.run(
                         [python, "-m", "app.boot", *args],
@@ -163,28 +171,52 @@ def hosts(keys, tmp_path_factory):
                     os.killpg(pid, signal.SIGKILL)
 
 
+@pytest.fixture(scope="module")
+def new_code(tmp_path_factory) -> Wheelhouse:
+    """A wheelhouse with one more project than the hosts' own: another code version."""
+    marker = write_project(
+        tmp_path_factory.mktemp("projects") / "marker",
+        "deploy-marker",
+        {"deploy_marker/__init__.py": "MARK = 1\n"},
+    )
+    house = wheelhouse(marker)
+    assert house.version != wheelhouse().version
+    return house
+
+
 def fleet_of(hosts: list[SshHost], keys: Path, **kw) -> Hosts:
     return Hosts([Host(h.address) for h in hosts], user="root", key=str(keys / "client_key"), **kw)
 
 
-def test_deploy_rolls_one_host_at_a_time(hosts, keys):
+def how_to_reach(hosts: list[SshHost], keys: Path) -> list[str]:
+    """`fleet ops` options for these hosts."""
+    return [
+        "--hosts",
+        ",".join(h.address for h in hosts),
+        "--user",
+        "root",
+        "--key",
+        str(keys / "client_key"),
+    ]
+
+
+def test_deploy_rolls_one_host_at_a_time(hosts, keys, new_code):
     _, (a, b) = hosts
-    wheel = app_wheel(NEW_VERSION)
     old_pids = {h.name: h.worker_pid() for h in (a, b)}
     events: list[tuple[str, str, float]] = []
 
-    def deploy(c, wheel):
+    def deploy(c, house):
         return ops_tasks.deploy(
-            c, wheel, 90, step=lambda s: events.append((c.port, s, time.time()))
+            c, house, 90, step=lambda s: events.append((c.port, s, time.time()))
         )
 
     ops = fleet_of([a, b], keys)
     try:
-        outcomes = rolling(ops, deploy, wheel, at_a_time=1)
+        outcomes = rolling(ops, deploy, new_code, at_a_time=1)
     finally:
         ops.close()
     assert [o.ok for o in outcomes] == [True, True], [o.error for o in outcomes]
-    steps = ["drain", "install", "start", "wait", "done"]
+    steps = ["upload", "drain", "install", "start", "wait", "done"]
     assert [(port, s) for port, s, _ in events] == [(a.port, s) for s in steps] + [
         (b.port, s) for s in steps
     ], "host b began before host a answered"
@@ -194,7 +226,7 @@ def test_deploy_rolls_one_host_at_a_time(hosts, keys):
     # On the hosts themselves: a's new worker was up before b's old one was drained.
     assert a.layout.pidfile.stat().st_mtime <= b_drain
     for host, outcome in zip((a, b), outcomes, strict=True):
-        assert outcome.result["version"] == outcome.result["worker_version"] == NEW_VERSION
+        assert outcome.result["code"] == outcome.result["worker_code"] == new_code.version
         assert outcome.result["online"] and outcome.result["node"] == f"{host.name}@test"
         assert host.worker_pid() != old_pids[host.name]
 
@@ -202,22 +234,20 @@ def test_deploy_rolls_one_host_at_a_time(hosts, keys):
 def test_status_and_logs_show_each_host(hosts, keys):
     _, (a, b) = hosts
     runner = CliRunner()
-    how = [
-        "--hosts",
-        f"{a.address},{b.address}",
-        "--user",
-        "root",
-        "--key",
-        str(keys / "client_key"),
-    ]
+    how = how_to_reach([a, b], keys)
     result = runner.invoke(cli, ["ops", "status", *how, "--json"])
     assert result.exit_code == 0, result.output
     rows = {r["address"]: r for r in json.loads(result.stdout)}
+    table = runner.invoke(cli, ["ops", "status", *how])
+    assert table.exit_code == 0, table.output
     for host in (a, b):
         row = rows[host.address]
         assert row["node"] == f"{host.name}@test" and row["online"]
         assert row["cores"] == len(os.sched_getaffinity(0)) and row["concurrency"] == 1
-        assert row["version"] == NEW_VERSION and row["active"] == 0
+        code = json.loads(host.stamp.read_text())["version"]
+        assert row["code"] == row["worker_code"] == code and row["active"] == 0
+        line = next(line for line in table.stdout.splitlines() if line.startswith(host.address))
+        assert line.split()[-3:] == [code, code, "online"], table.stdout
     logs = runner.invoke(cli, ["ops", "logs", *how, "--lines", "200"])
     assert logs.exit_code == 0, logs.output
     for host in (a, b):
@@ -232,18 +262,46 @@ def test_a_failing_host_stops_the_roll(hosts, keys):
     # Host a's settings are broken: its new worker will exit at once.
     env = read_env(a.layout.env_file)
     a.layout.env_file.write_text(render_env({**env, "FLEET_MAX_BATCH_SECONDS": "0"}))
-    b_pid, b_stamp = b.worker_pid(), (b.root / "opt/venv/.celery-fleet-wheel").read_text()
-    ops = fleet_of([a, b], keys)
+    b_pid, b_stamp = b.worker_pid(), b.stamp.read_text()
+    house = wheelhouse()
     try:
-        outcomes = rolling(ops, ops_tasks.deploy, app_wheel(), 30, at_a_time=1)
+        result = CliRunner().invoke(
+            cli,
+            ["ops", "deploy", str(house.directory), *how_to_reach([a, b], keys), "--timeout", "30"],
+        )
     finally:
-        ops.close()
         a.layout.env_file.write_text(render_env(env))
-    assert outcomes[0].ok is False and "the worker is not running" in outcomes[0].error
-    assert "FLEET_MAX_BATCH_SECONDS=0 must be at least 1" in outcomes[0].error, "the log tail"
-    assert outcomes[1].ok is None and outcomes[1].started is None
+    assert result.exit_code == 1, result.output
+    said = result.stderr.splitlines()
+    assert any(line.startswith(f"rolling out wheelhouse {house.version}: ") for line in said)
+    failed = next(line for line in said if line.startswith(f"{a.address}: FAILED"))
+    assert "the worker is not running" in failed
+    assert "FLEET_MAX_BATCH_SECONDS=0 must be at least 1" in failed, "the log tail"
+    assert said[-2:] == [
+        "stopping: 1 host(s) not touched",
+        f"deployed wheelhouse {house.version} to 0 of 2 host(s)",
+    ]
+    assert not any(line.startswith(f"{b.address}:") for line in said), said
     assert b.worker_pid() == b_pid and pid_alive(b_pid), "host b was touched"
-    assert (b.root / "opt/venv/.celery-fleet-wheel").read_text() == b_stamp
+    assert b.stamp.read_text() == b_stamp
+
+
+@pytest.mark.parametrize("given", ["wheel", "directory"])
+def test_deploy_refuses_what_is_not_a_wheelhouse(hosts, keys, tmp_path, given):
+    _, (a, b) = hosts
+    # An old single wheel, and a directory of wheels without a manifest.
+    wheel = tmp_path / "dist" / "celery_fleet-0.2.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    wheel.write_bytes(b"PK\x05\x06" + bytes(18))
+    path = wheel if given == "wheel" else wheel.parent
+    before = {h.name: (h.worker_pid(), (h.root / "sshd.log").read_text()) for h in (a, b)}
+    result = CliRunner().invoke(cli, ["ops", "deploy", str(path), *how_to_reach([a, b], keys)])
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip()
+    assert message.startswith(f"fleet: {path} ") and len(message.splitlines()) == 1, message
+    assert "make one with `fleet package PROJECT --out DIR`" in message
+    # Not connected to at all: sshd logs every connection.
+    assert {h.name: (h.worker_pid(), (h.root / "sshd.log").read_text()) for h in (a, b)} == before
 
 
 RELAY = """\

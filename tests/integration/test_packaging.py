@@ -1,5 +1,6 @@
 """The wheel outside the checkout: installed with its operator extra into a fresh virtualenv,
-offline, from the wheels it declares, its `fleet` commands run where no app/ is in sight."""
+offline, from a wheelhouse of the wheels it declares, its `fleet` commands run where no app/
+is in sight."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from app.names import WHEELHOUSE_REQUIREMENTS
 from tests.support.paths import ROOT
-from tests.support.worker_host import app_wheel, wheelhouse
+from tests.support.worker_host import wheelhouse
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -23,13 +25,15 @@ STACK_FILE = "config:\n  aws:region: us-east-1\n  celery-fleet:nat: none\n"
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A virtualenv holding the wheel and its operator extra, and nothing of the checkout."""
     venv = tmp_path_factory.mktemp("installed") / "venv"
+    house = wheelhouse(extras=("aws", "operator"))
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     # --no-compile: byte-compiling botocore and matplotlib is most of an install's time,
     # and these few commands need no .pyc files.
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
          "--quiet", "--disable-pip-version-check", "--no-index", "--no-compile",
-         "--find-links", str(wheelhouse()), f"{app_wheel()}[operator]"],
+         "--find-links", str(house.directory), "--require-hashes",
+         "-r", str(house.directory / WHEELHOUSE_REQUIREMENTS)],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     return venv
@@ -53,7 +57,7 @@ def test_the_code_comes_from_the_virtualenv(installed, tmp_path):
 def test_fleet_help_lists_every_command(installed, tmp_path):
     shown = run(installed, tmp_path, "fleet", "--help")
     assert shown.returncode == 0, shown.stderr
-    for command in ("cost", "demo", "local", "ops", "run", "simulate", "status"):
+    for command in ("cost", "demo", "local", "ops", "package", "run", "simulate", "status"):
         assert f"  {command} " in shown.stdout, shown.stdout
     assert run(installed, tmp_path, "fleet", "ops", "--help").returncode == 0
 
@@ -83,3 +87,15 @@ def test_fleet_simulate_prints_its_table_and_plots(installed, tmp_path):
     assert simulated.returncode == 0, simulated.stderr
     assert "| autoscaled |" in simulated.stdout and "| ideal bound |" in simulated.stdout
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_fleet_package_needs_the_kits_sources(installed, tmp_path):
+    """Installed from a wheel there are no sources to build the kit's wheel from: one line
+    saying where to run it, exit code 2, nothing written."""
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "tasks.py").write_text("X = 1\n")
+    out = tmp_path / "wheelhouse"
+    packaged = run(installed, tmp_path, "fleet", "package", "proj", "--out", str(out))
+    assert packaged.returncode == 2, packaged.stderr
+    assert "installed from a wheel" in packaged.stderr and "clone" in packaged.stderr
+    assert "Traceback" not in packaged.stderr and not out.exists()

@@ -20,6 +20,7 @@ their requests against AWS's API models).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import venv
@@ -30,7 +31,7 @@ from typing import Any
 
 import boto3
 
-from tests.support.paths import ROOT
+from tests.support.paths import CACHE_HOME, ROOT
 from tests.support.worker_host import CACHE
 
 # Resource types not created on moto, and why.
@@ -73,14 +74,17 @@ AWS_CLI = "awscli==1.46.3"
 MOTO_AMI = "ami-12c6146b"
 
 
-def record(workdir: Path, stack: str) -> dict[str, Any]:
-    """The program's resources, user-data and outputs, as record_stack.py writes them."""
+def record(workdir: Path, stack: str, code: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The program's resources, user-data and outputs, as record_stack.py writes them, with
+    `celery-fleet:code` set to `code` (the wheelhouse built for real, in the tests' cache)."""
     out = workdir / "stack.json"
+    argv = [sys.executable, "-m", "tests.support.record_stack", str(out), "--stack", stack]
     subprocess.run(
-        [sys.executable, "-m", "tests.support.record_stack", str(out), "--stack", stack],
+        [*argv, *(arg for path in code for arg in ("--code", path))],
         check=True,
         cwd=ROOT,
         timeout=300,
+        env={**os.environ, "XDG_CACHE_HOME": str(CACHE_HOME)},
     )
     recorded: dict[str, Any] = json.loads(out.read_text())
     return recorded

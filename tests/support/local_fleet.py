@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.support.paths import FLEET_BIN, ROOT
+from tests.support.paths import CACHE_HOME, FLEET_BIN, ROOT
 
 FLEET = str(FLEET_BIN)
 
@@ -37,7 +37,11 @@ class LocalFleetProcess:
             if not k.startswith(("FLEET_", "CELERY_")) and k != "XDG_STATE_HOME"
         }
         # TMPDIR: the fleet's private directory lands in tmp_path, to check it is removed.
-        self.env.update(FLEET_STATE_DIR=str(self.state_dir), TMPDIR=str(tmp_path / "tmp"))
+        self.env.update(
+            FLEET_STATE_DIR=str(self.state_dir),
+            TMPDIR=str(tmp_path / "tmp"),
+            XDG_CACHE_HOME=str(CACHE_HOME),
+        )
         self.log_path = tmp_path / "fleet-local.log"
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in cleanup
         self.proc = subprocess.Popen(

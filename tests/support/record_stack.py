@@ -1,6 +1,6 @@
 """Run the Pulumi program under the recording mocks and write what it asked for as JSON.
 
-    python -m tests.support.record_stack OUT.json [--stack NAME]
+    python -m tests.support.record_stack OUT.json [--stack NAME] [--code PROJECT ...]
 
 A process of its own: the Pulumi SDK's mock runtime is global to a process. The
 artifact is built for real (infra/artifact.py's builder), so the recorded wheel
@@ -35,7 +35,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def record(stack: str) -> dict[str, Any]:
+def record(stack: str, code: tuple[str, ...] = ()) -> dict[str, Any]:
     mocks = RecordingMocks()
     pulumi.runtime.set_mocks(mocks, project="celery-fleet", stack=stack, preview=False)
     from infra.config import StackConfig
@@ -45,7 +45,7 @@ def record(stack: str) -> dict[str, Any]:
 
     @pulumi.runtime.test  # type: ignore[untyped-decorator]
     def program() -> pulumi.Output[Any]:
-        built = build(StackConfig(stack=stack))
+        built = build(StackConfig(stack=stack, code=code))
         return pulumi.Output.all(
             outputs=pulumi.Output.all(**built.outputs), user_data=built.user_data
         ).apply(resolved.update)
@@ -69,8 +69,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--stack", default="e2e")
+    parser.add_argument("--code", action="append", default=[], help="celery-fleet:code")
     args = parser.parse_args()
-    args.out.write_text(json.dumps(record(args.stack), indent=1, default=str))
+    recorded = record(args.stack, tuple(args.code))
+    args.out.write_text(json.dumps(recorded, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -1,22 +1,20 @@
 """A worker host on this machine, for the boot, Ansible and ops tests.
 
-The app wheel is built from a copy of the sources (as infra/artifact.py does,
-so the repository gets no build/ or *.egg-info) and, beside it, every
-dependency wheel, downloaded once per source digest: the same offline
-wheelhouse the stack ships to subnets without PyPI. Paths a host uses are
-redirected with the FLEET_* variables app/host/ and scripts/fleet-boot.sh read.
+The code a host installs is a wheelhouse built by app/wheelhouse.py, as `fleet
+local --code` builds it: this checkout's wheel, any projects' wheels and every
+dependency wheel, for this machine (scripts/local/code.py local_target), kept
+in a cache under the temp directory between runs (a build is named by its
+sources, so an edit makes a new one). Paths a host uses are redirected with
+the FLEET_* variables app/host/ and scripts/fleet-boot.sh read.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,97 +23,17 @@ from app.launcher.launcher import Launcher
 from app.launcher.sources import Source
 from app.settings import Settings
 from app.store import open_store
-from tests.support.paths import ROOT
+from app.wheelhouse import WORKER_EXTRAS, Wheelhouse, build
+from scripts.local.code import local_target
+from tests.support.paths import CACHE_HOME, ROOT
 
 BOOT_SCRIPT = ROOT / "scripts" / "fleet-boot.sh"
-SOURCES = ("pyproject.toml", "README.md", "app", "scripts")
-CACHE = Path(tempfile.gettempdir()) / "celery-fleet-test-wheels"
+CACHE = CACHE_HOME / "celery-fleet"
 
 
-def _digest(*parts: str, sources: tuple[str, ...] = SOURCES) -> str:
-    h = hashlib.sha256("\0".join(parts).encode())
-    for entry in sources:
-        path = ROOT / entry
-        files = (
-            [path]
-            if path.is_file()
-            else sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-        )
-        for f in files:
-            h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _pip(*args: str) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
-def _publish(built: Path, target: Path) -> Path:
-    # Atomic: a half-built directory is never seen; another run may have got there first.
-    with contextlib.suppress(OSError):
-        built.rename(target)
-    return target
-
-
-def _build_app(tmp: Path, version: str | None) -> Path:
-    src, out = tmp / "src", tmp / "wheels"
-    for entry in SOURCES:
-        if (ROOT / entry).is_dir():
-            shutil.copytree(ROOT / entry, src / entry, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            src.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / entry, src / entry)
-    if version:
-        pyproject = src / "pyproject.toml"
-        text = pyproject.read_text()
-        old = next(line for line in text.splitlines() if line.startswith("version = "))
-        pyproject.write_text(text.replace(old, f'version = "{version}"', 1))
-    _pip("wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(out), str(src))
-    (wheel,) = out.glob("celery_fleet-*.whl")
-    return wheel
-
-
-def _dependencies(app: Path) -> Path:
-    """The dependency wheels of pyproject.toml (with the aws and operator extras), downloaded
-    once."""
-    target = CACHE / f"deps-{_digest(sources=('pyproject.toml',))}"
-    if not target.is_dir():
-        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-            out = Path(tmp, "deps")
-            _pip("download", "--only-binary=:all:", "--dest", str(out), f"{app}[aws,operator]")
-            (out / app.name).unlink()
-            _publish(out, target)
-    return target
-
-
-def wheelhouse(version: str | None = None) -> Path:
-    """A directory with the app wheel (`version` replaces pyproject's) and its dependencies."""
-    target = CACHE / f"app-{_digest(str(version))}"
-    if target.is_dir():
-        os.utime(target)  # in use: kept by the pruning below
-        return target
-    CACHE.mkdir(parents=True, exist_ok=True)
-    # Wheelhouses of sources that no longer exist: every edit makes one.
-    for old in CACHE.glob("app-*"):
-        if time.time() - old.stat().st_mtime > 3600:
-            shutil.rmtree(old, ignore_errors=True)
-    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        app = _build_app(Path(tmp), version)
-        deps = _dependencies(app)
-        for wheel in deps.glob("*.whl"):
-            os.link(wheel, app.parent / wheel.name)
-        _publish(app.parent, target)
-    return target
-
-
-def app_wheel(version: str | None = None) -> Path:
-    (wheel,) = wheelhouse(version).glob("celery_fleet-*.whl")
-    return wheel
+def wheelhouse(*projects: Path, extras: Sequence[str] = WORKER_EXTRAS) -> Wheelhouse:
+    """This checkout and `projects` packaged for this machine (built once per source digest)."""
+    return build(projects, target=local_target(), extras=extras, cache=CACHE / "wheelhouses")
 
 
 # pip's environment for the test hosts' installs: byte-compiling the dependencies
@@ -136,7 +54,7 @@ def host_env(root: Path, byte_compile: bool = False, **extra: str) -> dict[str, 
         FLEET_BOOT_ENV=str(root / "etc" / "boot.env"),
         # This interpreter, so that a machine without python3.11 installs nothing.
         FLEET_PYTHON=sys.executable,
-        FLEET_OFFLINE_INSTALL="1",
+        XDG_CACHE_HOME=str(CACHE_HOME),
     )
     if not byte_compile:
         env.update(NO_COMPILE)
@@ -167,10 +85,10 @@ def wait_worker(
     raise AssertionError(f"worker {node} did not come up within {timeout} s")
 
 
-def run_job(settings: Settings, out: Path, n: int = 200) -> Any:
-    """Run the shipped example task (app.tasks.process_id) over range:0:n."""
+def run_job(settings: Settings, out: Path, n: int = 200, task: str = "process_id") -> Any:
+    """Run `task` (by default the kit's example, app.tasks.process_id) over range:0:n."""
     opts = JobOptions(
-        task="process_id",
+        task=task,
         source=Source.parse(f"range:0:{n}"),
         out=out,
         batch_size=max(1, n // 8),

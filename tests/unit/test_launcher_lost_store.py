@@ -23,6 +23,7 @@ def launcher(monkeypatch) -> Launcher:
     settings = Settings("redis://127.0.0.1:9/0", f"redis://:{SECRET}@127.0.0.1:9/1")
     launcher = Launcher(settings)
     monkeypatch.setattr(launcher, "check_connections", lambda: None)
+    monkeypatch.setattr(launcher, "check_code", lambda require: None)
     monkeypatch.setattr(launcher, "_new_job", lambda opts, total: ("jtest-1", {}))
     return launcher
 

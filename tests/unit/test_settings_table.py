@@ -46,6 +46,7 @@ def test_as_env_and_from_env_carry_every_field():
         aws_region="eu-west-1",
         sqs_queue_url="https://sqs.eu-west-1.amazonaws.com/1/q",
         stack="dev",
+        code_version="0123456789abcdef",
         tls_ca_file="/etc/ssl/certs/ca-certificates.crt",
     )
     env = full.as_env()
