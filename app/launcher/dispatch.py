@@ -189,7 +189,12 @@ class Dispatch:
                 lost.append(b)
             elif not f.seen_running:
                 unstarted.append(b)
-        lost.extend(self._unstarted_while_idle(unstarted, self.launcher.slots() - len(busy), now))
+        # Idle by the leases and by the heartbeats both: this check mostly runs just as a
+        # batch is announced done (collect returns on it), when that slot holds no lease
+        # until its worker starts the next batch, so the leases alone would show a slot
+        # idle at nearly every look, and send again batches that merely wait their turn.
+        idle = min(self.launcher.slots() - len(busy), self.launcher.idle_slots())
+        lost.extend(self._unstarted_while_idle(unstarted, idle, now))
         for b in lost:
             f = self.inflight[b]
             f.seen_running, f.sent_at = 0.0, now

@@ -58,7 +58,8 @@ class Launcher:
         self.store = open_store(settings)
         self._metrics = StackMetrics(settings.stack or "", settings.aws_region)
         self.celery = make_app(settings)
-        self._slots_cache = (0.0, 0)
+        # The heartbeats of the queue's workers, and when they were read (cached for 2 s).
+        self._workers: tuple[float, list[dict[str, Any]]] = (-1e9, [])
         # A streamed source (stdin) is read once: calibration leaves the rest
         # of the stream here, its probe batches first, for the job to go on with.
         self._stream: Iterator[Any] | None = None
@@ -83,9 +84,7 @@ class Launcher:
     def check_code(self, require: bool) -> CodeVersions:
         """Compare the code of the workers online with each other and with what was
         deployed: a warning, or with `require` a VersionMismatch."""
-        versions = CodeVersions.of(
-            self.store.workers(), self.settings.code_version, self.settings.queue
-        )
+        versions = CodeVersions.of(self.workers(), self.settings.code_version)
         problem = versions.problem()
         if problem and require:
             raise VersionMismatch(f"{problem} Not started (--require-version).")
@@ -104,18 +103,25 @@ class Launcher:
             f"--out {opts.out}` goes on from there."
         )
 
-    def slots(self) -> int:
-        """Worker processes consuming this queue now (cached for 2 s)."""
-        at, n = self._slots_cache
+    def workers(self) -> list[dict[str, Any]]:
+        """The heartbeats of the workers consuming this queue now (cached for 2 s)."""
+        at, workers = self._workers
         now = time.monotonic()
         if now - at > 2.0:
-            n = sum(
-                int(w.get("concurrency", 0))
-                for w in self.store.workers()
-                if w.get("queue", self.settings.queue) == self.settings.queue
-            )
-            self._slots_cache = (now, n)
-        return n
+            queue = self.settings.queue
+            workers = [w for w in self.store.workers() if w.get("queue", queue) == queue]
+            self._workers = (now, workers)
+        return workers
+
+    def slots(self) -> int:
+        """Worker processes consuming this queue now."""
+        return sum(int(w.get("concurrency", 0)) for w in self.workers())
+
+    def idle_slots(self) -> int:
+        """Worker processes running no batch, as their workers' heartbeats say."""
+        return sum(
+            max(0, int(w.get("concurrency", 0)) - int(w.get("active") or 0)) for w in self.workers()
+        )
 
     # -- publishing -------------------------------------------------------
 

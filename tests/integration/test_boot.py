@@ -34,6 +34,7 @@ from app.names import AGENT_UNIT, WHEELHOUSE_MANIFEST, WORKER_UNIT
 from app.settings import Settings
 from app.wheelhouse import Wheelhouse
 from scripts.local.fleet import LocalFleet
+from tests.support.projects import write_project
 from tests.support.worker_host import (
     BOOT_SCRIPT,
     host_env,
@@ -616,3 +617,40 @@ def test_a_task_module_that_will_not_import_stops_the_boot_naming_it(
     tag, health, *_ = fake_aws()
     assert json.loads(tag[-1])[0]["Value"].startswith(reason)
     assert health[2:4] == ["autoscaling", "set-instance-health"]
+
+
+def test_a_projects_task_module_that_will_not_import_stops_a_fresh_boot(
+    fleet, tmp_path, fake_aws, imds
+):
+    """The user's project, shipped in the wheelhouse, declares a task module that needs a
+    package it forgot to depend on: the boot installs it, then stops naming the module,
+    the project and the exception, and the instance is tagged and reported unhealthy."""
+    project = write_project(
+        tmp_path / "proj",
+        "forgetful-proj",
+        {"forgetful/__init__.py": "", "forgetful/tasks.py": "import not_a_dependency\n"},
+        tasks=["forgetful.tasks"],
+    )
+    house = wheelhouse(project)
+    settings = write_settings(fleet.settings, tmp_path / "settings.env")
+    env = failing_host(
+        tmp_path,
+        fake_aws,
+        imds,
+        FLEET_ARTIFACT=str(house.directory),
+        FLEET_SETTINGS_FILE=str(settings),
+    )
+    result = fleet_boot(env)
+    assert result.returncode == 1, result.stderr
+    assert f"installed wheelhouse {house.version} (celery-fleet forgetful-proj)" in result.stderr
+    reason = (
+        "app.boot: task module forgetful.tasks (project forgetful-proj, entry point group "
+        "celery_fleet.tasks) cannot be imported: ModuleNotFoundError: No module named "
+        "'not_a_dependency'."
+    )
+    assert reason in result.stderr
+    calls = fake_aws()
+    tag = next(c for c in calls if c[2:4] == ["ec2", "create-tags"])
+    assert json.loads(tag[-1])[0]["Value"].startswith(reason)
+    assert any(c[2:4] == ["autoscaling", "set-instance-health"] for c in calls)
+    assert not (tmp_path / "host" / "run" / "worker.pid").exists(), "no worker was started"

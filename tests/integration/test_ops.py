@@ -34,12 +34,37 @@ from scripts.local.processes import free_port, wait_port
 from scripts.ops import tasks as ops_tasks
 from scripts.ops.hosts import SSM_PROXY, Host, Hosts, expand_proxy
 from scripts.ops.rolling import rolling
+from tests.support.checker import exactly_once
+from tests.support.fleets import settle
+from tests.support.jobs import Background
 from tests.support.projects import write_project
 from tests.support.worker_host import BOOT_SCRIPT, host_env, wheelhouse, write_settings
 
 pytestmark = pytest.mark.timeout(240)
 
 SSHD = "/usr/sbin/sshd"
+# A user's project the hosts run, in two versions: its task naps, so that a job outlasts
+# the deploy, and says which code ran it.
+NAPS = {
+    "naps/__init__.py": "",
+    "naps/tasks.py": """\
+        import time
+
+        from app import fleet_task
+        from app.names import code_version
+
+
+        @fleet_task
+        def nap(item):
+            time.sleep(0.05)
+            return code_version()
+        """,
+}
+
+
+def naps(root: Path, version: int) -> Wheelhouse:
+    modules = {**NAPS, "naps/__init__.py": f"VERSION = {version}\n"}
+    return wheelhouse(write_project(root / f"naps{version}", "naps", modules, ["naps.tasks"]))
 
 
 @dataclass
@@ -118,11 +143,13 @@ def keys(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hosts(keys, tmp_path_factory):
-    """Two hosts, each with the kit's wheelhouse (the old code) installed and its worker online."""
+    """Two hosts, each with the old code (version 1 of the naps project) installed and its
+    worker online."""
     with LocalFleet(0, "redis", workdir=tmp_path_factory.mktemp("fleet")) as fleet:
         base = tmp_path_factory.mktemp("base")
+        old = naps(tmp_path_factory.mktemp("projects"), 1)
         install = subprocess.run(
-            ["bash", str(BOOT_SCRIPT), "install", str(wheelhouse().directory)],
+            ["bash", str(BOOT_SCRIPT), "install", str(old.directory)],
             env=host_env(base),
             capture_output=True,
             text=True,
@@ -173,15 +200,8 @@ def hosts(keys, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def new_code(tmp_path_factory) -> Wheelhouse:
-    """A wheelhouse with one more project than the hosts' own: another code version."""
-    marker = write_project(
-        tmp_path_factory.mktemp("projects") / "marker",
-        "deploy-marker",
-        {"deploy_marker/__init__.py": "MARK = 1\n"},
-    )
-    house = wheelhouse(marker)
-    assert house.version != wheelhouse().version
-    return house
+    """Version 2 of the hosts' project: another code version."""
+    return naps(tmp_path_factory.mktemp("projects"), 2)
 
 
 def fleet_of(hosts: list[SshHost], keys: Path, **kw) -> Hosts:
@@ -200,10 +220,14 @@ def how_to_reach(hosts: list[SshHost], keys: Path) -> list[str]:
     ]
 
 
-def test_deploy_rolls_one_host_at_a_time(hosts, keys, new_code):
-    _, (a, b) = hosts
+def test_deploy_rolls_one_host_at_a_time_under_a_running_job(hosts, keys, new_code, tmp_path):
+    """A new version reaches a busy fleet: the job that runs through the deploy loses no
+    result and writes none twice, and its batches ran on both versions."""
+    fleet, (a, b) = hosts
     old_pids = {h.name: h.worker_pid() for h in (a, b)}
+    old_code = json.loads((a.root / "opt" / "venv" / WHEELHOUSE_MANIFEST).read_text())["version"]
     events: list[tuple[str, str, float]] = []
+    job = Background(fleet, tmp_path / "out.jsonl", n=800, batch=10, task="nap")
 
     def deploy(c, house):
         return ops_tasks.deploy(
@@ -215,7 +239,15 @@ def test_deploy_rolls_one_host_at_a_time(hosts, keys, new_code):
         outcomes = rolling(ops, deploy, new_code, at_a_time=1)
     finally:
         ops.close()
+    summary = job.result(timeout=180)
     assert [o.ok for o in outcomes] == [True, True], [o.error for o in outcomes]
+    a_drain = next(t for port, s, t in events if port == a.port and s == "drain")
+    assert summary.status == "ok" and job.finished > a_drain, "the job outlasted no drain"
+    # A drain finishes the batches running and hands the others back: none is sent again.
+    assert summary.resent == 0
+    settle(fleet)
+    ran = exactly_once(tmp_path / "out.jsonl", range(800))
+    assert {r["result"] for r in ran.values()} == {old_code, new_code.version}
     steps = ["upload", "drain", "install", "start", "wait", "done"]
     assert [(port, s) for port, s, _ in events] == [(a.port, s) for s in steps] + [
         (b.port, s) for s in steps

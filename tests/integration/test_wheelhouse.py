@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -116,7 +115,7 @@ def test_graviton_workers_get_arm_wheels(tmp_path):
 def test_the_same_code_builds_the_same_version_and_bytes_and_junk_changes_nothing(
     tmp_path, packaged
 ):
-    """Two clean builds (no shared cache) of a copy strewn with what must not ship: the
+    """A clean build (a cache of its own) of a copy strewn with what must not ship: the
     version of the packaged example, and the same bytes for the wheels built here."""
     out, _ = packaged
     house = read_wheelhouse(out)
@@ -126,12 +125,14 @@ def test_the_same_code_builds_the_same_version_and_bytes_and_junk_changes_nothin
         (copy / rel).write_text("junk\n")
     (copy / "results").mkdir()
     (copy / "results" / "a.jsonl").write_text("{}\n")  # ignored by the project's .gitignore
-    fresh = [build([copy], cache=tmp_path / f"cache{n}") for n in (1, 2)]
-    assert {h.version for h in fresh} == {house.version}
+    fresh = build([copy], cache=tmp_path / "cache")
+    assert fresh.version == house.version
     for name in ("celery_fleet-0.1.0-py3-none-any.whl", "fleet_sieve-0.1.0-py3-none-any.whl"):
-        digests = {hashlib.sha256((h.directory / name).read_bytes()).hexdigest() for h in fresh}
-        assert len(digests) == 1, f"{name}: its bytes differ between builds"
-    left_out = fresh[0].manifest["projects"][0]["left_out"]
+        built = [
+            hashlib.sha256((h.directory / name).read_bytes()).hexdigest() for h in (fresh, house)
+        ]
+        assert built[0] == built[1], f"{name}: its bytes differ between builds"
+    left_out = fresh.manifest["projects"][0]["left_out"]
     assert {".git/", ".venv/", "results/", "sieve/__pycache__/"} <= set(left_out)
 
 
@@ -218,16 +219,22 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
-def test_a_host_runs_the_projects_tasks_from_the_offline_wheelhouse(servers, packaged, tmp_path):
-    out, _ = packaged
-    house = read_wheelhouse(out)
-    python = install(out, tmp_path / "host")
+@pytest.fixture(scope="module")
+def example_host(tmp_path_factory) -> Path:
+    """The example's wheelhouse (for this machine) installed on a host; the venv's Python."""
+    return install(wheelhouse(EXAMPLE).directory, tmp_path_factory.mktemp("example-host"))
+
+
+def test_a_host_runs_the_projects_tasks_from_the_offline_wheelhouse(
+    servers, example_host, tmp_path
+):
+    house, python = wheelhouse(EXAMPLE), example_host
     # Nothing of the checkout: the kit, the project and numpy all come from the venv.
     where = subprocess.run(
         [str(python), "-c", "import app, sieve, numpy; print(app.__file__, sieve.__file__)"],
         cwd=python.parent, capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
-    assert all(Path(p).is_relative_to(tmp_path / "host") for p in where), where
+    assert all(Path(p).is_relative_to(python.parents[2]) for p in where), where
     worker = start_worker(python, servers, "sieve@test", tmp_path / "worker.log")
     try:
         beat = wait_worker(servers.settings, "sieve@test", timeout=90, proc=worker)
@@ -279,23 +286,37 @@ def test_fleet_local_code_refuses_what_is_not_a_project(local_fleet, tmp_path):
     assert not f.state_file.exists()
 
 
+def test_fleet_local_code_explains_a_worker_that_cannot_import_its_tasks(local_fleet, tmp_path):
+    project = write_project(
+        tmp_path / "proj",
+        "forgetful-proj",
+        {"forgetful/__init__.py": "", "forgetful/tasks.py": "import not_a_dependency\n"},
+        tasks=["forgetful.tasks"],
+    )
+    f = local_fleet("--code", str(project))
+    assert f.proc.wait(240) == 1, f.output()
+    said = f.output()
+    assert "instance 0 exited with code 1 while starting" in said and ", kept):" in said
+    assert "No module named 'not_a_dependency'" in said
+
+
 # -- one version across the fleet -------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def two_versions(tmp_path_factory, servers):
+def two_versions(tmp_path_factory, servers, example_host):
     """One worker on the example, one on a changed copy, against the same servers."""
     changed = copy_example(tmp_path_factory.mktemp("changed") / "sieve")
     primes = changed / "sieve" / "primes.py"
     primes.write_text(primes.read_text() + "\n# a change that ships\n")
     houses = [wheelhouse(EXAMPLE), wheelhouse(changed)]
     assert houses[0].version != houses[1].version
+    root = tmp_path_factory.mktemp("changed-host")
+    pythons = [example_host, install(houses[1].directory, root)]
     workers = []
     try:
-        for n, house in enumerate(houses):
-            root = tmp_path_factory.mktemp(f"v{n}")
-            python = install(house.directory, root)
-            workers.append(start_worker(python, servers, f"v{n}@test", root / "worker.log"))
+        for n, python in enumerate(pythons):
+            workers.append(start_worker(python, servers, f"v{n}@test", root / f"v{n}.log"))
             wait_worker(servers.settings, f"v{n}@test", timeout=90, proc=workers[-1])
         yield houses, workers
     finally:
@@ -341,15 +362,12 @@ def test_a_fleet_on_other_code_than_deployed_is_refused(servers, two_versions, t
 # -- the stack's artifact: changed exactly when the code is -----------------------------
 
 
-def record(out: Path, project: Path) -> dict:
+def record(project: Path) -> dict:
     """What the program under the mocks uploads (each key, with its file's sha256), its
     launch template's user-data and the version, with celery-fleet:code = [project]."""
-    subprocess.run(
-        [sys.executable, "-m", "tests.support.record_stack", str(out), "--code", str(project)],
-        check=True, cwd=ROOT, timeout=300,
-        env={**os.environ, "XDG_CACHE_HOME": str(CACHE_HOME)},
-    )  # fmt: skip
-    recorded = json.loads(out.read_text())
+    from tests.support.record_stack import record as record_stack
+
+    recorded = record_stack("e2e", (str(project),))
     objects = {
         r["inputs"]["key"]: r["inputs"]["source"]["file_asset"]
         for r in recorded["resources"]
@@ -358,17 +376,17 @@ def record(out: Path, project: Path) -> dict:
     template = next(r for r in recorded["resources"] if r["type"].endswith("LaunchTemplate"))
     return {
         "objects": {
-            key: hashlib.sha256(Path(p).read_bytes()).hexdigest() for key, p in objects.items()
+            k: hashlib.sha256(Path(p).read_bytes()).hexdigest() for k, p in objects.items()
         },
         "user_data": template["inputs"]["userData"],
         "version": recorded["outputs"]["codeVersion"],
     }
 
 
-def test_pulumi_preview_changes_the_artifact_exactly_when_the_code_changes(tmp_path):
-    """The program under Pulumi's mocks with the real build: the example as is, a copy with
-    junk beside it (no diff: the same objects and user-data), and a changed copy (a new
-    artifact, so a new launch template version and an instance refresh)."""
+def test_pulumi_preview_changes_the_artifact_exactly_when_the_code_changes(tmp_path, monkeypatch):
+    """The program under Pulumi's mocks (tests/support/record_stack.py) with the real build:
+    the example as is, a copy with junk beside it (no diff: the same objects and user-data),
+    and a changed copy (a new artifact, so a new launch template version and a refresh)."""
     junk = copy_example(tmp_path / "junk" / "sieve")
     (junk / ".git").mkdir()
     (junk / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
@@ -377,9 +395,8 @@ def test_pulumi_preview_changes_the_artifact_exactly_when_the_code_changes(tmp_p
     (changed / "sieve" / "tasks.py").write_text(
         (changed / "sieve" / "tasks.py").read_text() + "\nANSWER = 42\n"
     )
-    same, again, other = (
-        record(tmp_path / f"stack{n}.json", p) for n, p in enumerate((EXAMPLE, junk, changed))
-    )
+    monkeypatch.setenv("XDG_CACHE_HOME", str(CACHE_HOME))  # the builds of the other tests
+    same, again, other = (record(p) for p in (EXAMPLE, junk, changed))
     house = wheelhouse(EXAMPLE)
     assert same["version"] == house.version
     assert set(same["objects"]) == {f"artifacts/{house.version}/{p.name}" for p in house.files}

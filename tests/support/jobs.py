@@ -57,6 +57,7 @@ class Background:
         )
         self.summary: JobSummary | None = None
         self.error: BaseException | None = None
+        self.finished: float | None = None  # time.time() when the launcher returned
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -71,6 +72,8 @@ class Background:
             self.summary = self.launcher.run(self.opts)
         except BaseException as exc:
             self.error = exc
+        finally:
+            self.finished = time.time()
 
     def result(self, timeout: float) -> JobSummary:
         self.thread.join(timeout)
