@@ -15,12 +15,14 @@ requirements.txt (made into a wheel whose top-level modules are its task
 modules). What a project must not ship stays out: version control, virtual
 environments, caches, build output and whatever its .gitignore files ignore.
 
-The version (content hash) covers the files inside the kit's and the projects'
-wheels and the names of the dependency wheels (which carry their versions) for
-the target: an unchanged project gives the same version, and no diff in
-`pulumi preview`; a changed file that ships, or a new dependency version, gives
-a new one. A build is kept in a cache (the user's cache directory) under the
-digest of its sources, so a second preview neither rebuilds nor re-resolves.
+The version (content hash) covers the code inside the kit's and the projects'
+wheels (their files and task entry points, their names and release numbers) and
+the names of the dependency wheels (which carry their versions) for the target:
+an unchanged project gives the same version, and no diff in `pulumi preview`,
+even when a newer build backend writes its metadata otherwise; a changed file
+that ships, or a new dependency version, gives a new one. A build is kept in a
+cache (the user's cache directory) under the digest of its sources, so a second
+preview neither rebuilds nor re-resolves.
 """
 
 from __future__ import annotations
@@ -563,12 +565,15 @@ def wheel_name_version(wheel: str) -> tuple[str, str]:
 
 
 def content_digest(wheel: Path) -> str:
-    """sha256 of a wheel's files (names and bytes, in name order), not of its zip bytes, which
-    carry times and an order a build backend may not repeat. RECORD is derived: left out."""
+    """sha256 of the code in a wheel: its files (names and bytes, in name order) and, of its
+    .dist-info, the entry points (the task modules). Not of the zip's bytes, which carry
+    times and an order a build backend may not repeat, nor of METADATA and RECORD, which a
+    newer backend writes otherwise for the same code (the name and version count through
+    the wheel's file name, the dependencies through the wheels they resolved to)."""
     h = hashlib.sha256()
     with zipfile.ZipFile(wheel) as z:
         for name in sorted(z.namelist()):
-            if name.endswith(".dist-info/RECORD"):
+            if ".dist-info/" in name and not name.endswith(".dist-info/entry_points.txt"):
                 continue
             h.update(name.encode() + b"\0" + z.read(name) + b"\0")
     return h.hexdigest()
@@ -605,7 +610,7 @@ def _manifest(
 ) -> dict[str, Any]:
     h = hashlib.sha256(json.dumps(target.as_dict(), sort_keys=True).encode() + b"\0")
     for wheel in (kit, *project_wheels):
-        h.update(wheel_name_version(wheel.name)[0].encode() + b"\0")
+        h.update("==".join(wheel_name_version(wheel.name)).encode() + b"\0")
         h.update(content_digest(wheel).encode() + b"\0")
     for wheel in dependencies:
         h.update(wheel.name.encode() + b"\0")

@@ -30,7 +30,7 @@ from app.names import STACK_TAG
 from scripts.cli import cli
 from scripts.status import queue_depth, render
 from tests.support.aws import sqs_settings
-from tests.support.fleets import TASKS
+from tests.support.fleets import TASKS, settle
 from tests.support.paths import FLEET_BIN, ROOT
 
 pytestmark = pytest.mark.timeout(180)
@@ -141,6 +141,9 @@ def test_stack_status_counts_instances_workers_queue_and_batches(make_fleet, tmp
         plain = runner.invoke(cli, ["status", "--stack", "dev"])
     assert plain.exit_code == 0 and "instances: 3" in plain.stdout, plain.output
     job.join(60)
+    # A copy the launcher sent again (a lease renewed late on a loaded machine) would still
+    # run as the fleet stops, and hold its worker's exit for a minute.
+    settle(fleet)
     instances = status["instances"]
     assert len(instances) == 3, "the other stack's instance is not counted"
     assert sorted(i["market"] for i in instances) == ["on-demand", "on-demand", "spot"]

@@ -206,16 +206,27 @@ def wheel(path: Path, members: dict[str, str], date=(1980, 1, 1, 0, 0, 0)) -> Pa
     return path
 
 
-def test_content_digest_is_the_files_not_the_zip(tmp_path):
-    members = {"p/__init__.py": "", "p/t.py": "X = 1\n", "p-1.0.dist-info/RECORD": "a"}
+def test_content_digest_is_the_code_not_the_zip(tmp_path):
+    members = {
+        "p/__init__.py": "",
+        "p/t.py": "X = 1\n",
+        "p-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: p\n",
+        "p-1.0.dist-info/RECORD": "a",
+        "p-1.0.dist-info/entry_points.txt": f"[{TASK_ENTRY_POINTS}]\nt = p.t\n",
+    }
     first = wheel(tmp_path / "a.whl", members)
-    # Other times, another order, another RECORD: the same code.
-    again = dict(reversed(list({**members, "p-1.0.dist-info/RECORD": "b"}.items())))
-    second = wheel(tmp_path / "b.whl", again, date=(2026, 12, 6, 1, 2, 3))
+    # Other times, another order, the METADATA and RECORD of a newer backend: the same code.
+    newer = {
+        **members,
+        "p-1.0.dist-info/METADATA": "Metadata-Version: 2.4\nName: p\nLicense-File: x\n",
+        "p-1.0.dist-info/RECORD": "b",
+    }
+    second = wheel(tmp_path / "b.whl", dict(reversed(list(newer.items()))), (2026, 12, 6, 1, 2, 3))
     assert first.read_bytes() != second.read_bytes()
     assert content_digest(first) == content_digest(second)
-    third = wheel(tmp_path / "c.whl", {**members, "p/t.py": "X = 2\n"})
-    assert content_digest(third) != content_digest(first)
+    for change in ({"p/t.py": "X = 2\n"}, {"p-1.0.dist-info/entry_points.txt": ""}):
+        other = wheel(tmp_path / "c.whl", {**members, **change})
+        assert content_digest(other) != content_digest(first), change
 
 
 def test_task_modules_are_read_from_the_wheels_entry_points(tmp_path):
@@ -228,11 +239,13 @@ def test_task_modules_are_read_from_the_wheels_entry_points(tmp_path):
     assert task_modules_of(wheel(tmp_path / "q.whl", {"q/__init__.py": ""})) == []
 
 
-def fake_house(tmp_path: Path, numpy: str = "2.4.6", code: str = "X = 1\n") -> dict:
+def fake_house(
+    tmp_path: Path, numpy: str = "2.4.6", code: str = "X = 1\n", release: str = "1.0"
+) -> dict:
     tmp_path.mkdir(parents=True, exist_ok=True)
     kit = wheel(tmp_path / "celery_fleet-0.1.0-py3-none-any.whl", {"app/__init__.py": ""})
     proj_root = write_project(tmp_path / "src", "proj", {"proj/__init__.py": code})
-    proj = wheel(tmp_path / "proj-1.0-py3-none-any.whl", {"proj/__init__.py": code})
+    proj = wheel(tmp_path / f"proj-{release}-py3-none-any.whl", {"proj/__init__.py": code})
     dep = wheel(tmp_path / f"numpy-{numpy}-cp311-cp311-manylinux_2_28_x86_64.whl", {"n": ""})
     return _manifest(tmp_path, kit, "aws", [load_project(proj_root)], [proj], [dep], Target())
 
@@ -242,6 +255,7 @@ def test_the_version_covers_the_code_and_the_resolved_versions(tmp_path):
     assert fake_house(tmp_path / "b")["version"] == base["version"], "same code, same version"
     assert fake_house(tmp_path / "c", code="X = 2\n")["version"] != base["version"]
     assert fake_house(tmp_path / "d", numpy="2.4.7")["version"] != base["version"]
+    assert fake_house(tmp_path / "e", release="1.1")["version"] != base["version"]
     assert base["built"] == ["celery-fleet", "proj"]
     # No path of this machine and no time: the manifest of the same code is the same bytes.
     assert str(tmp_path) not in json.dumps(base)
