@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-APT_PACKAGES := redis-server rabbitmq-server erlang-base openssl shellcheck cloud-init iproute2 iptables openssh-server systemd
+APT_PACKAGES := redis-server rabbitmq-server erlang-base postgresql openssl shellcheck cloud-init iproute2 iptables openssh-server systemd
 
 .PHONY: setup system-packages demo test test-unit bench lint typecheck clean
 

@@ -47,8 +47,9 @@ from app.names import DISTRIBUTION, TASK_ENTRY_POINTS, WHEELHOUSE_MANIFEST, WHEE
 
 # What setuptools packs of this kit (pyproject.toml); nothing else changes its wheel.
 KIT_SOURCES = ("pyproject.toml", "README.md", "app", "scripts")
-# The extra every worker installs with the kit: the SQS and S3 transports.
-WORKER_EXTRAS = ("aws",)
+# The extras every worker installs with the kit: the SQS and S3 transports, and the
+# PostgreSQL sink's driver.
+WORKER_EXTRAS = ("aws", "postgres")
 # The workers run Amazon Linux 2023: glibc 2.34 and the python3.11 package.
 WORKER_PYTHON = "3.11"
 WORKER_GLIBC_MINOR = 34

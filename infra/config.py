@@ -82,6 +82,10 @@ RESERVED_PER_SUBNET = 5
 CLUSTER_BROKERS = 3
 
 
+# S3's bucket naming rules (general purpose buckets).
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
 class StackConfigError(ValueError):
     """A stack setting that cannot work; the message says which and why."""
 
@@ -169,6 +173,9 @@ class StackConfig(StackChoices):
     # The user's project directories whose code the workers run (relative to Pulumi.yaml),
     # packaged with this kit into the stack's wheelhouse (infra/artifact.py).
     code: tuple[str, ...] = ()
+    # Buckets the workers may write a job's results to (`fleet run --out s3://...`): PutObject
+    # only, and on these only.
+    output_buckets: tuple[str, ...] = ()
     # Not a setting: what EC2 says of instance_types, looked up by infra/program.py
     # at program time and set with `with_instance_facts`.
     instance_facts: InstanceFacts | None = field(default=None, init=False)
@@ -216,6 +223,12 @@ class StackConfig(StackChoices):
                 f"+ 60 s), over the {MAX_CONSUMER_TIMEOUT_MS} ms Amazon MQ allows; use at most "
                 f"{longest} and split the work into shorter batches."
             )
+        for bucket in self.output_buckets:
+            if not BUCKET_NAME.fullmatch(bucket) or ".." in bucket:
+                raise StackConfigError(
+                    f"celery-fleet:outputBuckets: {bucket!r} is not an S3 bucket name (3 to 63 "
+                    "lowercase letters, digits, dots and hyphens); give names, not s3:// URLs."
+                )
         self._check_network()
         self._check_addresses()
         self._check_instance_types()
@@ -419,6 +432,7 @@ _KEYS: dict[str, tuple[str, str]] = {
     "logRetentionDays": ("log_retention_days", "int"),
     "tags": ("tags", "object"),
     "code": ("code", "paths"),
+    "outputBuckets": ("output_buckets", "list"),
 }
 
 

@@ -7,6 +7,7 @@ StackConfig per combination and a fake artifact builder, under Pulumi mocks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pulumi
 import pulumi_aws as aws
@@ -19,7 +20,7 @@ from infra.broker import RabbitBroker, RabbitBrokerArgs, SqsBroker, SqsBrokerArg
 from infra.config import WORKER_SERVICES as WORKER_SERVICES
 from infra.config import InstanceFacts, StackConfig, StackConfigError, instance_facts
 from infra.dashboard import Dashboard, DashboardArgs
-from infra.documents import AwsContext
+from infra.documents import AwsContext, allow
 from infra.fleet import WARMUP_SECONDS, WorkerFleet, WorkerFleetArgs
 from infra.network import Network, NetworkArgs
 from infra.parameters import SsmParameters, SsmParametersArgs
@@ -186,6 +187,7 @@ def build(cfg: StackConfig, builder: Builder = build_wheelhouse) -> Stack:
                 *artifact.worker_statements,
                 *broker.service.worker_statements,
                 *results.service.worker_statements,
+                *output_statements(cfg, ctx),
             ],
             ssm_prefix=cfg.ssm_prefix,
             log_retention_days=cfg.log_retention_days,
@@ -242,6 +244,16 @@ def build(cfg: StackConfig, builder: Builder = build_wheelhouse) -> Stack:
         scaling=scaling,
         user_data=user_data,
     )
+
+
+def output_statements(cfg: StackConfig, ctx: AwsContext) -> list[dict[str, Any]]:
+    """The S3 sink's grant (app/sinks/s3.py): each worker writes its batches' parts, with a
+    conditional put, into the buckets of celery-fleet:outputBuckets and nowhere else. The
+    manifest and the write check are the launcher's, with its user's own credentials."""
+    if not cfg.output_buckets:
+        return []
+    parts = [f"arn:{ctx.partition}:s3:::{bucket}/*" for bucket in cfg.output_buckets]
+    return [allow(["s3:PutObject"], parts, "WriteOutputs")]
 
 
 def describe_instance_types(instance_types: tuple[str, ...], region: str) -> InstanceFacts:

@@ -38,7 +38,9 @@ class JobOptions:
     batch_size: int | None = None  # None: calibrate
     target_seconds: float = 2.0  # aimed-at duration of one batch
     max_in_flight: int | None = None  # None: twice the worker slots
-    out: Path | None = None  # None: stdout
+    out: Path | None = None  # None: stdout (or the sink)
+    # Where the workers write the results instead (app/sinks: sink_spec); None: `out`.
+    sink: dict[str, Any] | None = None
     resume: str | None = None
     progress: bool = True
     # Refuse to start while the workers online run more than one version of the code, or

@@ -42,11 +42,12 @@ from app.launcher.job import (
     new_job_id,
 )
 from app.launcher.metrics import StackMetrics
-from app.launcher.output import Progress, check_writable, open_output, say
+from app.launcher.output import Progress, check_writable, no_output, open_output, say
 from app.launcher.plan import BatchPlan, batch_size, probe_count
 from app.launcher.sources import InputError, Source
 from app.launcher.versions import CodeVersions
 from app.settings import Settings, redact
+from app.sinks import BadSink, Sink, open_sink, sink_label
 from app.store import StoreUnavailable, open_store
 
 _encode = msgspec.json.Encoder().encode
@@ -94,7 +95,13 @@ class Launcher:
 
     def _lost_store(self, job: str, opts: JobOptions, exc: BaseException) -> Unreachable:
         """The result store is gone for good mid-job (its client's retries gave up)."""
-        where = "standard output" if str(opts.out) == "-" else str(opts.out)
+        where = (
+            sink_label(opts.sink)
+            if opts.sink
+            else "standard output"
+            if str(opts.out) == "-"
+            else str(opts.out)
+        )
         why = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
         return Unreachable(
             f"lost the result store at {redact(self.settings.result_url)} during job {job}: "
@@ -206,7 +213,10 @@ class Launcher:
             # Input and output first: a bad file costs no broker round trip
             # and no calibration.
             total = self._count(opts)
-            check_writable(opts.out)
+            if opts.sink:
+                self.sink(opts.sink, check=True)
+            else:
+                check_writable(opts.out)
             self.check_connections()
             self.check_code(opts.require_version)
             job, meta = self._new_job(opts, total)
@@ -216,6 +226,17 @@ class Launcher:
         except lost as exc:
             raise self._lost_store(job, opts, exc) from None
 
+    def sink(self, spec: dict[str, Any], check: bool = False) -> Sink:
+        """The sink of `spec` (with `check`, tried: it can take the job's results); BadInput
+        if it cannot."""
+        try:
+            sink = open_sink(spec, self.settings, self.store)
+            if check:
+                sink.check()
+        except BadSink as exc:
+            raise BadInput(str(exc)) from None
+        return sink
+
     def _dispatch(
         self, job: str, meta: dict[str, Any], opts: JobOptions, started: float
     ) -> JobSummary:
@@ -223,7 +244,11 @@ class Launcher:
         task, source = meta["task"], Source.from_meta(meta["source"])
         plan = BatchPlan.from_meta(meta["layout"], meta.get("total"))
         committed_bits, written_bits, offset, items, errors = self.store.journal(job)
-        out, out_path = open_output(opts.out, (offset or 0) if opts.resume else None)
+        spec = meta.get("sink")
+        if spec:  # the workers write the results: only the counts come here
+            out, out_path = no_output(), None
+        else:
+            out, out_path = open_output(opts.out, (offset or 0) if opts.resume else None)
         progress = Progress(items, errors)
         if opts.progress:
             progress.show(meta.get("total"), job)
@@ -247,6 +272,8 @@ class Launcher:
             else:
                 out.flush()
         status = "interrupted" if run.interrupted else ("errors" if progress.errors else "ok")
+        if spec and status != "interrupted":
+            self.sink(spec).finish(job, run.batches or 0, progress.items, progress.errors)
         meta.update(status=status, batches=run.batches or 0)
         self.store.put_meta(job, meta)
         return JobSummary(
@@ -257,7 +284,7 @@ class Launcher:
             batches=run.batches or 0,
             resent=run.resent,
             wall_seconds=time.monotonic() - started,
-            out=out_path or "-",
+            out=sink_label(spec) if spec else out_path or "-",
             seconds_per_item=meta.get("seconds_per_item"),
         )
 
@@ -278,9 +305,13 @@ class Launcher:
             "source": opts.source.as_meta(),
             "total": total,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "out": str(opts.out) if opts.out else "-",
+            "out": sink_label(opts.sink) if opts.sink else str(opts.out) if opts.out else "-",
             "status": "running",
         }
+        if opts.sink:
+            # Before the probes: the workers read the sink of every batch from here.
+            meta["sink"] = opts.sink
+            self.store.put_meta(job, meta)
         if opts.batch_size:
             meta["layout"] = {"probe": [], "size": opts.batch_size}
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,11 @@ def check_writable(path: Path | None) -> None:
         raise BadInput(f"cannot write {path}: {exc.strerror}.") from None
     if not existed:
         path.unlink()
+
+
+def no_output() -> IO[bytes]:
+    """The output of a job whose workers write its results to a sink: nothing comes here."""
+    return open(os.devnull, "wb")
 
 
 def open_output(out: Path | None, offset: int | None) -> tuple[IO[bytes], str | None]:

@@ -102,6 +102,20 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 
 
+# A counting semaphore of leases (app/sinks: at most N writers across the fleet).
+# KEYS: a sorted set. ARGV: holder, limit, seconds to live. 1 if the holder has a slot.
+_ACQUIRE = """
+local now = redis.call('TIME')
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now[1])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], tonumber(now[1]) + tonumber(ARGV[3]), ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
 class RedisStore:
     # Raised once self.r's retries (about a minute) have given up on the server.
     connection_errors: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
@@ -130,6 +144,7 @@ class RedisStore:
         self._renew = self.r.register_script(_RENEW)
         self._live = self.r.register_script(_LIVE)
         self._written = self.r.register_script(_WRITTEN)
+        self._acquire = self.r.register_script(_ACQUIRE)
 
     def ping(self) -> None:
         # A few quick tries only: the long retry of self.r rides out a restart
@@ -206,6 +221,14 @@ class RedisStore:
 
     def drop_lease(self, job: str, batch: int) -> None:
         self.r.zrem(LEASES_KEY, f"{job}/{batch}")
+
+    def acquire_slot(self, name: str, holder: str, limit: int, seconds: float) -> bool:
+        return bool(
+            self._acquire(keys=[f"fleet:slots:{name}"], args=[holder, limit, int(seconds) + 1])
+        )
+
+    def release_slot(self, name: str, holder: str) -> None:
+        self.r.zrem(f"fleet:slots:{name}", holder)
 
     def register_worker(self, name: str, info: dict[str, Any], seconds: float) -> None:
         self.r.set(f"fleet:worker:{name}", _json.encode(info), ex=int(seconds) + 1)

@@ -221,6 +221,41 @@ class S3Store:
     def unregister_worker(self, name: str) -> None:
         self.s3.delete_object(Bucket=self.bucket, Key=self._key("workers", name))
 
+    def acquire_slot(self, name: str, holder: str, limit: int, seconds: float) -> bool:
+        """Slot i of `name` is the object slots/<name>/<i>, made with a conditional put (the
+        first maker holds it) and taken over once it is older than its lease. Two workers
+        taking over the same stale slot at the same moment may both think they hold it:
+        S3 offers no conditional delete here, so the bound can be passed by one, briefly."""
+        for i in range(limit):
+            key = self._key("slots", name, i)
+            try:
+                self.s3.put_object(
+                    Bucket=self.bucket, Key=key, Body=holder.encode(), IfNoneMatch="*"
+                )
+                return True
+            except self._errors.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in (
+                    "PreconditionFailed",
+                    "ConditionalRequestConflict",
+                ):
+                    raise
+            try:
+                obj = self.s3.get_object(Bucket=self.bucket, Key=key)
+            except self.s3.exceptions.NoSuchKey:
+                continue  # released meanwhile: the next call may take it
+            age = datetime.now(UTC).timestamp() - obj["LastModified"].timestamp()
+            mine = obj["Body"].read() == holder.encode()
+            if mine or age > seconds + CLOCK_SLACK:
+                # Renewed (its own) or taken over (lapsed): its LastModified is the lease.
+                self.s3.put_object(Bucket=self.bucket, Key=key, Body=holder.encode())
+                return True
+        return False
+
+    def release_slot(self, name: str, holder: str) -> None:
+        for obj in self._list(self._key("slots", name, "")):
+            if self._get(obj["Key"]) == holder.encode():
+                self.s3.delete_object(Bucket=self.bucket, Key=obj["Key"])
+
     # -- launcher side ----------------------------------------------------
 
     def _live_records(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:

@@ -3,7 +3,8 @@
 The task is thin: resolve the named function (refusing anything not
 allowed), skip a batch that is already committed, hold a lease while the
 batch runs so the launcher can tell a live batch from a lost one, run the
-batch, commit its lines once.
+batch, write its records to the job's sink if it has one (app/sinks), and
+commit it once: with its lines, or, written to a sink, without them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from celery import Task, shared_task
 from app.batch import BadPayload, check_address, check_payload, run_batch
 from app.registry import UnknownTask, resolve
 from app.settings import Settings
+from app.sinks import BadSink, Sink, open_sink
 from app.store import Done, Store, open_store
 
 # The worker's heartbeat and watchdog start with the worker, through Celery's signals.
@@ -38,6 +40,25 @@ def store_for(settings: Settings) -> Store:
         _stores.clear()
         _stores[pid] = open_store(settings)
     return _stores[pid]
+
+
+# Each job's sink, by job: its spec is read from the job once per process (None: the
+# launcher writes the results). The few most recent jobs are kept.
+_sinks: dict[str, Sink | None] = {}
+SINKS_KEPT = 16
+
+
+def sink_for(settings: Settings, store: Store, job: str, modules: tuple[str, ...]) -> Sink | None:
+    if job in _sinks:
+        return _sinks[job]
+    meta = store.get_meta(job)
+    if meta is None:
+        return None  # a job of a launcher that writes no metadata: nothing to remember
+    spec = meta.get("sink")
+    if len(_sinks) >= SINKS_KEPT:
+        _sinks.pop(next(iter(_sinks)))
+    _sinks[job] = sink = open_sink(spec, settings, store, modules) if spec else None
+    return sink
 
 
 @contextlib.contextmanager
@@ -90,7 +111,18 @@ def fleet_batch(self: Task, job: str, batch: int, task_name: str, payload: Any) 
         return 0
     with lease(store, job, batch, settings.lease_seconds):
         outcome = run_batch(task, payload)
-    store.commit(
-        job, Done(batch, outcome.items, outcome.errors, outcome.seconds, me), outcome.lines
-    )
+        lines = outcome.lines
+        try:
+            sink = sink_for(settings, store, job, self.app.fleet_task_modules)
+            if sink is not None:
+                # Idempotent per (job, batch): a batch run twice is written once. A failure
+                # that retries did not mend raises: the batch is not committed, and is sent
+                # again once its lease lapses.
+                sink.write(job, batch, lines)
+                lines = b""  # the sink holds them
+        except BadSink as exc:
+            store.announce(job, Done(batch, 0, 0, 0.0, me, refused=f"the sink: {exc}"))
+            log.error("batch %s/%s: the sink refused it: %s", job, batch, exc)
+            return 0
+    store.commit(job, Done(batch, outcome.items, outcome.errors, outcome.seconds, me), lines)
     return outcome.items

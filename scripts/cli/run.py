@@ -64,8 +64,22 @@ class BatchSize(click.ParamType):
 )
 @click.option(
     "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the JSON lines here instead of stdout.",
+    metavar="FILE|URL",
+    help="Where the results go: a file of JSON lines (default: stdout), or a sink the "
+    "workers write: s3://BUCKET/PREFIX/ (a part per batch) or "
+    "postgresql://USER@HOST/DB?table=NAME (a row per ID).",
+)
+@click.option(
+    "--sink",
+    metavar="MODULE:FUNCTION",
+    help="Your own writer, called on the workers with each batch's records and its key "
+    "(must be idempotent per key); instead of --out.",
+)
+@click.option(
+    "--max-writers",
+    type=click.IntRange(min=1),
+    help="With --out postgresql://: connections to the database across the whole fleet "
+    "(default 4).",
 )
 @click.option(
     "--resume", metavar="JOB", help="Finish an earlier job: re-send only what is missing."
@@ -111,6 +125,8 @@ def run(
     target_seconds,
     max_in_flight,
     out,
+    sink,
+    max_writers,
     resume,
     broker,
     backend,
@@ -127,6 +143,7 @@ def run(
     """
     from app.launcher import InputError, JobError, JobOptions, Launcher, Source
     from app.launcher.discovery import resolve_settings
+    from app.sinks import BadSink, sink_spec
 
     imports_done()
     if not resume and not (task and ids):
@@ -137,6 +154,12 @@ def run(
         fail(str(exc), 2)
     if stack and (broker or backend):
         fail("give either --stack or --broker/--backend, not both.", 2)
+    try:
+        spec = sink_spec(out, sink, max_writers)
+    except BadSink as exc:
+        fail(str(exc), 2)
+    if resume and spec:
+        fail("a resumed job writes where it wrote: give --resume JOB without a sink.", 2)
     settings = resolve_settings(broker, backend, stack, queue=queue)
     opts = JobOptions(
         task=task,
@@ -144,7 +167,8 @@ def run(
         batch_size=batch_size,
         target_seconds=target_seconds,
         max_in_flight=max_in_flight,
-        out=out,
+        out=None if spec or out is None else Path(out),
+        sink=spec,
         resume=resume,
         progress=sys.stderr.isatty() if progress is None else progress,
         require_version=require_version,

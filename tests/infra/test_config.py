@@ -163,6 +163,12 @@ def test_code_is_one_project_or_a_list(value, code):
         pulumi.runtime.set_all_config({})
 
 
+@pytest.mark.parametrize("bucket", ["s3://team-results", "Team", "a", "x" * 64, "a..b"])
+def test_output_buckets_must_be_bucket_names(bucket):
+    with pytest.raises(StackConfigError, match="is not an S3 bucket name"):
+        StackConfig(stack="dev", output_buckets=(bucket,))
+
+
 def test_code_must_be_paths():
     pulumi.runtime.set_all_config({"celery-fleet:code": '["../a", 3]'})
     try:

@@ -304,3 +304,15 @@ def test_boot_error_grants_stop_at_the_stack_and_the_one_tag(role):
     for action in ("SetInstanceHealth", "SetInstanceProtection", "CompleteLifecycleAction"):
         assert not role.allows(f"autoscaling:{action}", other_group), action
     assert not role.allows("autoscaling:TerminateInstanceInAutoScalingGroup", role.group_arn)
+
+
+def test_workers_may_write_results_only_into_the_output_buckets(run_stack):
+    role = worker_role(run_stack(StackConfig(stack="test", output_buckets=("team-results",))))
+    part = "arn:aws:s3:::team-results/runs/j1/part-00000003.jsonl"
+    assert role.allows("s3:PutObject", part)
+    for action in ("s3:GetObject", "s3:DeleteObject", "s3:PutBucketPolicy"):
+        assert not role.allows(action, part), action
+    assert not role.allows("s3:PutObject", "arn:aws:s3:::someone-elses-bucket/runs/p.jsonl")
+    # Without the setting, no bucket of the user's may be written.
+    default = worker_role(run_stack(StackConfig(stack="test")))
+    assert not default.allows("s3:PutObject", part)

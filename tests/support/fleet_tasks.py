@@ -39,6 +39,18 @@ def slow(item):
     return int(item) * 2
 
 
+@fleet_task
+def paced(item):
+    """Fails for every ID divisible by 7 (as poison does); every 500th ID naps 50 ms, so a
+    job of many IDs lasts long enough to kill a worker in the middle of it."""
+    n = int(item)
+    if n % 500 == 0:
+        time.sleep(0.05)
+    if n % 7 == 0:
+        raise ValueError(f"poison id {item}")
+    return n + 1
+
+
 def defined_here(item):
     """Not registered: reachable only as tests.support.fleet_tasks:defined_here."""
     return f"plain-{item}"

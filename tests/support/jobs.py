@@ -45,7 +45,14 @@ class Background:
     """A job run by the launcher in a thread while the test injects a fault."""
 
     def __init__(
-        self, fleet: LocalFleet, out: Path, n: int, batch: int, sends: int = 1, task: str = "slow"
+        self,
+        fleet: LocalFleet,
+        out: Path | None,
+        n: int,
+        batch: int,
+        sends: int = 1,
+        task: str = "slow",
+        sink: dict[str, Any] | None = None,
     ) -> None:
         self.launcher = Recording(fleet.settings, sends)
         self.opts = JobOptions(
@@ -53,6 +60,7 @@ class Background:
             source=Source.parse(f"range:0:{n}"),
             batch_size=batch,
             out=out,
+            sink=sink,
             progress=False,
         )
         self.summary: JobSummary | None = None

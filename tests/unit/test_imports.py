@@ -14,16 +14,26 @@ from pathlib import Path
 from tests.support.paths import ROOT
 
 PACKAGES = ("app", "scripts", "infra")
-ROOMS = ("worker", "launcher", "host", "store")
+ROOMS = ("worker", "launcher", "host", "store", "sinks")
 ALLOWED = {
     "app.shared": {"app.shared", "app.store"},
     "app.store": {"app.shared", "app.store"},
-    "app.worker": {"app.shared", "app.store", "app.worker"},
-    "app.launcher": {"app.shared", "app.store", "app.launcher"},
+    # Written by the workers, checked and finished by the launcher.
+    "app.sinks": {"app.shared", "app.store", "app.sinks"},
+    "app.worker": {"app.shared", "app.store", "app.sinks", "app.worker"},
+    "app.launcher": {"app.shared", "app.store", "app.sinks", "app.launcher"},
     "app.host": {"app.shared", "app.store", "app.host"},
     # `celery -A app` finds the worker's Celery app through the package itself.
     "app.entry": {"app.shared", "app.worker"},
-    "scripts": {"app.shared", "app.store", "app.worker", "app.launcher", "app.host", "scripts"},
+    "scripts": {
+        "app.shared",
+        "app.store",
+        "app.sinks",
+        "app.worker",
+        "app.launcher",
+        "app.host",
+        "scripts",
+    },
     # The Pulumi program runs without the app's servers and clients.
     "infra": {"app.shared", "infra"},
 }

@@ -1,0 +1,225 @@
+"""Sinks written by the workers, each exactly once per ID however often a batch runs: S3 (on
+moto's server), PostgreSQL (Debian's server, started here) and a user's own writer.
+
+Each job is 100,000 IDs of `paced` (every 7th ID an error) on two worker instances, one of
+which is killed (`kill -9`, its pool processes with it) in the middle of a batch, then
+brought back as `fleet local` would: its batch runs again, and the sink holds every ID
+once, the errors as error records.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import psutil
+import pytest
+from click.testing import CliRunner
+
+from app.sinks import sink_spec
+from scripts.cli import cli
+from tests.support.checker import exactly_once
+from tests.support.fleets import TASKS, settle
+from tests.support.jobs import Background
+from tests.support.postgres import Postgres
+from tests.support.sink_writers import load
+from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+N, BATCH = 100_000, 2_000
+WRITERS = "tests.support.sink_writers"
+
+
+def expected(i: int) -> dict:
+    """The record of ID i, as the output file would hold it."""
+    if i % 7 == 0:
+        return {"id": i, "error": {"type": "ValueError", "message": f"poison id {i}"}}
+    return {"id": i, "result": i + 1}
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    pg = Postgres().start()
+    yield pg
+    pg.close()
+
+
+@pytest.fixture
+def sink_dir(tmp_path) -> Path:
+    directory = tmp_path / "sink"
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
+def fleet(make_fleet, sink_dir):
+    """Two instances; the user's writer module loaded with the tasks."""
+    return make_fleet(
+        instances=2,
+        include=(*TASKS, WRITERS),
+        env={"FLEET_TEST_SINK_DIR": str(sink_dir)},
+        lease_seconds=2,
+    )
+
+
+def kill_one_mid_batch(fleet, job: Background) -> None:
+    """kill -9 instance 0 (and its pool) once it runs a batch of the job; restart it."""
+    inst = fleet.instances[0]
+
+    def running() -> bool:
+        return any(p.cpu_times().user > 0.05 for p in psutil.Process(inst.proc.pid).children())
+
+    wait_until(running, 30, "instance 0 running a batch")
+    for p in [
+        *psutil.Process(inst.proc.pid).children(recursive=True),
+        psutil.Process(inst.proc.pid),
+    ]:
+        p.kill()
+    inst.proc.wait(10)
+    while job.thread.is_alive():
+        fleet.supervise()
+        job.thread.join(0.2)
+    assert inst.restarts >= 1
+
+
+def run_with_a_kill(fleet, sink: dict) -> object:
+    job = Background(fleet, None, N, BATCH, task="paced", sink=sink)
+    kill_one_mid_batch(fleet, job)
+    summary = job.result(180)
+    assert (summary.status, summary.items, summary.errors) == ("errors", N, len(range(0, N, 7)))
+    settle(fleet)
+    return summary
+
+
+def test_s3_parts_hold_every_id_once_and_a_manifest(fleet, aws):
+    _, endpoint = aws
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(Bucket="fleet-out")
+    summary = run_with_a_kill(fleet, sink_spec(f"s3://fleet-out/runs/?endpoint_url={endpoint}"))
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket="fleet-out", Prefix=f"runs/{summary.job}/"
+        )
+        for o in page.get("Contents", [])
+    ]
+    parts = sorted(k for k in keys if k.endswith(".jsonl"))
+    assert len(parts) == summary.batches
+    records = [
+        json.loads(line)
+        for key in parts
+        for line in s3.get_object(Bucket="fleet-out", Key=key)["Body"].read().splitlines()
+    ]
+    exactly_once(records, range(N))
+    assert all(r == expected(r["id"]) for r in records)
+    manifest = json.loads(
+        s3.get_object(Bucket="fleet-out", Key=f"runs/{summary.job}/_manifest.json")["Body"].read()
+    )
+    assert manifest["items"] == N and manifest["errors"] == summary.errors
+    assert [f"runs/{summary.job}/{p}" for p in manifest["parts"]] == parts
+
+
+def test_postgres_rows_once_with_at_most_max_writers_connections(fleet, postgres):
+    """Each batch's insert is made to last (a trigger sleeps), so without the cap the
+    fleet's two slots would often hold two connections at once."""
+    with postgres.connect() as conn:
+        conn.execute(
+            "CREATE TABLE scores (job text NOT NULL, id text NOT NULL, result jsonb, "
+            "error jsonb, PRIMARY KEY (job, id))"
+        )
+        conn.execute(
+            "CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END $$"
+        )
+        conn.execute(
+            "CREATE TRIGGER slow AFTER INSERT ON scores FOR EACH STATEMENT "
+            "EXECUTE FUNCTION slow_insert()"
+        )
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            seen.append(postgres.writers())
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        summary = run_with_a_kill(fleet, sink_spec(postgres.url(table="scores"), max_writers=1))
+    finally:
+        stop.set()
+        sampler.join(5)
+    assert max(seen) == 1, f"the cap, and reached: {sorted(set(seen))}"
+    rows = postgres.query("SELECT id, result, error FROM scores WHERE job = %s", summary.job)
+    records = [
+        {"id": int(i), **({"error": e} if e is not None else {"result": r})} for i, r, e in rows
+    ]
+    exactly_once(records, range(N))
+    assert all(r == expected(r["id"]) for r in records)
+
+
+def test_a_users_writer_gets_each_batch_by_its_key(fleet, sink_dir):
+    summary = run_with_a_kill(fleet, sink_spec(None, f"{WRITERS}:save"))
+    records = [
+        {"id": r["id"], **({"error": r["error"]} if r["error"] else {"result": r["result"]})}
+        for r in load(sink_dir, summary.job)
+    ]
+    exactly_once(records, range(N))
+    assert all(r == expected(r["id"]) for r in records)
+    assert len(list(sink_dir.glob(f"{summary.job}-*.jsonl"))) == summary.batches
+
+
+# -- what cannot be a sink: one line each, exit code 2, nothing sent --------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--out", "ftp://host/x"], "no sink for ftp://"),
+        (["--out", "out.jsonl", "--max-writers", "2"], "--max-writers goes with --out postgresql"),
+        (["--out", "s3://b/p/", "--sink", "m:f"], "give --out or --sink, not both"),
+        (["--sink", "nocolon"], "give module:function"),
+    ],
+)
+def test_a_sink_that_cannot_be_is_refused_before_anything_runs(fleet, tmp_path, args, said):
+    args = [str(tmp_path / a) if a.endswith(".jsonl") else a for a in args]
+    result = CliRunner().invoke(cli, ["run", "double", "--ids", "range:0:10", *args, *urls(fleet)])
+    assert result.exit_code == 2, result.output
+    assert said in result.stderr and "Traceback" not in result.output
+    assert "job j" not in result.stderr
+
+
+def urls(fleet) -> list[str]:
+    return ["--broker", fleet.settings.broker_url, "--backend", fleet.settings.result_url]
+
+
+def test_a_sink_the_launcher_cannot_write_is_refused(fleet, aws, postgres):
+    _, endpoint = aws
+    for out, said in (
+        (
+            f"s3://no-such-bucket/p/?endpoint_url={endpoint}",
+            "s3://no-such-bucket/p/ refused a write",
+        ),
+        (postgres.url("reader", table="scores_ro"), "permission denied"),
+        (postgres.url(table=""), "names no table"),
+    ):
+        result = CliRunner().invoke(
+            cli, ["run", "double", "--ids", "range:0:10", "--out", out, *urls(fleet)]
+        )
+        assert result.exit_code == 2, result.output
+        assert said in result.stderr, result.stderr
+        assert postgres.password not in result.output
+        assert "job j" not in result.stderr
+
+
+def test_a_writer_the_workers_may_not_call_stops_the_job_naming_it(fleet):
+    result = CliRunner().invoke(
+        cli, ["run", "double", "--ids", "range:0:10", "--sink", "os:system", *urls(fleet)]
+    )
+    assert result.exit_code == 2, result.output
+    assert "os is not one of the workers' task modules" in result.stderr
