@@ -436,7 +436,7 @@ def build(
         built = _build_into(Path(tmp), kit_files, projects, target, extras_text, say)
         with contextlib.suppress(OSError):  # another build got there first: same content
             built.rename(entry)
-    _prune(cache)
+    prune(cache, CACHE_KEEP)
     return read_wheelhouse(entry)
 
 
@@ -657,14 +657,17 @@ def _requirements(manifest: dict[str, Any], extras: str) -> str:
     return "".join(lines)
 
 
-def _prune(cache: Path) -> None:
+def prune(directory: Path, keep: int) -> list[Path]:
+    """Remove all but the `keep` most recently used directories under `directory` (not those
+    whose name starts with a dot: builds under way); the ones removed."""
     entries = sorted(
-        (p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        (p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")),
         key=lambda p: p.stat().st_mtime,
         reverse=True,
     )
-    for old in entries[CACHE_KEEP:]:
+    for old in entries[keep:]:
         shutil.rmtree(old, ignore_errors=True)
+    return entries[keep:]
 
 
 def human_size(n: float) -> str:

@@ -95,19 +95,16 @@ class Launcher:
 
     def _lost_store(self, job: str, opts: JobOptions, exc: BaseException) -> Unreachable:
         """The result store is gone for good mid-job (its client's retries gave up)."""
-        where = (
-            sink_label(opts.sink)
-            if opts.sink
-            else "standard output"
-            if str(opts.out) == "-"
-            else str(opts.out)
-        )
+        if opts.sink:  # a resumed job writes where it wrote: no --out to give
+            where, resume = sink_label(opts.sink), f"fleet run --resume {job}"
+        else:
+            where = "standard output" if str(opts.out) == "-" else str(opts.out)
+            resume = f"fleet run --resume {job} --out {opts.out}"
         why = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
         return Unreachable(
             f"lost the result store at {redact(self.settings.result_url)} during job {job}: "
-            f"{why}. What was written is in "
-            f"{where}; once the store is back with its data, `fleet run --resume {job} "
-            f"--out {opts.out}` goes on from there."
+            f"{why}. What was written is in {where}; once the store is back with its data, "
+            f"`{resume}` goes on from there."
         )
 
     def workers(self) -> list[dict[str, Any]]:

@@ -13,39 +13,21 @@ from __future__ import annotations
 import contextlib
 import json
 from typing import Any
-from urllib.parse import urlsplit
 
-from app.settings import query_options
 from app.sinks.base import BadSink, retrying
+from app.store.s3 import CONDITION_FAILED, no_answer, s3_location
 
 # What S3 says when IAM or the bucket policy refuses, or the bucket does not exist.
 REFUSED = ("AccessDenied", "Forbidden", "403", "NoSuchBucket", "404", "AllAccessDisabled")
-ALREADY = ("PreconditionFailed", "ConditionalRequestConflict")
 
 
 class S3Sink:
     def __init__(self, url: str, region: str | None = None) -> None:
-        import boto3
-        import botocore.config
         import botocore.exceptions
 
-        parts = urlsplit(url)
-        opts = query_options(url)
-        self.bucket = parts.hostname or ""
-        prefix = parts.path.strip("/")
-        self.prefix = f"{prefix}/" if prefix else ""
+        self.s3, self.bucket, self.prefix = s3_location(url, region)
         self.label = f"s3://{self.bucket}/{self.prefix}"
-        self.s3 = boto3.client(
-            "s3",
-            region_name=opts.get("region") or region,
-            endpoint_url=opts.get("endpoint_url"),
-            config=botocore.config.Config(retries={"max_attempts": 10, "mode": "adaptive"}),
-        )
         self._errors = botocore.exceptions
-        self._transient = (
-            botocore.exceptions.ConnectionError,
-            botocore.exceptions.HTTPClientError,
-        )
 
     def part_key(self, job: str, batch: int) -> str:
         return f"{self.prefix}{job}/part-{batch:08d}.jsonl"
@@ -93,11 +75,11 @@ class S3Sink:
                     IfNoneMatch="*",
                 )
             except self._errors.ClientError as exc:
-                if self._code(exc) in ALREADY:
+                if self._code(exc) in CONDITION_FAILED:
                     return  # written by an earlier run of this batch: it stays
                 raise self._refused(exc, f"part {batch} of job {job}") or exc from None
 
-        retrying(put, self._transient, f"writing part {batch} of job {job} to {self.label}")
+        retrying(put, no_answer(), f"writing part {batch} of job {job} to {self.label}")
 
     def finish(self, job: str, batches: int, items: int, errors: int) -> None:
         manifest = {

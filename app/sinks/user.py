@@ -50,6 +50,7 @@ class UserSink:
         self.name = name
         self.label = f"--sink {name}"
         self._modules = modules
+        self._writer: Callable[[list[Record], str], Any] | None = None  # resolved once
 
     def check(self) -> None:
         """Only the form here: the function lives where the workers run."""
@@ -58,7 +59,9 @@ class UserSink:
             raise BadSink(f"--sink {self.name!r}: give module:function, e.g. myproj.sinks:save.")
 
     def write(self, job: str, batch: int, lines: bytes) -> None:
-        writer = resolve_writer(self.name, self._modules)
+        if self._writer is None:
+            self._writer = resolve_writer(self.name, self._modules)
+        writer = self._writer
         batch_records = records(lines)
         key = f"{job}/{batch}"
 

@@ -34,34 +34,49 @@ CLOCK_SLACK = 2.0  # seconds of disagreement tolerated between S3's clock and ou
 POLL = 0.5
 # What S3 says when IAM or the bucket policy refuses a request (a HEAD has no body: "403").
 FORBIDDEN = ("AccessDenied", "Forbidden", "403")
+# What S3 says when a conditional put (If-None-Match: *) finds the key written already.
+CONDITION_FAILED = ("PreconditionFailed", "ConditionalRequestConflict")
+
+
+def s3_location(url: str, region: str | None = None) -> tuple[Any, str, str]:
+    """(boto3 client, bucket, prefix: "" or ending in /) of s3://BUCKET/PREFIX, whose query
+    may name `region` (else the one given) and `endpoint_url`; the result store's and the
+    S3 sink's."""
+    import boto3
+    import botocore.config
+
+    parts = urlsplit(url)
+    opts = query_options(url)
+    prefix = parts.path.strip("/")
+    client = boto3.client(
+        "s3",
+        region_name=opts.get("region") or region,
+        endpoint_url=opts.get("endpoint_url"),
+        config=botocore.config.Config(retries={"max_attempts": 10, "mode": "adaptive"}),
+    )
+    return client, parts.hostname or "", f"{prefix}/" if prefix else ""
+
+
+def no_answer() -> tuple[type[BaseException], ...]:
+    """What a client raises once botocore's retries found no answer from S3."""
+    import botocore.exceptions
+
+    return (
+        botocore.exceptions.ConnectionError,  # no route, refused, connect timeout
+        botocore.exceptions.HTTPClientError,  # read timeout, connection closed
+    )
 
 
 class S3Store:
     def __init__(self, url: str, ttl: int = 7 * 24 * 3600, lease_seconds: float = 10.0) -> None:
-        import boto3
-        import botocore.config
         import botocore.exceptions
 
         self.url = url
         self.ttl = ttl
         self.lease_seconds = lease_seconds
-        parts = urlsplit(url)
-        opts = query_options(url)
-        self.bucket = parts.hostname or ""
-        self.prefix = parts.path.strip("/")
-        self.prefix = f"{self.prefix}/" if self.prefix else ""
-        self.s3 = boto3.client(
-            "s3",
-            region_name=opts.get("region"),
-            endpoint_url=opts.get("endpoint_url"),
-            config=botocore.config.Config(retries={"max_attempts": 10, "mode": "adaptive"}),
-        )
+        self.s3, self.bucket, self.prefix = s3_location(url)
         self._errors = botocore.exceptions
-        # No answer from S3 once botocore's retries are spent (no route, timeouts, resets).
-        self.connection_errors: tuple[type[BaseException], ...] = (
-            botocore.exceptions.ConnectionError,  # no route, refused, connect timeout
-            botocore.exceptions.HTTPClientError,  # read timeout, connection closed
-        )
+        self.connection_errors = no_answer()
         self._fetched: dict[tuple[str, int], bytes] = {}
         self._announced: dict[str, set[int]] = {}
 
@@ -190,10 +205,7 @@ class S3Store:
                 IfNoneMatch="*",
             )
         except self._errors.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in (
-                "PreconditionFailed",
-                "ConditionalRequestConflict",
-            ):
+            if exc.response.get("Error", {}).get("Code") in CONDITION_FAILED:
                 return False
             raise
         finally:
@@ -234,10 +246,7 @@ class S3Store:
                 )
                 return True
             except self._errors.ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") not in (
-                    "PreconditionFailed",
-                    "ConditionalRequestConflict",
-                ):
+                if exc.response.get("Error", {}).get("Code") not in CONDITION_FAILED:
                     raise
             try:
                 obj = self.s3.get_object(Bucket=self.bucket, Key=key)

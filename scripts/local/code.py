@@ -15,13 +15,20 @@ import contextlib
 import fcntl
 import os
 import platform
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from app.wheelhouse import WORKER_GLIBC_MINOR, PackageError, Target, Wheelhouse, build, cache_dir
+from app.wheelhouse import (
+    WORKER_GLIBC_MINOR,
+    PackageError,
+    Target,
+    Wheelhouse,
+    build,
+    cache_dir,
+    prune,
+)
 from scripts.local.processes import LocalFleetError
 
 BOOT_SCRIPT = Path(__file__).resolve().parent.parent / "fleet-boot.sh"
@@ -88,12 +95,6 @@ def install_code(
 
 
 def _prune() -> None:
-    kept = sorted(
-        (p for p in venvs_dir().iterdir() if p.is_dir()),
-        key=lambda p: p.stat().st_mtime,
-        reverse=True,
-    )
-    for old in kept[KEEP:]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in prune(venvs_dir(), KEEP):
         with contextlib.suppress(OSError):
             old.with_suffix(".lock").unlink()

@@ -71,3 +71,16 @@ def test_output_path_is_named_as_given(launcher, monkeypatch):
     opts = JobOptions(task="slow", source=Source.parse("range:0:3"), out=Path("-"), progress=False)
     with pytest.raises(Unreachable, match="What was written is in standard output"):
         launcher.run(opts)
+
+
+def test_a_sink_job_is_resumed_without_an_output(launcher, monkeypatch):
+    monkeypatch.setattr(launcher, "_dispatch", lost)
+    monkeypatch.setattr(launcher, "sink", lambda spec, check=False: None)
+    sink = {"kind": "postgresql", "url": f"postgresql://u:{SECRET}@h/db?table=t"}
+    opts = JobOptions(task="slow", source=Source.parse("range:0:3"), sink=sink, progress=False)
+    with pytest.raises(Unreachable) as caught:
+        launcher.run(opts)
+    message = str(caught.value)
+    assert "What was written is in postgresql://u:***@h/db?table=t;" in message
+    assert message.endswith("`fleet run --resume jtest-1` goes on from there.")
+    assert SECRET not in message and "--out" not in message
