@@ -310,7 +310,13 @@ def test_task_events_only_while_asked_for(fleet, tmp_path):
         assert not [e for e in events if e["type"].startswith("task-")]
 
         mark = len(events)
-        client.control.enable_events()
+        # A broadcast without replies may reach a worker after the job's batches did:
+        # wait until every worker has said it now sends events.
+        wait_until(
+            lambda: len(client.control.enable_events(reply=True, timeout=1)) >= fleet.n_instances,
+            20,
+            "every worker to enable events",
+        )
         summary = run_job(fleet, "double", "range:0:200", tmp_path / "watched.jsonl", batch_size=20)
         assert summary.items == 200
         wait_until(lambda: len(seen("task-received", mark)) >= 10, 20, "task-received events")
