@@ -3,21 +3,74 @@
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
 from app.launcher.job import BadInput, JobOptions
 from app.launcher.output import Progress, say
 from app.launcher.plan import in_flight_limit
 from app.launcher.sources import InputError
-from app.store import bit_is_set
+from app.store import Store, bit_is_set
 
 if TYPE_CHECKING:
     from app.launcher.launcher import Launcher
 
 WRITE_CHUNK = 8  # batch results fetched per round trip
+
+
+def driver_slot(job: str) -> str:
+    """The semaphore (one slot) its driver holds while it drives `job`."""
+    return f"driver-{job}"
+
+
+def driver_lease(lease_seconds: float) -> float:
+    """How long a driver's hold on its job outlives its last renewal (renewed every second)."""
+    return max(10.0, 3 * lease_seconds)
+
+
+@dataclass
+class Steering:
+    """What a driver looks at once a second beside the batches: its hold on the job (which
+    `fleet jobs` reads as the job's driver being alive), a cancel, a request to hand the
+    job over, and, in the fleet, the mark of the batches sent so far, which a driver that
+    takes over reads so as not to send them again."""
+
+    store: Store
+    job: str
+    holder: str
+    lease: float
+    in_fleet: bool = False
+    stop: threading.Event | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    # Why it stopped: "cancelled", "lost" (another driver holds the job), "stopped".
+    why: str = ""
+
+    def hold(self) -> bool:
+        return self.store.acquire_slot(driver_slot(self.job), self.holder, 1, self.lease)
+
+    def check(self, next_batch: int | None = None) -> bool:
+        """True: stop driving now (self.why says why). `next_batch`: the first batch not
+        sent yet."""
+        # Attached (`fleet run`), the hold only tells `fleet jobs` the launcher is alive:
+        # a resumed run goes on beside a launcher that died a moment ago.
+        if not self.hold() and self.in_fleet:
+            self.why = "lost"
+        elif self.store.is_cancelled(self.job):
+            self.why = "cancelled"
+        elif self.stop is not None and self.stop.is_set():
+            self.why = "stopped"
+        if self.why:
+            return True
+        if self.in_fleet and next_batch is not None and self.meta.get("sent") != next_batch:
+            self.meta["sent"] = next_batch
+            self.store.put_meta(self.job, self.meta)
+        return False
+
+    def release(self) -> None:
+        self.store.release_slot(driver_slot(self.job), self.holder)
 
 
 @dataclass
@@ -40,6 +93,9 @@ class Dispatch:
         out_path: str | None,
         progress: Progress,
         batches: int | None = None,
+        steering: Steering | None = None,
+        sent_before: int = 0,
+        keep: bool = False,
     ) -> None:
         self.launcher = launcher
         # How many batches the job is cut into: known from the plan, or
@@ -61,6 +117,12 @@ class Dispatch:
         self._idle_since: float | None = None
         self._next = 0  # the next batch number to take from the stream
         self._exhausted = False
+        self.steering = steering
+        # Batches below this were sent by an earlier driver of the job: in flight, not sent
+        # again unless found lost.
+        self.sent_before = sent_before
+        # The job's output is the result store: written batches keep their results there.
+        self.keep = keep
 
     def max_in_flight(self) -> int:
         return self.opts.max_in_flight or in_flight_limit(self.launcher.slots())
@@ -85,6 +147,9 @@ class Dispatch:
             self.collect()
             now = time.monotonic()
             if now - last_check >= 1.0:
+                if self.steering is not None and self.steering.check(self._next):
+                    self.interrupted = True
+                    return
                 self.find_lost(now)
                 self.launcher.advertise_backlog(self.job, self.held(), self.unreported)
                 self.unreported = 0
@@ -113,6 +178,8 @@ class Dispatch:
             self.inflight[batch] = InFlight(body, time.monotonic())
             if bit_is_set(committed_bits, batch):
                 backlog.append(batch)
+            elif batch < self.sent_before:
+                pass  # on the broker already, or lost: find_lost sends it again if so
             else:
                 self.launcher.send(self.job, batch, body)
         return backlog
@@ -168,7 +235,7 @@ class Dispatch:
             return
         self.out.flush()
         offset = self.out.tell() if self.out_path else None
-        self.store.mark_written(self.job, done_now, offset, items, errors)
+        self.store.mark_written(self.job, done_now, offset, items, errors, keep=self.keep)
         for b in done_now:
             self.written.add(b)
             self.inflight.pop(b, None)

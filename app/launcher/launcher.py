@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import sys
+import os
+import socket
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -32,7 +33,7 @@ from kombu.utils.uuid import uuid
 
 from app.batch import expand, pack
 from app.celery_config import make_app
-from app.launcher.dispatch import Dispatch, interrupt_guard
+from app.launcher.dispatch import Dispatch, Steering, driver_lease, interrupt_guard
 from app.launcher.job import (
     BadInput,
     JobOptions,
@@ -48,17 +49,22 @@ from app.launcher.sources import InputError, Source
 from app.launcher.versions import CodeVersions
 from app.settings import Settings, redact
 from app.sinks import BadSink, Sink, open_sink, sink_label
-from app.store import StoreUnavailable, open_store
+from app.store import StoreUnavailable, bit_is_set, open_store
 
 _encode = msgspec.json.Encoder().encode
 
 
+class Stopped(Exception):
+    """A driver in the fleet stops calibrating: the job was cancelled or is handed over."""
+
+
 class Launcher:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, celery: Any = None) -> None:
+        """`celery`: the app to publish with (a worker's own, for a driver in the fleet)."""
         self.settings = settings
         self.store = open_store(settings)
         self._metrics = StackMetrics(settings.stack or "", settings.aws_region)
-        self.celery = make_app(settings)
+        self.celery = celery if celery is not None else make_app(settings)
         # The heartbeats of the queue's workers, and when they were read (cached for 2 s).
         self._workers: tuple[float, list[dict[str, Any]]] = (-1e9, [])
         # A streamed source (stdin) is read once: calibration leaves the rest
@@ -235,21 +241,47 @@ class Launcher:
         return sink
 
     def _dispatch(
-        self, job: str, meta: dict[str, Any], opts: JobOptions, started: float
+        self,
+        job: str,
+        meta: dict[str, Any],
+        opts: JobOptions,
+        started: float,
+        steering: Steering | None = None,
+        source: Source | None = None,
     ) -> JobSummary:
-        """Send the job's batches and write their results, until done or interrupted."""
-        task, source = meta["task"], Source.from_meta(meta["source"])
+        """Send the job's batches and write their results, until done, interrupted,
+        cancelled or (a driver in the fleet) handed over. `source`: where the IDs of
+        the job's source are read (a fetched copy of one uploaded to the store)."""
+        task = meta["task"]
+        source = source or Source.from_meta(meta["source"])
         plan = BatchPlan.from_meta(meta["layout"], meta.get("total"))
         committed_bits, written_bits, offset, items, errors = self.store.journal(job)
         spec = meta.get("sink")
-        if spec:  # the workers write the results: only the counts come here
+        in_fleet = meta.get("driver") == "fleet"
+        if spec or in_fleet:  # the workers write the results, or they stay in the store
             out, out_path = no_output(), None
         else:
             out, out_path = open_output(opts.out, (offset or 0) if opts.resume else None)
+        if steering is None:
+            steering = Steering(
+                self.store, job, launcher_holder(), driver_lease(self.settings.lease_seconds)
+            )
         progress = Progress(items, errors)
         if opts.progress:
             progress.show(meta.get("total"), job)
-        run = Dispatch(self, job, task, opts, out, out_path, progress, plan.count())
+        run = Dispatch(
+            self,
+            job,
+            task,
+            opts,
+            out,
+            out_path,
+            progress,
+            plan.count(),
+            steering=steering,
+            sent_before=int(meta.get("sent", 0)) if in_fleet else 0,
+            keep=in_fleet and not spec,
+        )
         try:
             with interrupt_guard() as interrupted:
                 stream, self._stream = self._stream, None
@@ -263,17 +295,20 @@ class Launcher:
             # Best effort: the entry lapses by itself if the store is gone.
             with contextlib.suppress(Exception):
                 self.advertise_backlog(job, 0, run.unreported)
+            with contextlib.suppress(Exception):
+                steering.release()
             progress.close()
-            if out is not sys.stdout.buffer:
-                out.close()
+            if out_path is None and not (spec or in_fleet):
+                out.flush()  # standard output: not ours to close
             else:
-                out.flush()
-        status = "interrupted" if run.interrupted else ("errors" if progress.errors else "ok")
-        if spec and status != "interrupted":
-            self.sink(spec).finish(job, run.batches or 0, progress.items, progress.errors)
-        meta.update(status=status, batches=run.batches or 0)
-        self.store.put_meta(job, meta)
-        return JobSummary(
+                out.close()
+        if steering.why == "cancelled":
+            status = "cancelled"
+        elif run.interrupted:
+            status = "interrupted"
+        else:
+            status = "errors" if progress.errors else "ok"
+        summary = JobSummary(
             job=job,
             status=status,
             items=progress.items,
@@ -281,9 +316,16 @@ class Launcher:
             batches=run.batches or 0,
             resent=run.resent,
             wall_seconds=time.monotonic() - started,
-            out=sink_label(spec) if spec else out_path or "-",
+            out=sink_label(spec) if spec else out_path or ("store" if in_fleet else "-"),
             seconds_per_item=meta.get("seconds_per_item"),
         )
+        if in_fleet and status == "interrupted":
+            return summary  # handed over: the job runs on under its next driver
+        if spec and status in ("ok", "errors"):
+            self.sink(spec).finish(job, run.batches or 0, progress.items, progress.errors)
+        meta.update(status=status, batches=run.batches or 0, finished=time.time())
+        self.store.put_meta(job, meta)
+        return summary
 
     @staticmethod
     def _count(opts: JobOptions) -> int | None:
@@ -304,6 +346,7 @@ class Launcher:
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "out": sink_label(opts.sink) if opts.sink else str(opts.out) if opts.out else "-",
             "status": "running",
+            "started": time.time(),
         }
         if opts.sink:
             # Before the probes: the workers read the sink of every batch from here.
@@ -333,6 +376,11 @@ class Launcher:
             raise BadInput(
                 f"job {opts.resume} read IDs from {meta['source']['spec']}, not {opts.source.spec}."
             )
+        if meta.get("driver") == "fleet":
+            raise BadInput(
+                f"job {opts.resume} was submitted: its driver runs in the fleet and resumes "
+                f"by itself. See it with `fleet jobs`; wait for it with `fleet wait {opts.resume}`."
+            )
         if meta["source"]["spec"] == "-":
             raise BadInput(f"job {opts.resume} read its IDs from stdin, which cannot be re-read.")
         say(f"resuming job {opts.resume}: task {meta['task']}, IDs from {meta['source']['spec']}")
@@ -341,7 +389,7 @@ class Launcher:
     # -- calibration ------------------------------------------------------
 
     def _calibrate(
-        self, job: str, opts: JobOptions, total: int | None
+        self, job: str, opts: JobOptions, total: int | None, steering: Steering | None = None
     ) -> tuple[dict[str, Any], float]:
         """Run one-ID batches on up to one slot each, and size batches from their timing.
 
@@ -364,12 +412,16 @@ class Launcher:
             raise BadInput(f"{'stdin' if opts.source.streamed else opts.source.spec} holds no IDs.")
         for batch, payload in payloads:
             self.send(job, batch, self.encode(job, batch, opts.task, payload))
-        timings = self._wait_for_probes(job, {b for b, _ in payloads}, (total or 0) - len(payloads))
+        timings = self._wait_for_probes(
+            job, {b for b, _ in payloads}, (total or 0) - len(payloads), steering
+        )
         # The probes are committed now; the main loop writes them like any
         # batch found committed on resume.
         # The fastest probe: a probe slowed by a busy neighbour or a cold
         # process says nothing about the work itself.
-        per_item = max(min(timings), 1e-7)
+        # No timing at all: a driver that took over found every probe done by its
+        # predecessor; a hundredth of a second per item is then assumed.
+        per_item = max(min(timings), 1e-7) if timings else 0.01
         ranged = opts.source.fmt == "range"  # ranges travel as two numbers, whatever their size
         sample = [i for _, p in payloads for i in expand(p)] if opts.source.streamed else None
         size = batch_size(
@@ -389,11 +441,25 @@ class Launcher:
         tail = 0 if opts.source.streamed else slots
         return BatchPlan(probe, size, total, tail).as_meta(), per_item
 
-    def _wait_for_probes(self, job: str, pending: set[int], left: int) -> list[float]:
-        """Seconds per item of each probe batch, once all of `pending` are committed."""
+    def _wait_for_probes(
+        self, job: str, pending: set[int], left: int, steering: Steering | None = None
+    ) -> list[float]:
+        """Seconds per item of each probe batch, once all of `pending` are committed.
+
+        With `steering` (a driver in the fleet, which may have taken over from one that
+        died while it calibrated): a probe found committed without its announcement (read
+        by the driver before) counts as done with no timing; a cancel or a hand-over stops
+        the wait (Stopped)."""
         timings: list[float] = []
         waited = time.monotonic()
         while pending:
+            if steering is not None:
+                if steering.check():
+                    raise Stopped(steering.why)
+                committed = self.store.journal(job)[0]
+                pending -= {b for b in pending if bit_is_set(committed, b)}
+                if not pending:
+                    break
             # The batch size is not known yet: count each ID left as a batch (an
             # upper bound), so a long job scales out while its probes wait.
             self.advertise_backlog(job, left)
@@ -408,6 +474,11 @@ class Launcher:
                 say("waiting for a worker to come up...")
                 waited = time.monotonic()
         return timings
+
+
+def launcher_holder() -> str:
+    """How a launcher names itself as its job's driver (`fleet jobs` shows it)."""
+    return f"fleet-run@{socket.gethostname()}:{os.getpid()}"
 
 
 def id_bytes(source: Source, sample: list[Any] | None = None) -> int:

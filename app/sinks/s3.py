@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from app.sinks.base import BadSink, retrying
@@ -80,6 +81,18 @@ class S3Sink:
                 raise self._refused(exc, f"part {batch} of job {job}") or exc from None
 
         retrying(put, no_answer(), f"writing part {batch} of job {job} to {self.label}")
+
+    def read(self, job: str) -> Iterator[bytes]:
+        """The job's parts written so far, in batch order (`fleet results`)."""
+        base = f"{self.prefix}{job}/part-"
+        keys: list[str] = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=base
+        ):
+            keys.extend(o["Key"] for o in page.get("Contents", []))
+        for key in sorted(keys):
+            body: bytes = self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            yield body
 
     def finish(self, job: str, batches: int, items: int, errors: int) -> None:
         manifest = {

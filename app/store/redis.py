@@ -12,6 +12,7 @@ slot.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -34,6 +35,8 @@ WORKERS_KEY = "fleet:workers"  # sorted set: worker name -> expiry (Redis clock)
 LEASES_KEY = "fleet:leases"  # sorted set: "job/batch" -> expiry (Redis clock)
 # sorted set: "queue/job" -> expiry; the counts in the hash BACKLOG_KEY + ":n"
 BACKLOG_KEY = "fleet:backlog"
+JOBS_KEY = "fleet:jobs"  # sorted set: job -> when its metadata was first written (epoch)
+DRIVEN_KEY = "fleet:driven:"  # + queue: set of the jobs whose driver runs in the fleet
 
 _json = msgspec.json.Encoder()
 _decode = msgspec.json.Decoder().decode
@@ -50,6 +53,7 @@ def _keys(job: str) -> dict[str, str]:
         "cancel": f"{tag}:cancel",
         "stats": f"{tag}:stats",  # items and errors written so far
         "result": f"{tag}:r:",  # + batch number
+        "input": f"{tag}:input",  # the IDs of a submitted job, uploaded from a file
     }
 
 
@@ -174,7 +178,40 @@ class RedisStore:
     # -- jobs -------------------------------------------------------------
 
     def put_meta(self, job: str, meta: dict[str, Any]) -> None:
-        self.r.set(_keys(job)["meta"], _json.encode(meta), ex=self.ttl)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(_keys(job)["meta"], _json.encode(meta), ex=self.ttl)
+        pipe.zadd(JOBS_KEY, {job: time.time()}, nx=True)
+        pipe.expire(JOBS_KEY, self.ttl)
+        pipe.execute()
+
+    def jobs(self) -> list[str]:
+        """Every job with metadata, oldest first (those expired are dropped from the index)."""
+        names = [n.decode() for n in cast(list[bytes], self.r.zrange(JOBS_KEY, 0, -1))]
+        if not names:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for n in names:
+            pipe.exists(_keys(n)["meta"])
+        alive = pipe.execute()
+        gone = [n for n, there in zip(names, alive, strict=True) if not there]
+        if gone:
+            self.r.zrem(JOBS_KEY, *gone)
+        return [n for n, there in zip(names, alive, strict=True) if there]
+
+    def put_input(self, job: str, data: bytes) -> None:
+        self.r.set(_keys(job)["input"], data, ex=self.ttl)
+
+    def get_input(self, job: str) -> bytes | None:
+        return cast(bytes | None, self.r.get(_keys(job)["input"]))
+
+    def add_driven(self, queue: str, job: str) -> None:
+        self.r.sadd(DRIVEN_KEY + queue, job)
+
+    def driven(self, queue: str) -> list[str]:
+        return sorted(m.decode() for m in cast(set[bytes], self.r.smembers(DRIVEN_KEY + queue)))
+
+    def remove_driven(self, queue: str, job: str) -> None:
+        self.r.srem(DRIVEN_KEY + queue, job)
 
     def get_meta(self, job: str) -> dict[str, Any] | None:
         raw = self.r.get(_keys(job)["meta"])
@@ -229,6 +266,9 @@ class RedisStore:
 
     def release_slot(self, name: str, holder: str) -> None:
         self.r.zrem(f"fleet:slots:{name}", holder)
+
+    def slot_holders(self, name: str, seconds: float) -> list[str]:
+        return [m.decode() for m in self._live(keys=[f"fleet:slots:{name}"])]
 
     def register_worker(self, name: str, info: dict[str, Any], seconds: float) -> None:
         self.r.set(f"fleet:worker:{name}", _json.encode(info), ex=int(seconds) + 1)
@@ -311,16 +351,28 @@ class RedisStore:
         return out
 
     def mark_written(
-        self, job: str, batches: list[int], offset: int | None, items: int, errors: int
+        self,
+        job: str,
+        batches: list[int],
+        offset: int | None,
+        items: int,
+        errors: int,
+        keep: bool = False,
     ) -> None:
-        """Journal that `batches` are in the output (ending at `offset`) and free their results.
+        """Journal that `batches` are in the output (ending at `offset`) and free their results
+        (`keep`: the results stay, the job's output being the store itself).
 
         Safe to repeat: the client retries a call whose reply timed out, and
         the counters must not count those batches twice.
         """
         k = _keys(job)
         self._written(
-            keys=[k["stats"], k["written"], k["offset"], *(k["result"] + str(b) for b in batches)],
+            keys=[
+                k["stats"],
+                k["written"],
+                k["offset"],
+                *(() if keep else (k["result"] + str(b) for b in batches)),
+            ],
             args=[items, errors, self.ttl, "" if offset is None else offset, *batches],
         )
 

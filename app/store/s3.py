@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from app.settings import query_options, redact
-from app.store.base import BatchResult, Done, Journal, StoreUnavailable, set_bit
+from app.store.base import BatchResult, Done, Journal, StoreUnavailable, bit_is_set, set_bit
 
 _json = msgspec.json.Encoder()
 _decode = msgspec.json.Decoder().decode
@@ -184,6 +184,34 @@ class S3Store:
         raw = self._get(self._key("jobs", job, "meta.json"))
         return None if raw is None else _decode(raw)
 
+    def jobs(self) -> list[str]:
+        """Every job with metadata, oldest first (a job's ID begins with its start time)."""
+        base = self._key("jobs", "")
+        names: list[str] = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=base, Delimiter="/"
+        ):
+            names.extend(
+                p["Prefix"][len(base) :].rstrip("/") for p in page.get("CommonPrefixes", [])
+            )
+        return [n for n in sorted(names) if self._exists(self._key("jobs", n, "meta.json"))]
+
+    def put_input(self, job: str, data: bytes) -> None:
+        self.s3.put_object(Bucket=self.bucket, Key=self._key("jobs", job, "input"), Body=data)
+
+    def get_input(self, job: str) -> bytes | None:
+        return self._get(self._key("jobs", job, "input"))
+
+    def add_driven(self, queue: str, job: str) -> None:
+        self.s3.put_object(Bucket=self.bucket, Key=self._key("driven", queue, job), Body=b"")
+
+    def driven(self, queue: str) -> list[str]:
+        base = self._key("driven", queue, "")
+        return sorted(o["Key"][len(base) :] for o in self._list(base))
+
+    def remove_driven(self, queue: str, job: str) -> None:
+        self.s3.delete_object(Bucket=self.bucket, Key=self._key("driven", queue, job))
+
     def cancel(self, job: str) -> None:
         self.s3.put_object(Bucket=self.bucket, Key=self._key("jobs", job, "cancel"), Body=b"1")
 
@@ -264,6 +292,15 @@ class S3Store:
         for obj in self._list(self._key("slots", name, "")):
             if self._get(obj["Key"]) == holder.encode():
                 self.s3.delete_object(Bucket=self.bucket, Key=obj["Key"])
+
+    def slot_holders(self, name: str, seconds: float) -> list[str]:
+        """The holders of `name`'s slots, leases of `seconds`, not lapsed (S3's clock)."""
+        holders = []
+        for obj in self._fresh(self._key("slots", name, ""), seconds):
+            raw = self._get(obj["Key"])
+            if raw is not None:
+                holders.append(raw.decode())
+        return holders
 
     # -- launcher side ----------------------------------------------------
 
@@ -347,15 +384,25 @@ class S3Store:
         return out
 
     def mark_written(
-        self, job: str, batches: list[int], offset: int | None, items: int, errors: int
+        self,
+        job: str,
+        batches: list[int],
+        offset: int | None,
+        items: int,
+        errors: int,
+        keep: bool = False,
     ) -> None:
+        """Results stay whatever `keep` says: the bucket's lifecycle rule expires them."""
         journal = self._journal(job)
         bits = bytearray(journal["written"])
+        # As the Redis store's: counted only when some batch was not marked yet, so a
+        # driver taken over by another counts no batch twice.
+        fresh = [b for b in batches if not bit_is_set(bytes(bits), b)]
         for b in batches:
             set_bit(bits, b)
-        journal.update(
-            written=bytes(bits), items=journal["items"] + items, errors=journal["errors"] + errors
-        )
+        if fresh:
+            journal.update(items=journal["items"] + items, errors=journal["errors"] + errors)
+        journal.update(written=bytes(bits))
         if offset is not None:
             journal["offset"] = offset
         body = dict(journal, written=base64.b64encode(journal["written"]).decode())

@@ -32,6 +32,7 @@ from app.names import (
 from app.registry import FleetTask
 from app.settings import Settings
 from app.store import open_store
+from app.worker.drivers import Drivers
 from app.worker.watchdog import ConsumerActivity, Liveness, grace_seconds
 
 if TYPE_CHECKING:
@@ -193,6 +194,7 @@ class _Heartbeat:
         self.stop = threading.Event()
         self.name = worker_name()
         self.thread: threading.Thread | None = None
+        self.drivers: threading.Thread | None = None
 
     def start(
         self, app: Celery, hostname: str, concurrency: int, controller: object = None
@@ -237,6 +239,14 @@ class _Heartbeat:
 
         self.thread = threading.Thread(target=beat, name="fleet-heartbeat", daemon=True)
         self.thread.start()
+        # The drivers of submitted jobs (app/worker/drivers.py): joined as the worker stops,
+        # so each hands its job over before the process ends.
+        self.drivers = threading.Thread(
+            target=Drivers(app, settings, self.name).run,
+            args=(self.stop,),
+            name="fleet-drivers",
+        )
+        self.drivers.start()
         metrics = instance_metrics(settings, os.environ)
         if metrics is not None:
             threading.Thread(
@@ -251,6 +261,8 @@ class _Heartbeat:
         self.stop.set()
         if self.thread is not None:
             self.thread.join(timeout=5)
+        if self.drivers is not None:
+            self.drivers.join(timeout=15)
 
 
 _heartbeat = _Heartbeat()

@@ -3,7 +3,8 @@
 Status and progress go to stderr, results to stdout. Exit codes: 0 every
 item succeeded; 1 some items failed; 2 bad input, usage or unknown task; 3
 broker or result store unreachable; 4 the workers run other code than was
-deployed (`fleet run --require-version`); 130 interrupted.
+deployed (`fleet run --require-version`); 5 the job was cancelled (`fleet wait`); 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -26,14 +27,20 @@ class LazyGroup(click.Group):
     """
 
     COMMANDS: ClassVar[dict[str, str]] = {
+        "cancel": "scripts.cli.cancel:cancel",
         "cost": "scripts.cli.cost:cost",
         "demo": "scripts.cli.demo:demo",
+        "jobs": "scripts.cli.jobs:jobs",
         "local": "scripts.cli.local:local",
         "ops": "scripts.cli.ops:ops",
         "package": "scripts.cli.package:package",
+        "results": "scripts.cli.results:results",
         "run": "scripts.cli.run:run",
         "simulate": "scripts.cli.simulate:simulate",
         "status": "scripts.cli.status:status",
+        "submit": "scripts.cli.submit:submit",
+        "wait": "scripts.cli.wait:wait",
+        "watch": "scripts.cli.wait:watch",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import NoReturn
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 
 def fail(message: str, code: int) -> NoReturn:
@@ -52,3 +56,68 @@ def imports_done() -> None:
     if not gc.isenabled():
         gc.freeze()
         gc.enable()
+
+
+def fleet_options(command: Any) -> Any:
+    """--broker, --backend, --stack and --queue: which fleet a command talks to."""
+    for option in reversed(
+        [
+            click.option(
+                "--broker",
+                metavar="URL",
+                help="Broker URL (default: FLEET_BROKER_URL or the local fleet).",
+            ),
+            click.option(
+                "--backend",
+                metavar="URL",
+                help="Result store URL (default: FLEET_RESULT_URL or the local fleet).",
+            ),
+            click.option(
+                "--stack",
+                metavar="NAME",
+                help="A deployed stack: its broker and result store from SSM Parameter Store.",
+            ),
+            click.option("--queue", help="The fleet's queue (default: FLEET_QUEUE or 'fleet')."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def fleet_settings(
+    broker: str | None, backend: str | None, stack: str | None, queue: str | None
+) -> Settings:
+    """The fleet's settings, as `fleet run` finds them."""
+    from app.launcher.discovery import resolve_settings
+
+    if stack and (broker or backend):
+        fail("give either --stack or --broker/--backend, not both.", 2)
+    return resolve_settings(broker, backend, stack, queue=queue)
+
+
+def open_fleet_store(settings: Settings) -> Any:
+    """The fleet's result store, reached (exit 3 with one line if it cannot be)."""
+    from app.store import StoreUnavailable, open_store
+
+    store = open_store(settings)
+    try:
+        store.ping()
+    except StoreUnavailable as exc:
+        fail(str(exc), 3)
+    return store
+
+
+@contextlib.contextmanager
+def store_errors(settings: Settings, store: Any) -> Iterator[None]:
+    """A result store lost mid-command, or a job error: one line and its exit code."""
+    from app.launcher.job import JobError
+    from app.settings import redact
+    from app.store import StoreUnavailable
+
+    try:
+        yield
+    except JobError as exc:
+        fail(str(exc), exc.exit_code)
+    except (StoreUnavailable, *store.connection_errors) as exc:
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        fail(f"lost the result store at {redact(settings.result_url)}: {why}", 3)

@@ -26,42 +26,110 @@ class BatchSize(click.ParamType):
         return n
 
 
+def job_options(command):
+    """The options `fleet run` and `fleet submit` share: what to run, over which IDs, where
+    the results go, and which fleet."""
+    for option in reversed(JOB_OPTIONS):
+        command = option(command)
+    return command
+
+
+JOB_OPTIONS = [
+    click.argument("task", required=False),
+    click.option(
+        "--ids",
+        "ids",
+        metavar="SOURCE",
+        help="A file (one ID per line; .csv with --column; .jsonl with --field), "
+        "'-' for stdin, s3://BUCKET/KEY, or range:START:STOP.",
+    ),
+    click.option("--column", help="The ID column of a CSV source (by header name)."),
+    click.option("--field", "field_", help="The ID field of a JSON-lines source."),
+    click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(["text", "csv", "jsonl"]),
+        help="Input format when the file name does not say (e.g. for stdin).",
+    ),
+    click.option(
+        "--batch-size",
+        type=BatchSize(),
+        default="auto",
+        show_default=True,
+        help="IDs per batch; auto calibrates on the first IDs.",
+    ),
+    click.option(
+        "--target-seconds",
+        type=click.FloatRange(min=0.01),
+        default=2.0,
+        show_default=True,
+        help="With --batch-size auto: aimed-at run time of one batch.",
+    ),
+    click.option(
+        "--max-in-flight",
+        type=click.IntRange(min=1),
+        help="Batches on the broker at once (default: twice the worker slots).",
+    ),
+    click.option(
+        "--sink",
+        metavar="MODULE:FUNCTION",
+        help="Your own writer, called on the workers with each batch's records and its key "
+        "(must be idempotent per key); instead of --out.",
+    ),
+    click.option(
+        "--max-writers",
+        type=click.IntRange(min=1),
+        help="With --out postgresql://: connections to the database across the whole fleet "
+        "(default 4).",
+    ),
+    click.option(
+        "--broker",
+        metavar="URL",
+        help="Broker URL (default: FLEET_BROKER_URL or the local fleet).",
+    ),
+    click.option(
+        "--backend",
+        metavar="URL",
+        help="Result store URL (default: FLEET_RESULT_URL or the local fleet).",
+    ),
+    click.option(
+        "--stack",
+        metavar="NAME",
+        help="A deployed stack: read its broker and result store from SSM Parameter Store.",
+    ),
+    click.option("--queue", help="Queue the workers consume (default: FLEET_QUEUE or 'fleet')."),
+    click.option(
+        "--require-version",
+        is_flag=True,
+        help="Refuse to start (exit code 4) while the workers online run more than one "
+        "version of the code, or another than was deployed; without it that is a warning.",
+    ),
+]
+
+
+def job_request(
+    task, ids, column, field_, fmt, out, sink, max_writers, broker, backend, stack, queue
+):
+    """(source, sink spec, settings) of the shared options, or the one-line failure (exit 2)."""
+    from app.launcher import InputError, Source
+    from app.launcher.discovery import resolve_settings
+    from app.sinks import BadSink, sink_spec
+
+    try:
+        source = Source.parse(ids, fmt, column, field_) if ids else None
+    except InputError as exc:
+        fail(str(exc), 2)
+    if stack and (broker or backend):
+        fail("give either --stack or --broker/--backend, not both.", 2)
+    try:
+        spec = sink_spec(out, sink, max_writers)
+    except BadSink as exc:
+        fail(str(exc), 2)
+    return source, spec, resolve_settings(broker, backend, stack, queue=queue)
+
+
 @click.command()
-@click.argument("task", required=False)
-@click.option(
-    "--ids",
-    "ids",
-    metavar="SOURCE",
-    help="A file (one ID per line; .csv with --column; .jsonl with --field), "
-    "'-' for stdin, s3://BUCKET/KEY, or range:START:STOP.",
-)
-@click.option("--column", help="The ID column of a CSV source (by header name).")
-@click.option("--field", "field_", help="The ID field of a JSON-lines source.")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["text", "csv", "jsonl"]),
-    help="Input format when the file name does not say (e.g. for stdin).",
-)
-@click.option(
-    "--batch-size",
-    type=BatchSize(),
-    default="auto",
-    show_default=True,
-    help="IDs per batch; auto calibrates on the first IDs.",
-)
-@click.option(
-    "--target-seconds",
-    type=click.FloatRange(min=0.01),
-    default=2.0,
-    show_default=True,
-    help="With --batch-size auto: aimed-at run time of one batch.",
-)
-@click.option(
-    "--max-in-flight",
-    type=click.IntRange(min=1),
-    help="Batches on the broker at once (default: twice the worker slots).",
-)
+@job_options
 @click.option(
     "--out",
     metavar="FILE|URL",
@@ -70,34 +138,8 @@ class BatchSize(click.ParamType):
     "postgresql://USER@HOST/DB?table=NAME (a row per ID).",
 )
 @click.option(
-    "--sink",
-    metavar="MODULE:FUNCTION",
-    help="Your own writer, called on the workers with each batch's records and its key "
-    "(must be idempotent per key); instead of --out.",
-)
-@click.option(
-    "--max-writers",
-    type=click.IntRange(min=1),
-    help="With --out postgresql://: connections to the database across the whole fleet "
-    "(default 4).",
-)
-@click.option(
     "--resume", metavar="JOB", help="Finish an earlier job: re-send only what is missing."
 )
-@click.option(
-    "--broker", metavar="URL", help="Broker URL (default: FLEET_BROKER_URL or the local fleet)."
-)
-@click.option(
-    "--backend",
-    metavar="URL",
-    help="Result store URL (default: FLEET_RESULT_URL or the local fleet).",
-)
-@click.option(
-    "--stack",
-    metavar="NAME",
-    help="A deployed stack: read its broker and result store from SSM Parameter Store.",
-)
-@click.option("--queue", help="Queue the workers consume (default: FLEET_QUEUE or 'fleet').")
 @click.option(
     "--json",
     "as_json",
@@ -108,12 +150,6 @@ class BatchSize(click.ParamType):
     "--progress/--no-progress",
     default=None,
     help="Progress bar on stderr (default: when stderr is a terminal).",
-)
-@click.option(
-    "--require-version",
-    is_flag=True,
-    help="Refuse to start (exit code 4) while the workers online run more than one version "
-    "of the code, or another than was deployed; without it that is a warning.",
 )
 def run(
     task,
@@ -141,26 +177,16 @@ def run(
     TASK is a function registered with @fleet_task, or module:function from a
     module the workers load (FLEET_INCLUDE / fleet local --include).
     """
-    from app.launcher import InputError, JobError, JobOptions, Launcher, Source
-    from app.launcher.discovery import resolve_settings
-    from app.sinks import BadSink, sink_spec
+    from app.launcher import JobError, JobOptions, Launcher
 
     imports_done()
     if not resume and not (task and ids):
         fail("give a TASK and --ids SOURCE (or --resume JOB). See `fleet run --help`.", 2)
-    try:
-        source = Source.parse(ids, fmt, column, field_) if ids else None
-    except InputError as exc:
-        fail(str(exc), 2)
-    if stack and (broker or backend):
-        fail("give either --stack or --broker/--backend, not both.", 2)
-    try:
-        spec = sink_spec(out, sink, max_writers)
-    except BadSink as exc:
-        fail(str(exc), 2)
+    source, spec, settings = job_request(
+        task, ids, column, field_, fmt, out, sink, max_writers, broker, backend, stack, queue
+    )
     if resume and spec:
         fail("a resumed job writes where it wrote: give --resume JOB without a sink.", 2)
-    settings = resolve_settings(broker, backend, stack, queue=queue)
     opts = JobOptions(
         task=task,
         source=source,

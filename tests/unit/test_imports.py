@@ -91,12 +91,17 @@ def import_graph() -> dict[str, set[str]]:
     return {module_name(p): imports_of(ast.parse(p.read_text()), known) for p in files}
 
 
+# The one module allowed a crossing: the driver of a submitted job runs the launcher's
+# dispatch loop in a worker's main process (imported at the first job it drives).
+EXCEPTIONS = {"app.worker.drivers": {"app.launcher"}}
+
+
 def forbidden(graph: dict[str, set[str]]) -> list[str]:
     return sorted(
         f"{a} -> {b}"
         for a, targets in graph.items()
         for b in targets
-        if room(b) not in ALLOWED[room(a)]
+        if room(b) not in ALLOWED[room(a)] and room(b) not in EXCEPTIONS.get(a, ())
     )
 
 

@@ -1,0 +1,189 @@
+"""Jobs that live in the fleet: `fleet submit`, and `jobs`, `wait`, `results` and `cancel`
+from other processes, against real workers on both brokers.
+
+The driver of a submitted job runs in a worker's main process (app/worker/drivers.py):
+the tests kill that worker mid-job and check another takes the job over from the
+journal, every ID still written exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from app.launcher.dispatch import driver_lease, driver_slot
+from app.store import bit_is_set, open_store
+from tests.support.checker import exactly_once
+from tests.support.fleets import settle
+from tests.support.paths import FLEET_BIN, ROOT
+from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def fleet_cmd(settings, *args: str, stdin: bytes | None = None, timeout: float = 120):
+    """`fleet ARGS --broker --backend` of `settings`, in a process of its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "CELERY_"))}
+    env["FLEET_STATE_DIR"] = "/nonexistent/celery-fleet-test"  # never a local fleet's state
+    return subprocess.run(
+        [str(FLEET_BIN), *args, "--broker", settings.broker_url, "--backend", settings.result_url],
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+    )
+
+
+def submit(settings, *args: str, stdin: bytes | None = None) -> str:
+    p = fleet_cmd(settings, "submit", *args, stdin=stdin)
+    assert p.returncode == 0, p.stderr.decode()
+    return p.stdout.decode().strip()
+
+
+def results(settings, job: str) -> list[dict]:
+    p = fleet_cmd(settings, "results", job)
+    assert p.returncode == 0, p.stderr.decode()
+    return [json.loads(line) for line in p.stdout.splitlines()]
+
+
+def committed(store, job: str) -> int:
+    bits = store.journal(job)[0]
+    return sum(bit_is_set(bits, b) for b in range(len(bits) * 8))
+
+
+def test_submitted_job_outlives_its_submitter_and_runs_once(fleet, tmp_path):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("".join(f"{i}\n" for i in range(3000)))
+    started = time.monotonic()
+    job = submit(fleet.settings, "double", "--ids", str(ids), "--batch-size", "100")
+    # The submitter is gone: it returned as soon as the job was recorded.
+    assert time.monotonic() - started < 30
+    ids.unlink()  # uploaded: the job needs the file no more
+    p = fleet_cmd(fleet.settings, "wait", job, "--json")
+    assert p.returncode == 0, p.stderr.decode()
+    view = json.loads(p.stdout)
+    assert (view["state"], view["items"], view["errors"], view["total"]) == ("ok", 3000, 0, 3000)
+    exactly_once(results(fleet.settings, job), [str(i) for i in range(3000)], lambda i: int(i) * 2)
+
+    listed = fleet_cmd(fleet.settings, "jobs", "--json")
+    assert listed.returncode == 0, listed.stderr.decode()
+    row = next(r for r in json.loads(listed.stdout) if r["job"] == job)
+    assert (row["state"], row["items"], row["in_fleet"], row["out"]) == ("ok", 3000, True, "store")
+
+
+def test_stdin_and_ranges_are_submitted_too(fleet):
+    job = submit(fleet.settings, "double", "--ids", "-", stdin=b"5\n6\n7\n")
+    ranged = submit(fleet.settings, "double", "--ids", "range:0:500")
+    for j in (job, ranged):
+        assert fleet_cmd(fleet.settings, "wait", j).returncode == 0
+    exactly_once(results(fleet.settings, job), ["5", "6", "7"], lambda i: int(i) * 2)
+    exactly_once(results(fleet.settings, ranged), range(500), lambda i: i * 2)
+
+
+def test_driver_killed_mid_job_another_worker_finishes_it_exactly_once(make_fleet):
+    fleet = make_fleet(instances=2, lease_seconds=2, env={"FLEET_TEST_ITEM_MS": "2"})
+    store = open_store(fleet.settings)
+    n = 6000
+    job = submit(fleet.settings, "slow", "--ids", f"range:0:{n}", "--batch-size", "100")
+    lease = driver_lease(fleet.settings.lease_seconds)
+
+    def driver_pid() -> int | None:
+        holders = store.slot_holders(driver_slot(job), lease)
+        if not holders or committed(store, job) < 5:
+            return None
+        name = holders[0].removeprefix("driver@")
+        return next((int(w["pid"]) for w in store.workers() if w["name"] == name), None)
+
+    pid = wait_until(driver_pid, 60, "the job's driver to hold it and batches to commit")
+    inst = next(i for i in fleet.instances if i.proc is not None and i.proc.pid == pid)
+    main = psutil.Process(pid)
+    for p in [*main.children(recursive=True), main]:
+        p.kill()
+    inst.proc.wait(10)
+    before = committed(store, job)
+    assert before < n // 100, "the job ended before its driver was killed"
+
+    def ended() -> bool:
+        fleet.supervise()  # the killed instance comes back, as systemd would bring it
+        meta = store.get_meta(job) or {}
+        return meta.get("status") == "ok"
+
+    wait_until(ended, 150, "the job to end under another driver", poll=0.5)
+    assert inst.restarts >= 1
+    holders_seen = store.get_meta(job)
+    assert holders_seen is not None and holders_seen["total"] == n
+    exactly_once(results(fleet.settings, job), range(n), lambda i: i * 2)
+    settle(fleet)
+
+
+def test_cancel_stops_the_job_and_its_queued_batches(make_fleet):
+    fleet = make_fleet(instances=2, lease_seconds=2, env={"FLEET_TEST_ITEM_MS": "2"})
+    store = open_store(fleet.settings)
+    job = submit(fleet.settings, "slow", "--ids", "range:0:20000", "--batch-size", "100")
+    wait_until(lambda: committed(store, job) >= 3, 60, "batches of the job to commit")
+    p = fleet_cmd(fleet.settings, "cancel", job)
+    assert p.returncode == 0, p.stderr.decode()
+    assert "cancelled" in p.stderr.decode()
+    # Acknowledged: no batch of the job runs now, and none starts later.
+    assert not [m for m in store.busy_slots() if m.startswith(f"{job}/")]
+    done = committed(store, job)
+    time.sleep(3)
+    assert committed(store, job) == done
+    assert done < 200
+    w = fleet_cmd(fleet.settings, "wait", job)
+    assert w.returncode == 5, w.stderr.decode()
+    # What was written stays, and nothing else is there.
+    records = results(fleet.settings, job)
+    assert len(records) == len({r["id"] for r in records}) == 100 * done
+    settle(fleet)
+
+
+def test_bad_requests_say_one_line_and_exit_2(fleet, tmp_path):
+    s = fleet.settings
+    cases = [
+        (("cancel", "j-nope"), "no job 'j-nope'"),
+        (("results", "j-nope"), "no job 'j-nope'"),
+        (("wait", "j-nope"), "no job 'j-nope'"),
+        (("submit", "double", "--ids", "range:0:5", "--out", "ftp://x/y"), "no sink for ftp"),
+        (("submit", "double", "--ids", "range:0:5", "--out", str(tmp_path / "f")), "stay in"),
+        (("submit", "double", "--ids", str(tmp_path / "missing.txt")), "does not exist"),
+        (("submit", "double"), "give a TASK and --ids"),
+    ]
+    for args, said in cases:
+        p = fleet_cmd(s, *args)
+        err = p.stderr.decode()
+        assert p.returncode == 2, (args, err)
+        assert said in err and err.count("\n") == 1 and "Traceback" not in err, (args, err)
+    # A job whose task the workers refuse ends failed, with the reason, exit 2 to `wait`.
+    job = submit(s, "no_such_task", "--ids", "range:0:10")
+    p = fleet_cmd(s, "wait", job)
+    assert p.returncode == 2 and "unknown task" in p.stderr.decode(), p.stderr.decode()
+
+
+def test_an_unreachable_store_is_one_line_and_exit_3(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "CELERY_"))}
+    env["FLEET_STATE_DIR"] = str(tmp_path)
+    for verb in (("jobs",), ("wait", "j1"), ("results", "j1"), ("cancel", "j1")):
+        p = subprocess.run(
+            [
+                str(FLEET_BIN),
+                *verb,
+                "--broker",
+                "redis://127.0.0.1:9/0",
+                "--backend",
+                "redis://127.0.0.1:9/0",
+            ],
+            capture_output=True,
+            timeout=60,
+            env=env,
+            cwd=ROOT,
+        )
+        err = p.stderr.decode()
+        assert p.returncode == 3 and err.count("\n") == 1 and "Traceback" not in err, (verb, err)
