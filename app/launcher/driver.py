@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from app.launcher.dispatch import Steering, driver_lease, driver_slot
-from app.launcher.job import BadInput, JobError, JobOptions, new_job_id
+from app.launcher.job import BadInput, JobError, JobOptions, new_job_id, reducer_name
 from app.launcher.launcher import Launcher, Stopped
 from app.launcher.sources import InputError, Source
 from app.sinks import sink_label
@@ -56,6 +56,8 @@ def submit(launcher: Launcher, opts: JobOptions) -> str:
                 data = Path(source.spec).read_bytes()
     except InputError as exc:
         raise BadInput(str(exc)) from None
+    if opts.reduce:
+        reducer_name(opts.reduce)  # the driver, on a worker, imports it
     if opts.sink:
         launcher.sink(opts.sink, check=True)
     launcher.check_connections()
@@ -78,6 +80,8 @@ def submit(launcher: Launcher, opts: JobOptions) -> str:
     }
     if opts.sink:
         meta["sink"] = opts.sink
+    if opts.reduce:
+        meta["reduce"] = opts.reduce
     if data is not None:
         # Uploaded before the job is listed: a driver never meets a job without its IDs.
         store.put_input(job, data)

@@ -43,6 +43,9 @@ class JobOptions:
     sink: dict[str, Any] | None = None
     resume: str | None = None
     progress: bool = True
+    # module:function, an associative f(a, b): each batch's results are folded on its worker,
+    # the partials by the driver, in batch order (`--reduce`).
+    reduce: str | None = None
     # Refuse to start while the workers online run more than one version of the code, or
     # another than was deployed (app/launcher/versions.py); otherwise that is a warning.
     require_version: bool = False
@@ -59,6 +62,7 @@ class JobSummary:
     wall_seconds: float
     out: str
     seconds_per_item: float | None = None
+    reduced: Any = None  # with --reduce: the folded value of every result
 
     @property
     def items_per_second(self) -> float:
@@ -70,3 +74,29 @@ class JobSummary:
 
 def new_job_id() -> str:
     return f"j{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def reducer_name(name: str) -> tuple[str, str]:
+    """(module, function) of a reducer's name; BadInput unless it reads module:function."""
+    module, sep, attr = name.partition(":")
+    if not (module and sep and attr) or "." in attr:
+        raise BadInput(f"--reduce {name!r}: give module:function, e.g. myproj.stats:merge.")
+    return module, attr
+
+
+def reducer(name: str) -> Any:
+    """The function `module:function` names, imported here; BadInput if it cannot be."""
+    import importlib
+
+    module, attr = reducer_name(name)
+    try:
+        fn = getattr(importlib.import_module(module), attr, None)
+    except ImportError as exc:
+        raise BadInput(
+            f"--reduce {name}: cannot import {module} here ({exc}); `fleet run` folds the "
+            "batches' partials itself, so the reducer must be importable here (and be in one "
+            "of the workers' task modules). `fleet submit` folds them in the fleet."
+        ) from None
+    if not callable(fn):
+        raise BadInput(f"--reduce {name}: {module} defines no function {attr}.")
+    return fn

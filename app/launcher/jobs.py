@@ -44,6 +44,7 @@ class JobView:
     created: str
     in_fleet: bool
     reason: str = ""
+    reduced: Any = None  # with --reduce, once the job ended: the folded value
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,6 +83,7 @@ def view(store: Store, settings: Settings, job: str) -> JobView | None:
         driver=driver,
         created=str(meta.get("created", "")),
         in_fleet=in_fleet,
+        reduced=meta.get("reduced"),
         reason=str(
             meta.get("reason") or (meta.get("driver_error", "") if state == "waiting" else "")
         ),

@@ -18,6 +18,7 @@ again; the first commit wins, so a batch that then runs twice is written once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import os
@@ -41,6 +42,7 @@ from app.launcher.job import (
     Unreachable,
     VersionMismatch,
     new_job_id,
+    reducer,
 )
 from app.launcher.metrics import StackMetrics
 from app.launcher.output import Progress, check_writable, no_output, open_output, say
@@ -216,6 +218,8 @@ class Launcher:
             # Input and output first: a bad file costs no broker round trip
             # and no calibration.
             total = self._count(opts)
+            if opts.reduce:
+                reducer(opts.reduce)
             if opts.sink:
                 self.sink(opts.sink, check=True)
             else:
@@ -323,9 +327,19 @@ class Launcher:
             return summary  # handed over: the job runs on under its next driver
         if spec and status in ("ok", "errors"):
             self.sink(spec).finish(job, run.batches or 0, progress.items, progress.errors)
+        if meta.get("reduce") and status in ("ok", "errors"):
+            meta["reduced"] = summary.reduced = self.reduce(job, meta["reduce"])
         meta.update(status=status, batches=run.batches or 0, finished=time.time())
         self.store.put_meta(job, meta)
         return summary
+
+    def reduce(self, job: str, name: str) -> Any:
+        """The partials of the job's batches folded in batch order (None: no result at all).
+        Each batch's partial is kept with its commit, so a batch run twice counts once."""
+        fn = reducer(name)
+        partials = self.store.partials(job)
+        values = [partials[b] for b in sorted(partials)]
+        return functools.reduce(fn, values) if values else None
 
     @staticmethod
     def _count(opts: JobOptions) -> int | None:
@@ -348,9 +362,12 @@ class Launcher:
             "status": "running",
             "started": time.time(),
         }
-        if opts.sink:
-            # Before the probes: the workers read the sink of every batch from here.
-            meta["sink"] = opts.sink
+        if opts.sink or opts.reduce:
+            # Before the probes: the workers read the sink and reducer of every batch here.
+            if opts.sink:
+                meta["sink"] = opts.sink
+            if opts.reduce:
+                meta["reduce"] = opts.reduce
             self.store.put_meta(job, meta)
         if opts.batch_size:
             meta["layout"] = {"probe": [], "size": opts.batch_size}

@@ -27,6 +27,8 @@ class Done:
     seconds: float
     worker: str = ""
     refused: str = ""  # non-empty: the batch was not run, and why
+    # The batch's results folded by the job's reducer (`--reduce`), kept with the commit.
+    partial: Any = None
 
 
 # (items, errors, JSON lines) of a committed batch, as `Store.results` returns it.
@@ -77,6 +79,8 @@ class Store(Protocol):
         keep: bool = False,
     ) -> None: ...
     def journal(self, job: str) -> Journal: ...
+    # The partial of every committed batch of a job with a reducer, by batch.
+    def partials(self, job: str) -> dict[int, Any]: ...
     def slot_holders(self, name: str, seconds: float) -> list[str]: ...
 
     # jobs that live in the fleet (`fleet submit`, app/launcher/driver.py)

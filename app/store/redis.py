@@ -54,15 +54,20 @@ def _keys(job: str) -> dict[str, str]:
         "stats": f"{tag}:stats",  # items and errors written so far
         "result": f"{tag}:r:",  # + batch number
         "input": f"{tag}:input",  # the IDs of a submitted job, uploaded from a file
+        "partials": f"{tag}:partials",  # hash: batch -> its reducer's partial (JSON)
     }
 
 
-# KEYS: ok, result, done. ARGV: batch, lines, announcement, ttl.
+# KEYS: ok, result, done, partials. ARGV: batch, lines, announcement, ttl, partial ('': none).
 _COMMIT = """
 if redis.call('GETBIT', KEYS[1], ARGV[1]) == 1 then
   return 0
 end
 redis.call('SETBIT', KEYS[1], ARGV[1], 1)
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[4], ARGV[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[4], ARGV[4])
+end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[4])
 redis.call('RPUSH', KEYS[3], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
@@ -233,7 +238,7 @@ class RedisStore:
         k = _keys(job)
         pipe = self.r.pipeline(transaction=False)
         self._commit(
-            keys=[k["ok"], k["result"] + str(done.batch), k["done"]],
+            keys=[k["ok"], k["result"] + str(done.batch), k["done"], k["partials"]],
             # The counts travel with the lines: a later pass writes the batch
             # without its announcement.
             args=[
@@ -241,6 +246,7 @@ class RedisStore:
                 b"%d %d\n" % (done.items, done.errors) + lines,
                 _json.encode(done),
                 self.ttl,
+                b"" if done.partial is None else _json.encode(done.partial),
             ],
             client=pipe,
         )
@@ -375,6 +381,10 @@ class RedisStore:
             ],
             args=[items, errors, self.ttl, "" if offset is None else offset, *batches],
         )
+
+    def partials(self, job: str) -> dict[int, Any]:
+        raw = cast(dict[bytes, bytes], self.r.hgetall(_keys(job)["partials"]))
+        return {int(b): _decode(v) for b, v in raw.items()}
 
     def journal(self, job: str) -> Journal:
         """Committed and written bitmaps, output offset, items and errors written."""

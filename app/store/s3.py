@@ -418,6 +418,18 @@ class S3Store:
         journal["written"] = base64.b64decode(journal["written"])
         return journal
 
+    def partials(self, job: str) -> dict[int, Any]:
+        """Read from each committed batch's head (its Done): one GET per batch."""
+        out: dict[int, Any] = {}
+        for obj in self._list(self._key("jobs", job, "results", "")):
+            raw = self._get(obj["Key"])
+            if raw is None:
+                continue
+            done = msgspec.convert(_decode(raw.partition(b"\n")[0]), Done)
+            if done.partial is not None:
+                out[done.batch] = done.partial
+        return out
+
     def journal(self, job: str) -> Journal:
         committed = bytearray()
         for obj in self._list(self._key("jobs", job, "results", "")):

@@ -10,16 +10,18 @@ commit it once: with its lines, or, written to a sink, without them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 
+import msgspec
 from celery import Task, shared_task
 
 from app.batch import BadPayload, check_address, check_payload, run_batch
-from app.registry import UnknownTask, resolve
+from app.registry import FleetTask, UnknownTask, resolve
 from app.settings import Settings
 from app.sinks import BadSink, Sink, open_sink
 from app.store import Done, Store, open_store
@@ -28,6 +30,7 @@ from app.store import Done, Store, open_store
 from app.worker import heartbeat  # noqa: F401
 
 log = logging.getLogger(__name__)
+_decode = msgspec.json.Decoder().decode
 
 _stores: dict[int, Store] = {}
 
@@ -42,23 +45,41 @@ def store_for(settings: Settings) -> Store:
     return _stores[pid]
 
 
-# Each job's sink, by job: its spec is read from the job once per process (None: the
-# launcher writes the results). The few most recent jobs are kept.
-_sinks: dict[str, Sink | None] = {}
-SINKS_KEPT = 16
+# What each job asks of its batches beyond running them, read from the job once per
+# process: its sink (None: the launcher writes the results) and its reducer (None: none).
+# The few most recent jobs are kept.
+_jobs: dict[str, tuple[Sink | None, FleetTask | None]] = {}
+JOBS_KEPT = 16
+
+
+def job_extras(
+    settings: Settings, store: Store, job: str, modules: tuple[str, ...]
+) -> tuple[Sink | None, FleetTask | None]:
+    if job in _jobs:
+        return _jobs[job]
+    meta = store.get_meta(job)
+    if meta is None:
+        return None, None  # a job of a launcher that writes no metadata: nothing to remember
+    spec, reducer = meta.get("sink"), meta.get("reduce")
+    if len(_jobs) >= JOBS_KEPT:
+        _jobs.pop(next(iter(_jobs)))
+    # A reducer is resolved as a task is: only a function of the workers' task modules.
+    _jobs[job] = extras = (
+        open_sink(spec, settings, store, modules) if spec else None,
+        resolve(reducer, modules) if reducer else None,
+    )
+    return extras
 
 
 def sink_for(settings: Settings, store: Store, job: str, modules: tuple[str, ...]) -> Sink | None:
-    if job in _sinks:
-        return _sinks[job]
-    meta = store.get_meta(job)
-    if meta is None:
-        return None  # a job of a launcher that writes no metadata: nothing to remember
-    spec = meta.get("sink")
-    if len(_sinks) >= SINKS_KEPT:
-        _sinks.pop(next(iter(_sinks)))
-    _sinks[job] = sink = open_sink(spec, settings, store, modules) if spec else None
-    return sink
+    return job_extras(settings, store, job, modules)[0]
+
+
+def fold(reducer: FleetTask, lines: bytes) -> Any:
+    """The batch's results folded left to right by the job's reducer (None: no result)."""
+    results = [r["result"] for r in map(_decode, lines.splitlines()) if "result" in r]
+    combine = cast(Callable[[Any, Any], Any], reducer.fn)  # f(a, b), resolved as a task is
+    return functools.reduce(combine, results) if results else None
 
 
 @contextlib.contextmanager
@@ -113,7 +134,20 @@ def fleet_batch(self: Task, job: str, batch: int, task_name: str, payload: Any) 
         outcome = run_batch(task, payload)
         lines = outcome.lines
         try:
-            sink = sink_for(settings, store, job, self.app.fleet_task_modules)
+            sink, reducer = job_extras(settings, store, job, self.app.fleet_task_modules)
+        except (BadSink, UnknownTask) as exc:
+            why = f"the sink: {exc}" if isinstance(exc, BadSink) else f"--reduce: {exc}"
+            store.announce(job, Done(batch, 0, 0, 0.0, me, refused=why))
+            log.error("batch %s/%s refused: %s", job, batch, why)
+            return 0
+        try:
+            partial = None if reducer is None else fold(reducer, lines)
+        except Exception as exc:  # the reducer raised: the job cannot give its value
+            why = f"--reduce: the reducer raised {type(exc).__name__}: {exc}"
+            store.announce(job, Done(batch, 0, 0, 0.0, me, refused=why))
+            log.error("batch %s/%s: %s", job, batch, why)
+            return 0
+        try:
             if sink is not None:
                 # Idempotent per (job, batch): a batch run twice is written once. A failure
                 # that retries did not mend raises: the batch is not committed, and is sent
@@ -124,5 +158,6 @@ def fleet_batch(self: Task, job: str, batch: int, task_name: str, payload: Any) 
             store.announce(job, Done(batch, 0, 0, 0.0, me, refused=f"the sink: {exc}"))
             log.error("batch %s/%s: the sink refused it: %s", job, batch, exc)
             return 0
-    store.commit(job, Done(batch, outcome.items, outcome.errors, outcome.seconds, me), lines)
+    done = Done(batch, outcome.items, outcome.errors, outcome.seconds, me, partial=partial)
+    store.commit(job, done, lines)
     return outcome.items

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -15,7 +16,10 @@ from scripts.cli.common import fail, fleet_options, fleet_settings, open_fleet_s
 @click.option(
     "--out", type=click.Path(dir_okay=False), help="Write them to FILE (default: stdout)."
 )
-def results(job, broker, backend, stack, queue, out):
+@click.option(
+    "--reduced", is_flag=True, help="Print the job's reduced value (--reduce) as JSON instead."
+)
+def results(job, broker, backend, stack, queue, out, reduced):
     """Stream the JSON lines of JOB written so far, in batch order: from the result store,
     or from its S3 sink's parts. A running job gives what is written now."""
     from app.launcher.jobs import known, write_results
@@ -25,6 +29,14 @@ def results(job, broker, backend, stack, queue, out):
     store = open_fleet_store(settings)
     with store_errors(settings, store):
         v = known(store, settings, job)
+        if reduced:
+            if v.state not in ("ok", "errors"):
+                fail(f"job {job} is {v.state}: its reduced value comes when it ends.", 2)
+            meta = store.get_meta(job) or {}
+            if "reduce" not in meta:
+                fail(f"job {job} has no reducer (give one with --reduce).", 2)
+            click.echo(json.dumps(v.reduced))
+            return
         try:
             target = open(out, "wb") if out else sys.stdout.buffer  # noqa: SIM115
         except OSError as exc:

@@ -83,6 +83,13 @@ JOB_OPTIONS = [
         "(default 4).",
     ),
     click.option(
+        "--reduce",
+        "reduce_",
+        metavar="MODULE:FUNCTION",
+        help="An associative f(a, b) of a task module: each batch's results are folded on "
+        "its worker, the partials when the job ends; the value is in the summary.",
+    ),
+    click.option(
         "--broker",
         metavar="URL",
         help="Broker URL (default: FLEET_BROKER_URL or the local fleet).",
@@ -163,6 +170,7 @@ def run(
     out,
     sink,
     max_writers,
+    reduce_,
     resume,
     broker,
     backend,
@@ -198,6 +206,7 @@ def run(
         resume=resume,
         progress=sys.stderr.isatty() if progress is None else progress,
         require_version=require_version,
+        reduce=reduce_,
     )
     try:
         summary = Launcher(settings).run(opts)
@@ -212,6 +221,7 @@ def run(
         f"job {summary.job}: {summary.status}, {summary.items:,} items, {summary.errors:,} "
         f"errors, {summary.wall_seconds:.2f} s, {summary.items_per_second:,.0f} items/s"
         + (f", {summary.resent} batches re-sent" if summary.resent else "")
+        + (f", reduced: {json.dumps(summary.reduced)}" if opts.reduce else "")
         + (
             f"; resume with: fleet run --resume {summary.job}"
             if summary.status == "interrupted"

@@ -32,6 +32,7 @@ def submit(
     out,
     sink,
     max_writers,
+    reduce_,
     broker,
     backend,
     stack,
@@ -68,6 +69,7 @@ def submit(
         sink=spec,
         progress=False,
         require_version=require_version,
+        reduce=reduce_,
     )
     try:
         job = submit_job(Launcher(settings), opts)

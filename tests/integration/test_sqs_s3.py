@@ -4,6 +4,7 @@ the real launcher, with the settings the stack gives the workers."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -76,3 +77,31 @@ def test_killed_worker_batch_is_recovered_before_visibility_timeout(aws, tmp_pat
     assert all(r["result"] == 2 * r["id"] for r in rows)
     assert result["summary"].resent >= 1
     assert elapsed < VISIBILITY / 10, f"took {elapsed:.0f} s: waited for the visibility timeout"
+
+
+@pytest.mark.timeout(180)
+def test_submitted_job_on_sqs_and_s3(aws, tmp_path):
+    """The stack's default: the uploaded IDs, the driver's hold, the job's listing and its
+    results all live in the S3 store."""
+    from app.launcher.driver import submit
+    from app.launcher.jobs import results, views, wait
+
+    settings = sqs_settings(aws, "fleet-submit")
+    ids = tmp_path / "ids.txt"
+    ids.write_text("".join(f"{i}\n" for i in range(800)))
+    with LocalFleet(2, settings=settings, workdir=tmp_path / "fleet"):
+        launcher = Launcher(settings)
+        job = submit(
+            launcher,
+            JobOptions(task="poison", source=Source.parse(str(ids)), batch_size=50, progress=False),
+        )
+        view = wait(launcher.store, settings, job, timeout=120)
+        assert (view.state, view.items, view.errors) == ("errors", 800, len(range(0, 800, 7)))
+        assert [v.job for v in views(launcher.store, settings)] == [job]
+        records = [
+            json.loads(line)
+            for chunk in results(launcher.store, settings, job)
+            for line in chunk.splitlines()
+        ]
+    rows = exactly_once(records, [str(i) for i in range(800)])
+    assert all(r["result"] == int(r["id"]) + 1 for r in rows.values() if "result" in r)

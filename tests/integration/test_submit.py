@@ -8,7 +8,9 @@ journal, every ID still written exactly once.
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import os
 import subprocess
 import time
@@ -16,10 +18,12 @@ import time
 import psutil
 import pytest
 
+from app.launcher import JobOptions, Source
 from app.launcher.dispatch import driver_lease, driver_slot
 from app.store import bit_is_set, open_store
 from tests.support.checker import exactly_once
 from tests.support.fleets import settle
+from tests.support.jobs import Recording
 from tests.support.paths import FLEET_BIN, ROOT
 from tests.support.wait import wait_until
 
@@ -187,3 +191,48 @@ def test_an_unreachable_store_is_one_line_and_exit_3(tmp_path):
         )
         err = p.stderr.decode()
         assert p.returncode == 3 and err.count("\n") == 1 and "Traceback" not in err, (verb, err)
+
+
+ADD = "tests.support.fleet_tasks:add"
+
+
+def test_reduce_counts_a_batch_run_twice_once(fleet, tmp_path):
+    """Every batch is published twice (each runs twice, commits once): the reduced value is
+    the serial fold's, attached (`fleet run`) and submitted alike."""
+    launcher = Recording(fleet.settings, sends=2)
+    opts = JobOptions(
+        task="double",
+        source=Source.parse("range:0:5000"),
+        batch_size=250,
+        out=tmp_path / "out.jsonl",
+        progress=False,
+        reduce=ADD,
+    )
+    summary = launcher.run(opts)
+    assert summary.reduced == functools.reduce(operator.add, (2 * i for i in range(5000)))
+    exactly_once(tmp_path / "out.jsonl", range(5000), lambda i: 2 * i)
+
+    job = submit(fleet.settings, "poison", "--ids", "range:0:3000", "--reduce", ADD)
+    assert fleet_cmd(fleet.settings, "wait", job).returncode == 1  # poison: errors
+    p = fleet_cmd(fleet.settings, "results", job, "--reduced")
+    assert p.returncode == 0, p.stderr.decode()
+    assert json.loads(p.stdout) == sum(i + 1 for i in range(3000) if i % 7)
+    settle(fleet)
+
+
+def test_a_bad_reducer_is_one_line(fleet):
+    cases = [
+        ("run", "nope_module:f", "cannot import"),
+        ("run", "justaname", "module:function"),
+        ("submit", "justaname", "module:function"),
+    ]
+    for verb, name, said in cases:
+        p = fleet_cmd(fleet.settings, verb, "double", "--ids", "range:0:5", "--reduce", name)
+        err = p.stderr.decode()
+        assert p.returncode == 2 and said in err and err.count("\n") == 1, (verb, err)
+    # Not one of the workers' task modules (the driver runs in the fleet): the job fails,
+    # saying why, and `wait` exits 2.
+    for name in ("operator:add", "nope_module:f"):
+        job = submit(fleet.settings, "double", "--ids", "range:0:5", "--reduce", name)
+        p = fleet_cmd(fleet.settings, "wait", job)
+        assert p.returncode == 2 and "--reduce" in p.stderr.decode(), p.stderr.decode()

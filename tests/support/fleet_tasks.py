@@ -51,6 +51,12 @@ def paced(item):
     return n + 1
 
 
+def add(a, b):
+    """A reducer (`--reduce tests.support.fleet_tasks:add`): associative, not commutative-
+    dependent for numbers, and it fails on a string so a test can see a reducer raise."""
+    return a + b
+
+
 def defined_here(item):
     """Not registered: reachable only as tests.support.fleet_tasks:defined_here."""
     return f"plain-{item}"
