@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from app.launcher.launcher import Launcher
 
 WRITE_CHUNK = 8  # batch results fetched per round trip
+# A job whose sink refused a write pauses, and sends the refused batches again after this
+# many seconds, doubled at each refusal in a row up to PAUSE_MAX.
+PAUSE_FIRST, PAUSE_MAX = 5.0, 300.0
 
 
 def driver_slot(job: str) -> str:
@@ -96,6 +99,7 @@ class Dispatch:
         steering: Steering | None = None,
         sent_before: int = 0,
         keep: bool = False,
+        meta: dict[str, Any] | None = None,
     ) -> None:
         self.launcher = launcher
         # How many batches the job is cut into: known from the plan, or
@@ -123,6 +127,13 @@ class Dispatch:
         self.sent_before = sent_before
         # The job's output is the result store: written batches keep their results there.
         self.keep = keep
+        # The job's metadata, where a pause is said (`fleet jobs` shows it).
+        self.meta = meta
+        # Paused (the sink refused a write): the refused batches, and when to send them again.
+        self.refused: set[int] = set()
+        self.retry_at = 0.0
+        self.pause = 0.0  # seconds of the current pause; 0: not paused
+        self.retried = False  # the refused batches were sent again since the pause began
 
     def max_in_flight(self) -> int:
         return self.opts.max_in_flight or in_flight_limit(self.launcher.slots())
@@ -150,6 +161,7 @@ class Dispatch:
                 if self.steering is not None and self.steering.check(self._next):
                     self.interrupted = True
                     return
+                self.retry_refused(now)
                 self.find_lost(now)
                 self.launcher.advertise_backlog(self.job, self.held(), self.unreported)
                 self.unreported = 0
@@ -160,7 +172,9 @@ class Dispatch:
     ) -> list[int]:
         """Send batches until the in-flight limit; those committed on an earlier pass
         are not sent but returned, to be written."""
-        backlog = []
+        backlog: list[int] = []
+        if self.pause:
+            return backlog  # the sink refuses writes: nothing new until it takes one again
         while not self._exhausted and len(self.inflight) < self.max_in_flight():
             try:
                 payload = next(payloads)
@@ -199,11 +213,54 @@ class Dispatch:
     def collect(self) -> None:
         """Write the batches workers announced as committed (waiting up to half a second)."""
         dones = self.store.wait_done(self.job, timeout=0.5)
-        refused = next((d.refused for d in dones if d.refused), None)
+        refused = next((d.refused for d in dones if d.refused and not d.later), None)
         if refused:
             self.store.cancel(self.job)
             raise BadInput(refused)
-        self.write([d.batch for d in dones])
+        later = [d for d in dones if d.later]
+        if later:
+            self.pause_for(later[-1].refused, {d.batch for d in later})
+        committed = [d.batch for d in dones if not d.refused]
+        self.write(committed)
+        if committed and self.pause:
+            self.resume_writes()
+
+    def pause_for(self, reason: str, batches: set[int]) -> None:
+        """The sink refused `batches`: hold them (and every batch not sent yet) back, and send
+        them again after a pause that doubles at each refusal in a row."""
+        self.refused |= {b for b in batches if b in self.inflight}
+        if self.pause and not self.retried:
+            return  # another batch of the same round refused: the pause is already counting
+        self.pause = min(self.pause * 2, PAUSE_MAX) if self.pause else PAUSE_FIRST
+        self.retried = False
+        self.retry_at = time.monotonic() + self.pause
+        say(f"job {self.job} paused: {reason}; trying again in {self.pause:.0f} s")
+        if self.meta is not None:
+            self.meta["paused"] = reason
+            self.store.put_meta(self.job, self.meta)
+
+    def resume_writes(self) -> None:
+        """A batch committed: the sink takes writes again."""
+        self.pause = 0.0
+        self.retry_at = 0.0  # the refused batches go again at the next tick
+        say(f"job {self.job}: the sink takes writes again")
+        if self.meta is not None and self.meta.pop("paused", None) is not None:
+            self.store.put_meta(self.job, self.meta)
+
+    def retry_refused(self, now: float) -> None:
+        """Once the pause is over, send the refused batches again (the next refusal pauses
+        longer; the first commit ends the pause)."""
+        if not self.refused or now < self.retry_at:
+            return
+        for b in sorted(self.refused):
+            f = self.inflight.get(b)
+            if f is not None:
+                f.seen_running, f.sent_at = 0.0, now
+                self.launcher.send(self.job, b, f.body)
+                self.resent += 1
+        self.refused.clear()
+        self.retried = True
+        self.retry_at = now + self.pause
 
     def held(self) -> int:
         """Batches not sent yet; for a stream of unknown length, as many again as in flight."""
@@ -250,6 +307,8 @@ class Dispatch:
         lost = []
         unstarted = []
         for b, f in self.inflight.items():
+            if b in self.refused:
+                continue  # held back by the pause, sent again by retry_refused
             if b in running:
                 f.seen_running = now
             elif f.seen_running and now - f.seen_running > self.lease:

@@ -64,6 +64,8 @@ def view(store: Store, settings: Settings, job: str) -> JobView | None:
         driver = holders[0] if holders else ""
         if not driver:
             state = ("submitted" if status == "submitted" else "waiting") if in_fleet else "stopped"
+        elif meta.get("paused"):
+            state = "paused"
     started = meta.get("started")
     end = meta.get("finished") if status in ENDED else None
     elapsed = (end or time.time()) - started if started else 0.0
@@ -85,7 +87,9 @@ def view(store: Store, settings: Settings, job: str) -> JobView | None:
         in_fleet=in_fleet,
         reduced=meta.get("reduced"),
         reason=str(
-            meta.get("reason") or (meta.get("driver_error", "") if state == "waiting" else "")
+            meta.get("reason")
+            or (meta.get("paused", "") if state == "paused" else "")
+            or (meta.get("driver_error", "") if state == "waiting" else "")
         ),
     )
 

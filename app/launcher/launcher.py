@@ -285,6 +285,7 @@ class Launcher:
             steering=steering,
             sent_before=int(meta.get("sent", 0)) if in_fleet else 0,
             keep=in_fleet and not spec,
+            meta=meta,
         )
         try:
             with interrupt_guard() as interrupted:

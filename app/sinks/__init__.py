@@ -16,13 +16,22 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from app.settings import redact
-from app.sinks.base import BadSink, Record, Sink, SinkError
+from app.sinks.base import BadSink, Record, Sink, SinkError, SinkRefused
 
 if TYPE_CHECKING:
     from app.settings import Settings
     from app.store.base import Store
 
-__all__ = ["BadSink", "Record", "Sink", "SinkError", "open_sink", "sink_label", "sink_spec"]
+__all__ = [
+    "BadSink",
+    "Record",
+    "Sink",
+    "SinkError",
+    "SinkRefused",
+    "open_sink",
+    "sink_label",
+    "sink_spec",
+]
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 

@@ -28,6 +28,11 @@ class BadSink(SinkError):
     message says what was wrong and what to do. Stops the job."""
 
 
+class SinkRefused(BadSink):
+    """The sink refused a write mid-job (a privilege revoked, a full disk, a server down for
+    longer than the retries): the job pauses, says why, and tries the batch again later."""
+
+
 class Record(NamedTuple):
     """One ID's outcome: its result, or its error ({"type", "message", ...}) and result None."""
 

@@ -26,7 +26,7 @@ import psycopg
 from psycopg import sql
 
 from app.settings import redact
-from app.sinks.base import BadSink, SinkError, records, retrying
+from app.sinks.base import BadSink, SinkError, SinkRefused, records, retrying
 from app.store.base import Store
 
 _encode = msgspec.json.Encoder().encode
@@ -72,11 +72,11 @@ class PostgresSink:
             self.dsn, connect_timeout=10, application_name="celery-fleet", autocommit=False
         )
 
-    def _refused(self, exc: Exception, what: str) -> BadSink | None:
+    def _refused(self, exc: Exception, what: str, cls: type[BadSink] = BadSink) -> BadSink | None:
         state = getattr(exc, "sqlstate", None) or ""
         if not state.startswith(REFUSING):
             return None
-        return BadSink(f"{self.label} refused {what}: {_said(exc)} (SQLSTATE {state}).")
+        return cls(f"{self.label} refused {what}: {_said(exc)} (SQLSTATE {state}).")
 
     def check(self) -> None:
         """Connect, create the table if it is missing, and try an insert of no row: a missing
@@ -135,7 +135,7 @@ class PostgresSink:
             except psycopg.OperationalError:
                 raise  # the server went away: tried again
             except psycopg.Error as exc:
-                raise self._refused(exc, f"batch {batch} of job {job}") or BadSink(
+                raise self._refused(exc, f"batch {batch} of job {job}", SinkRefused) or SinkRefused(
                     f"{self.label}: batch {batch} of job {job}: {_said(exc)}"
                 ) from None
             finally:

@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from app.sinks.base import BadSink, retrying
+from app.sinks.base import BadSink, SinkRefused, retrying
 from app.store.s3 import CONDITION_FAILED, no_answer, s3_location
 
 # What S3 says when IAM or the bucket policy refuses, or the bucket does not exist.
@@ -41,11 +41,11 @@ class S3Sink:
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         return str(code or status or "")
 
-    def _refused(self, exc: Exception, what: str) -> BadSink | None:
+    def _refused(self, exc: Exception, what: str, cls: type[BadSink] = BadSink) -> BadSink | None:
         code = self._code(exc)
         if code not in REFUSED:
             return None
-        return BadSink(
+        return cls(
             f"{self.label} refused {what} ({code}): the bucket must exist, and whoever writes "
             f"(the workers, and `fleet run` for the manifest) needs s3:PutObject on "
             f"arn:aws:s3:::{self.bucket}/{self.prefix}*; a stack grants its workers that for "
@@ -78,7 +78,7 @@ class S3Sink:
             except self._errors.ClientError as exc:
                 if self._code(exc) in CONDITION_FAILED:
                     return  # written by an earlier run of this batch: it stays
-                raise self._refused(exc, f"part {batch} of job {job}") or exc from None
+                raise self._refused(exc, f"part {batch} of job {job}", SinkRefused) or exc from None
 
         retrying(put, no_answer(), f"writing part {batch} of job {job} to {self.label}")
 

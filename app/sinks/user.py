@@ -19,7 +19,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from app.sinks.base import BadSink, Record, SinkError, records, retrying
+from app.sinks.base import BadSink, Record, SinkError, SinkRefused, records, retrying
 
 
 def resolve_writer(name: str, modules: Sequence[str]) -> Callable[[list[Record], str], Any]:
@@ -74,7 +74,7 @@ class UserSink:
         try:
             retrying(call, (_Failed,), f"{self.label} on batch {key}")
         except SinkError as exc:
-            raise BadSink(str(exc)) from None
+            raise SinkRefused(str(exc)) from None
 
     def finish(self, job: str, batches: int, items: int, errors: int) -> None:
         """Nothing: the writer has written everything."""

@@ -27,6 +27,9 @@ class Done:
     seconds: float
     worker: str = ""
     refused: str = ""  # non-empty: the batch was not run, and why
+    # With `refused`: the sink refused the write for now (SinkRefused): the job pauses and
+    # sends the batch again later, instead of stopping.
+    later: bool = False
     # The batch's results folded by the job's reducer (`--reduce`), kept with the commit.
     partial: Any = None
 

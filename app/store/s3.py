@@ -351,7 +351,12 @@ class S3Store:
         while True:
             refused = self._get(self._key("jobs", job, "refused"))
             if refused is not None:
-                return [msgspec.convert(_decode(refused), Done)]
+                done = msgspec.convert(_decode(refused), Done)
+                if done.later:
+                    # Refused for now: said once. Two at once keep the later one; the other
+                    # batch is found unstarted and sent again like any lost batch.
+                    self.s3.delete_object(Bucket=self.bucket, Key=self._key("jobs", job, "refused"))
+                return [done]
             new = []
             for obj in self._list(self._key("jobs", job, "results", "")):
                 batch = int(obj["Key"].rsplit("/", 1)[-1])

@@ -23,7 +23,7 @@ from celery import Task, shared_task
 from app.batch import BadPayload, check_address, check_payload, run_batch
 from app.registry import FleetTask, UnknownTask, resolve
 from app.settings import Settings
-from app.sinks import BadSink, Sink, open_sink
+from app.sinks import BadSink, Sink, SinkError, SinkRefused, open_sink
 from app.store import Done, Store, open_store
 
 # The worker's heartbeat and watchdog start with the worker, through Celery's signals.
@@ -154,8 +154,11 @@ def fleet_batch(self: Task, job: str, batch: int, task_name: str, payload: Any) 
                 # again once its lease lapses.
                 sink.write(job, batch, lines)
                 lines = b""  # the sink holds them
-        except BadSink as exc:
-            store.announce(job, Done(batch, 0, 0, 0.0, me, refused=f"the sink: {exc}"))
+        except SinkError as exc:
+            # Refused for now (SinkRefused, or retries that did not mend it): the job pauses
+            # and sends the batch again later. A sink the job cannot use stops it.
+            later = isinstance(exc, SinkRefused) or not isinstance(exc, BadSink)
+            store.announce(job, Done(batch, 0, 0, 0.0, me, refused=f"the sink: {exc}", later=later))
             log.error("batch %s/%s: the sink refused it: %s", job, batch, exc)
             return 0
     done = Done(batch, outcome.items, outcome.errors, outcome.seconds, me, partial=partial)

@@ -223,3 +223,56 @@ def test_a_writer_the_workers_may_not_call_stops_the_job_naming_it(fleet):
     )
     assert result.exit_code == 2, result.output
     assert "os is not one of the workers' task modules" in result.stderr
+
+
+def test_a_sink_that_refuses_writes_pauses_the_job_until_it_takes_them(fleet, postgres):
+    """The table's INSERT privilege revoked mid-job: the job (submitted, driven in the fleet)
+    pauses, `fleet jobs` says why, nothing is marked written that was not; granted back,
+    the job goes on and ends with every ID once."""
+    from app.launcher import JobOptions, Launcher, Source
+    from app.launcher.driver import submit
+    from app.launcher.jobs import view, wait
+
+    n = 20_000
+    launcher = Launcher(fleet.settings)
+    store, settings = launcher.store, fleet.settings
+    job = submit(
+        launcher,
+        JobOptions(
+            task="paced",
+            source=Source.parse(f"range:0:{n}"),
+            batch_size=500,
+            sink=sink_spec(postgres.url(table="paused")),
+            progress=False,
+        ),
+    )
+
+    def rows() -> int:
+        return int(postgres.query("SELECT count(*) FROM paused WHERE job = %s", job)[0][0])
+
+    wait_until(lambda: rows() > 0, 60, "the first rows")
+    with postgres.connect() as conn:
+        conn.execute("REVOKE INSERT ON paused FROM fleet")
+    try:
+        paused = wait_until(
+            lambda: (v := view(store, settings, job)) and v.state == "paused" and v,
+            90,
+            "the job to pause",
+        )
+        assert "permission denied" in paused.reason
+        # Nothing more reaches the table, and the job's count is the table's.
+        held = rows()
+        time.sleep(2)
+        assert rows() == held
+        assert view(store, settings, job).items == held
+    finally:
+        with postgres.connect() as conn:
+            conn.execute("GRANT INSERT ON paused TO fleet")
+    end = wait(store, settings, job, timeout=150)
+    assert (end.state, end.items) == ("errors", n), end
+    got = postgres.query("SELECT id, result, error FROM paused WHERE job = %s", job)
+    records = [
+        {"id": int(i), **({"error": e} if e is not None else {"result": r})} for i, r, e in got
+    ]
+    exactly_once(records, range(n))
+    settle(fleet)
