@@ -27,6 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from app.launcher.dispatch import Steering, driver_lease, driver_slot
 from app.launcher.job import BadInput, JobError, JobOptions, new_job_id, reducer_name
 from app.launcher.launcher import Launcher, Stopped
@@ -34,28 +36,20 @@ from app.launcher.sources import InputError, Source
 from app.sinks import sink_label
 
 log = logging.getLogger(__name__)
+_encode_json = msgspec.json.Encoder().encode
 
 # A job's states, as `fleet jobs` shows them. Ended: nothing will change them.
 ENDED = ("ok", "errors", "cancelled", "failed")
 STORED = "stored:"  # the spec of a source uploaded to the result store
 
 
-def submit(launcher: Launcher, opts: JobOptions) -> str:
+def submit(launcher: Launcher, opts: JobOptions, retry_of: str = "") -> str:
     """Check and record a job for the fleet to drive; its ID. BadInput, Unreachable or
     VersionMismatch as `fleet run` (nothing is recorded then)."""
     if not opts.task or opts.source is None:
         raise BadInput("a new job needs a task and an ID source.")
-    source, data = opts.source, None
-    try:
-        if source.streamed:  # stdin: kept whole, it cannot be read twice
-            data = sys.stdin.buffer.read()
-            total = _count_bytes(data, source)
-        else:
-            total = source.count()
-            if source.fmt != "range" and not source.spec.startswith("s3://"):
-                data = Path(source.spec).read_bytes()
-    except InputError as exc:
-        raise BadInput(str(exc)) from None
+    source = opts.source
+    total, data = _read(source)
     if opts.reduce:
         reducer_name(opts.reduce)  # the driver, on a worker, imports it
     if opts.sink:
@@ -82,6 +76,8 @@ def submit(launcher: Launcher, opts: JobOptions) -> str:
         meta["sink"] = opts.sink
     if opts.reduce:
         meta["reduce"] = opts.reduce
+    if retry_of:
+        meta["retry_of"] = retry_of
     if data is not None:
         # Uploaded before the job is listed: a driver never meets a job without its IDs.
         store.put_input(job, data)
@@ -90,6 +86,62 @@ def submit(launcher: Launcher, opts: JobOptions) -> str:
     store.put_meta(job, meta)
     store.add_driven(launcher.settings.queue, job)
     return job
+
+
+def retry(launcher: Launcher, job: str) -> tuple[str, int]:
+    """Submit a new job over exactly the IDs of `job` that have an error record: the same
+    task, sink and options. Its records replace those errors: in `fleet results JOB`, and
+    in a PostgreSQL sink's rows under JOB's key. (new job, IDs)."""
+    from app.launcher.jobs import error_ids, known
+
+    store, settings = launcher.store, launcher.settings
+    known(store, settings, job)
+    meta = store.get_meta(job) or {}
+    if meta.get("status") not in ("ok", "errors", "cancelled", "failed", "interrupted"):
+        raise BadInput(f"job {job} is still {meta.get('status')}: retry it once it has ended.")
+    spec = meta.get("sink")
+    if spec and spec.get("kind") == "python":
+        raise BadInput(
+            f"job {job} wrote to your writer {meta.get('out')}, which the kit cannot read: "
+            "submit the failed IDs yourself (`fleet submit TASK --ids FILE`)."
+        )
+    ids = error_ids(store, settings, job)
+    if not ids:
+        raise BadInput(f"job {job} has no error record: nothing to retry.")
+    if spec and spec.get("kind") == "postgresql":
+        spec = dict(spec, replace_job=meta.get("retry_of") or job)
+    options = meta.get("options", {})
+    with tempfile.TemporaryDirectory(prefix="fleet-retry-") as tmp:
+        path = Path(tmp) / "ids.jsonl"
+        path.write_bytes(b"".join(b'{"id":%s}\n' % _encode_json(i) for i in ids))
+        opts = JobOptions(
+            task=meta["task"],
+            source=Source.parse(str(path), "jsonl", field="id"),
+            batch_size=options.get("batch_size"),
+            target_seconds=options.get("target_seconds") or 2.0,
+            max_in_flight=options.get("max_in_flight"),
+            sink=spec,
+            progress=False,
+        )
+        new = submit(launcher, opts, retry_of=job)
+    meta.setdefault("retried_by", []).append(new)
+    store.put_meta(job, meta)
+    return new, len(ids)
+
+
+def _read(source: Source) -> tuple[int | None, bytes | None]:
+    """(the IDs counted and checked, the bytes to upload: None for a range or S3)."""
+    data = None
+    try:
+        if source.streamed:  # stdin: kept whole, it cannot be read twice
+            data = sys.stdin.buffer.read()
+            return _count_bytes(data, source), data
+        total = source.count()
+        if source.fmt != "range" and not source.spec.startswith("s3://"):
+            data = Path(source.spec).read_bytes()
+        return total, data
+    except InputError as exc:
+        raise BadInput(str(exc)) from None
 
 
 def _count_bytes(data: bytes, source: Source) -> int | None:
@@ -195,4 +247,4 @@ def holder_name() -> str:
     return f"driver@{os.uname().nodename}:{os.getpid()}"
 
 
-__all__ = ["ENDED", "STORED", "drive", "driver_slot", "holder_name", "submit"]
+__all__ = ["ENDED", "STORED", "drive", "driver_slot", "holder_name", "retry", "submit"]

@@ -12,7 +12,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import IO, Any
+
+import msgspec
 
 from app.launcher.dispatch import driver_lease, driver_slot
 from app.launcher.job import BadInput, JobError
@@ -23,6 +26,8 @@ ENDED = ("ok", "errors", "cancelled", "failed", "interrupted")
 # `fleet wait`'s exit code for each way a job ends, as `fleet run`'s where it has one.
 EXIT_CODES = {"ok": 0, "errors": 1, "failed": 2, "cancelled": 5, "interrupted": 130, "stopped": 130}
 RESULTS_CHUNK = 64  # batches fetched per round trip by `fleet results`
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
 
 
 class Cancelled(JobError):
@@ -172,10 +177,75 @@ def cancel(store: Store, settings: Settings, job: str, timeout: float = 60.0) ->
 
 
 def results(store: Store, settings: Settings, job: str) -> Iterator[bytes]:
-    """The JSON lines of the job's batches written so far, in batch order."""
+    """The JSON lines of the job's batches written so far, in batch order; an error record
+    that a retry of the job (`fleet retry`) has redone is replaced by the retry's record."""
     meta = store.get_meta(job)
     if meta is None:
         known(store, settings, job)  # raises
+        return
+    redone: dict[bytes, bytes] = {}
+    for retry in meta.get("retried_by", []):
+        for chunk in _own_results(store, settings, retry):
+            for line in chunk.splitlines(keepends=True):
+                redone[_id_key(line)] = line
+    if not redone:
+        yield from _own_results(store, settings, job, meta)
+        return
+    for chunk in _own_results(store, settings, job, meta):
+        out = []
+        for line in chunk.splitlines(keepends=True):
+            if b'"error":' in line:
+                line = redone.get(_id_key(line), line)
+            out.append(line)
+        yield b"".join(out)
+
+
+def _id_key(line: bytes) -> bytes:
+    """A record's ID as JSON: the same ID, whatever record it is in."""
+    return _encode(_decode(line)["id"])
+
+
+def error_ids(store: Store, settings: Settings, job: str) -> list[Any]:
+    """The IDs of the job's error records (after its retries), as the task took them."""
+    meta = store.get_meta(job) or {}
+    spec = meta.get("sink") or {}
+    if spec.get("kind") == "postgresql":
+        from app.sinks.postgres import PostgresSink
+
+        sink = PostgresSink(spec["url"])
+        query = "SELECT id FROM {} WHERE job = %s AND error IS NOT NULL ORDER BY id"
+        with sink._connect() as conn:
+            from psycopg import sql
+
+            rows = conn.execute(sql.SQL(query).format(sink.table), (job,)).fetchall()
+        # The table keeps IDs as text: a range's IDs go back to the numbers they were.
+        ranged = meta.get("source", {}).get("fmt") == "range"
+        return [int(r[0]) if ranged else r[0] for r in rows]
+    if meta.get("driver") != "fleet" and not spec:
+        path = Path(str(meta.get("out", "-")))
+        if not path.is_file():
+            raise BadInput(
+                f"job {job} was run by `fleet run` into {meta.get('out')}, which is not on "
+                "this machine: run `fleet retry` where that file is."
+            )
+        chunks: Iterator[bytes] = iter([path.read_bytes()])
+    else:
+        chunks = results(store, settings, job)
+    ids = []
+    for chunk in chunks:
+        for line in chunk.splitlines():
+            if b'"error":' in line:
+                record = _decode(line)
+                if "error" in record:
+                    ids.append(record["id"])
+    return ids
+
+
+def _own_results(
+    store: Store, settings: Settings, job: str, meta: dict[str, Any] | None = None
+) -> Iterator[bytes]:
+    meta = meta if meta is not None else store.get_meta(job)
+    if meta is None:
         return
     spec = meta.get("sink")
     if spec and spec.get("kind") == "s3":

@@ -58,7 +58,11 @@ def split_url(url: str) -> tuple[str, str, int]:
 
 
 class PostgresSink:
-    def __init__(self, url: str, store: Store | None = None) -> None:
+    def __init__(self, url: str, store: Store | None = None, replace_job: str = "") -> None:
+        """`replace_job`: this job retries that one's errors (`fleet retry`): its rows go
+        under that job's key and replace the error rows there (a row that holds a result
+        is left alone, so a batch run twice still writes once)."""
+        self.replace_job = replace_job
         self.dsn, table, self.max_writers = split_url(url)
         self.table = sql.Identifier(*table.split(".", 1))
         self.label = f"{redact(self.dsn)} table {table}"
@@ -105,19 +109,26 @@ class PostgresSink:
             ) from None
 
     def write(self, job: str, batch: int, lines: bytes) -> None:
+        key = self.replace_job or job
         rows = [
             (
-                job,
+                key,
                 str(r.id),
                 None if r.error is not None else _encode(r.result).decode(),
                 None if r.error is None else _encode(r.error).decode(),
             )
             for r in records(lines)
         ]
+        conflict = (
+            "DO UPDATE SET result = EXCLUDED.result, error = EXCLUDED.error "
+            "WHERE {table}.error IS NOT NULL"
+            if self.replace_job
+            else "DO NOTHING"
+        )
         insert = sql.SQL(
-            "INSERT INTO {} (job, id, result, error) SELECT job, id, result, error FROM "
-            "fleet_batch ON CONFLICT (job, id) DO NOTHING"
-        ).format(self.table)
+            "INSERT INTO {table} (job, id, result, error) SELECT job, id, result, error FROM "
+            "fleet_batch ON CONFLICT (job, id) " + conflict
+        ).format(table=self.table)
 
         def attempt() -> None:
             self._take_slot()

@@ -35,6 +35,7 @@ class LazyGroup(click.Group):
         "ops": "scripts.cli.ops:ops",
         "package": "scripts.cli.package:package",
         "results": "scripts.cli.results:results",
+        "retry": "scripts.cli.retry:retry",
         "run": "scripts.cli.run:run",
         "simulate": "scripts.cli.simulate:simulate",
         "status": "scripts.cli.status:status",

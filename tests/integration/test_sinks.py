@@ -276,3 +276,38 @@ def test_a_sink_that_refuses_writes_pauses_the_job_until_it_takes_them(fleet, po
     ]
     exactly_once(records, range(n))
     settle(fleet)
+
+
+def test_a_retry_replaces_the_error_rows_of_its_job(fleet, postgres, tmp_path):
+    from app.launcher import JobOptions, Launcher, Source
+    from app.launcher.driver import retry, submit
+    from app.launcher.jobs import wait
+
+    n, token = 2_000, tmp_path.name
+    src = tmp_path / "ids.txt"
+    src.write_text("".join(f"{token}:{i}\n" for i in range(n)))
+    launcher = Launcher(fleet.settings)
+    store, settings = launcher.store, fleet.settings
+    opts = JobOptions(
+        task="flaky",
+        source=Source.parse(str(src)),
+        batch_size=100,
+        sink=sink_spec(postgres.url(table="retried")),
+        progress=False,
+    )
+    job = submit(launcher, opts)
+    assert wait(store, settings, job, timeout=120).state == "errors"
+    errors = "SELECT count(*) FROM retried WHERE job = %s AND error IS NOT NULL"
+    assert postgres.query(errors, job)[0][0] == len(range(0, n, 7))
+    again, count = retry(launcher, job)
+    assert count == len(range(0, n, 7))
+    assert wait(store, settings, again, timeout=120).state == "ok"
+    rows = postgres.query("SELECT id, result, error FROM retried")
+    assert {r[0].partition(":")[0] for r in rows} == {token}
+    assert all(e is None for _, _, e in rows)
+    exactly_once(
+        [{"id": i, "result": r} for i, r, _ in rows],
+        [f"{token}:{i}" for i in range(n)],
+        lambda i: int(i.partition(":")[2]) + 1,
+    )
+    assert {j for (j,) in postgres.query("SELECT DISTINCT job FROM retried")} == {job}

@@ -236,3 +236,29 @@ def test_a_bad_reducer_is_one_line(fleet):
         job = submit(fleet.settings, "double", "--ids", "range:0:5", "--reduce", name)
         p = fleet_cmd(fleet.settings, "wait", job)
         assert p.returncode == 2 and "--reduce" in p.stderr.decode(), p.stderr.decode()
+
+
+def test_retry_runs_exactly_the_failed_ids_and_replaces_their_records(fleet, tmp_path):
+    """`flaky` fails every 7th ID the first time only: a retry of the job runs those IDs
+    alone, and `fleet results` of the first job then holds their results, not errors."""
+    n, token = 700, tmp_path.name
+    ids = [f"{token}:{i}" for i in range(n)]
+    src = tmp_path / "ids.txt"
+    src.write_text("".join(f"{i}\n" for i in ids))
+    job = submit(fleet.settings, "flaky", "--ids", str(src), "--batch-size", "50")
+    assert fleet_cmd(fleet.settings, "wait", job).returncode == 1
+    failed = [f"{token}:{i}" for i in range(n) if i % 7 == 0]
+    assert sorted(r["id"] for r in results(fleet.settings, job) if "error" in r) == sorted(failed)
+
+    p = fleet_cmd(fleet.settings, "retry", job, "--json")
+    assert p.returncode == 0, p.stderr.decode()
+    again = json.loads(p.stdout)
+    assert again["ids"] == len(failed)
+    assert fleet_cmd(fleet.settings, "wait", again["job"]).returncode == 0
+    number = lambda i: int(i.partition(":")[2]) + 1  # noqa: E731
+    # Only those IDs ran again.
+    exactly_once(results(fleet.settings, again["job"]), failed, number)
+    exactly_once(results(fleet.settings, job), ids, number)
+    # Nothing left to retry.
+    p = fleet_cmd(fleet.settings, "retry", job)
+    assert p.returncode == 2 and "no error record" in p.stderr.decode(), p.stderr.decode()

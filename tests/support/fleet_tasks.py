@@ -5,6 +5,7 @@ the workers: a poison ID always raises, a slow ID burns CPU for a while.
 """
 
 import os
+import tempfile
 import time
 
 from celery import shared_task
@@ -28,6 +29,20 @@ def poison(item):
     if int(item) % 7 == 0:
         raise ValueError(f"poison id {item}")
     return int(item) + 1
+
+
+@fleet_task
+def flaky(item):
+    """For IDs "TOKEN:N": fails the first time it meets an N divisible by 7, then succeeds
+    (a marker file per ID in the temporary directory remembers): a retry mends them."""
+    token, _, n = str(item).partition(":")
+    if int(n) % 7 == 0:
+        marker = os.path.join(tempfile.gettempdir(), "fleet-flaky", f"{token}-{n}")
+        if not os.path.exists(marker):
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+            open(marker, "w").close()
+            raise ValueError(f"flaky id {item}")
+    return int(n) + 1
 
 
 @fleet_task
