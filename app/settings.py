@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -281,6 +281,15 @@ VARIABLES = (
         ssm="code_version",
     ),
     Variable(
+        "FLEET_SINK_PASSWORD",
+        "sink_password",
+        None,
+        "",
+        "the password of a `--out postgresql://USER@HOST/DB` sink whose URL has none (a "
+        "stack keeps `celery-fleet:sinkPassword` as a SecureString parameter); never printed",
+        ssm="sink_password",
+    ),
+    Variable(
         "FLEET_WATCHDOG_SECONDS",
         None,
         None,
@@ -373,6 +382,8 @@ class Settings:
     # certificates (rediss://, amqps://). None: the system's CAs, which sign
     # Amazon MQ's and ElastiCache's. The certificate and host name are always checked.
     tls_ca_file: str | None = None
+    # The password of a PostgreSQL sink whose URL holds none (app/sinks/postgres.py).
+    sink_password: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         check_url("broker", self.broker_url, BROKER_SCHEMES)

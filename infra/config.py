@@ -176,6 +176,10 @@ class StackConfig(StackChoices):
     # Buckets the workers may write a job's results to (`fleet run --out s3://...`): PutObject
     # only, and on these only.
     output_buckets: tuple[str, ...] = ()
+    # The password of a job's PostgreSQL sink (`pulumi config set --secret
+    # celery-fleet:sinkPassword ...`): kept as a SecureString parameter the workers read, so
+    # a sink URL needs none (FLEET_SINK_PASSWORD). A Pulumi secret: never printed.
+    sink_password: Any = field(default=None, repr=False, compare=False)
     # Not a setting: what EC2 says of instance_types, looked up by infra/program.py
     # at program time and set with `with_instance_facts`.
     instance_facts: InstanceFacts | None = field(default=None, init=False)
@@ -433,6 +437,7 @@ _KEYS: dict[str, tuple[str, str]] = {
     "tags": ("tags", "object"),
     "code": ("code", "paths"),
     "outputBuckets": ("output_buckets", "list"),
+    "sinkPassword": ("sink_password", "secret"),
 }
 
 
@@ -448,6 +453,7 @@ def load_config() -> StackConfig:
         # One path (`pulumi config set celery-fleet:code ../proj`) or a list of them.
         "paths": lambda key: _as_tuple(key, _one_or_list(cfg.get(key))),
         "object": cfg.get_object,
+        "secret": cfg.get_secret,
     }
     values: dict[str, Any] = {}
     for key, (field_name, kind) in _KEYS.items():

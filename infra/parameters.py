@@ -8,6 +8,7 @@ text. The names come from app/settings.py's VARIABLES (their `ssm`):
     code_version       (String: the content hash of the wheelhouse the workers install)
     queue_url                                   (String, SQS broker only)
     broker_password, result_password            (SecureString, RabbitMQ / Redis only)
+    sink_password      (SecureString: celery-fleet:sinkPassword, a PostgreSQL sink's password)
     broker_password_parameter, result_password_parameter
                                                 (String: the SecureString's name)
 
@@ -35,6 +36,8 @@ class SsmParametersArgs:
     code_version: str
     broker: Endpoint
     results: Endpoint
+    # The password of the jobs' PostgreSQL sinks (celery-fleet:sinkPassword), or None.
+    sink_password: pulumi.Input[str] | None = None
 
 
 class SsmParameters(pulumi.ComponentResource):
@@ -76,6 +79,15 @@ class SsmParameters(pulumi.ComponentResource):
                 opts=child,
             )
             plain[f"{role}_password_parameter"] = secret.name
+        if args.sink_password is not None:
+            # Read by the workers and `fleet run --stack` as FLEET_SINK_PASSWORD.
+            aws.ssm.Parameter(
+                f"{name}-sink-password",
+                name=f"{args.prefix}{parameter_name('sink_password')}",
+                type="SecureString",
+                value=pulumi.Output.secret(args.sink_password),
+                opts=child,
+            )
 
         self.parameters = {
             key: aws.ssm.Parameter(

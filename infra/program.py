@@ -153,6 +153,7 @@ def build(cfg: StackConfig, builder: Builder = build_wheelhouse) -> Stack:
             code_version=artifact.version,
             broker=broker.service,
             results=results.service,
+            sink_password=cfg.sink_password,
         ),
         opts,
     )

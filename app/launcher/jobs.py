@@ -212,7 +212,7 @@ def error_ids(store: Store, settings: Settings, job: str) -> list[Any]:
     if spec.get("kind") == "postgresql":
         from app.sinks.postgres import PostgresSink
 
-        sink = PostgresSink(spec["url"])
+        sink = PostgresSink(spec["url"], password=settings.sink_password)
         query = "SELECT id FROM {} WHERE job = %s AND error IS NOT NULL ORDER BY id"
         with sink._connect() as conn:
             from psycopg import sql

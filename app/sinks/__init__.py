@@ -93,7 +93,7 @@ def open_sink(
             raise BadSink(
                 "the PostgreSQL sink needs psycopg: install celery-fleet[postgres]."
             ) from None
-        return PostgresSink(spec["url"], store, spec.get("replace_job", ""))
+        return PostgresSink(spec["url"], store, spec.get("replace_job", ""), settings.sink_password)
     if kind == "python":
         from app.sinks.user import UserSink
 

@@ -9,8 +9,10 @@ fleet (`--max-writers`, a semaphore in the result store): a worker process
 takes a writer's slot, connects, writes its batch and lets the slot go, so a
 fleet of hundreds of cores does not flatten the database.
 
-The password comes from the URL, or from libpq's own PGPASSWORD and
-~/.pgpass (PGPASSFILE) on the workers; it is never printed.
+The password comes from the URL, else FLEET_SINK_PASSWORD (on a stack, the
+SecureString parameter of `celery-fleet:sinkPassword`, so it is on no command
+line), else libpq's own PGPASSWORD and ~/.pgpass on the workers; it is never
+printed.
 """
 
 from __future__ import annotations
@@ -58,10 +60,17 @@ def split_url(url: str) -> tuple[str, str, int]:
 
 
 class PostgresSink:
-    def __init__(self, url: str, store: Store | None = None, replace_job: str = "") -> None:
+    def __init__(
+        self,
+        url: str,
+        store: Store | None = None,
+        replace_job: str = "",
+        password: str | None = None,
+    ) -> None:
         """`replace_job`: this job retries that one's errors (`fleet retry`): its rows go
         under that job's key and replace the error rows there (a row that holds a result
-        is left alone, so a batch run twice still writes once)."""
+        is left alone, so a batch run twice still writes once). `password`: for a URL
+        that holds none (FLEET_SINK_PASSWORD)."""
         self.replace_job = replace_job
         self.dsn, table, self.max_writers = split_url(url)
         self.table = sql.Identifier(*table.split(".", 1))
@@ -70,10 +79,17 @@ class PostgresSink:
         parts = urlsplit(self.dsn)
         self.slot_name = f"postgresql:{parts.hostname}:{parts.port or 5432}{parts.path}:{table}"
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
+        # The URL's own password wins; libpq's PGPASSWORD and ~/.pgpass come after both.
+        self.password = None if parts.password else password
 
     def _connect(self) -> Any:
+        extra: dict[str, Any] = {"password": self.password} if self.password else {}
         return psycopg.connect(
-            self.dsn, connect_timeout=10, application_name="celery-fleet", autocommit=False
+            self.dsn,
+            connect_timeout=10,
+            application_name="celery-fleet",
+            autocommit=False,
+            **extra,
         )
 
     def _refused(self, exc: Exception, what: str, cls: type[BadSink] = BadSink) -> BadSink | None:

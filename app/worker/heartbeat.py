@@ -245,6 +245,7 @@ class _Heartbeat:
             target=Drivers(app, settings, self.name).run,
             args=(self.stop,),
             name="fleet-drivers",
+            daemon=True,
         )
         self.drivers.start()
         metrics = instance_metrics(settings, os.environ)

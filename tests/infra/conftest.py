@@ -77,7 +77,7 @@ def run_stack(fake_builder) -> Callable[[StackConfig], StackRun]:
     cache: dict[str, StackRun] = {}
 
     def run(cfg: StackConfig) -> StackRun:
-        key = repr(cfg)
+        key = f"{cfg!r} sink_password={cfg.sink_password is not None}"
         if key in cache:
             return cache[key]
         mocks = RecordingMocks()

@@ -443,3 +443,27 @@ def test_instance_types_are_checked_against_ec2(run_stack, types, message):
     with pytest.raises(Exception, match="celery-fleet:instanceTypes") as caught:
         run_stack(StackConfig(stack="test", instance_types=types))
     assert message in str(caught.value)
+
+
+def test_a_sink_password_is_a_secure_string_the_workers_read(run_stack):
+    """celery-fleet:sinkPassword: a SecureString parameter, read back as FLEET_SINK_PASSWORD
+    by the workers and `fleet run --stack`, and in no other resource or the user-data."""
+    password = "pg-sink-s3cret-7f3a"
+    run = run_stack(StackConfig(stack="test", sink_password=password))
+    prefix = "/celery-fleet/test/"
+    params = {p.props["name"]: p for p in run.of_type("aws:ssm/parameter:Parameter")}
+    secret = params[f"{prefix}sink_password"]
+    assert secret.props["type"] == "SecureString"
+    assert password not in run.user_data
+    for resource in run.resources:
+        leaked = [s for s in plain_strings(resource.raw) if password in s]
+        assert not leaked, f"{resource.name} holds the sink password in plain text"
+    values = {name.removeprefix(prefix): p.props["value"] for name, p in params.items()}
+    settings = Settings.from_env(env_from_parameters(values, REGION))
+    assert settings.sink_password == password
+    assert password not in repr(settings)
+    # Without the key, no such parameter.
+    plain = run_stack(StackConfig(stack="test"))
+    assert f"{prefix}sink_password" not in {
+        p.props["name"] for p in plain.of_type("aws:ssm/parameter:Parameter")
+    }

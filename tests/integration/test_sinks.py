@@ -311,3 +311,54 @@ def test_a_retry_replaces_the_error_rows_of_its_job(fleet, postgres, tmp_path):
         lambda i: int(i.partition(":")[2]) + 1,
     )
     assert {j for (j,) in postgres.query("SELECT DISTINCT job FROM retried")} == {job}
+
+
+def test_the_sink_password_comes_from_fleet_sink_password_and_is_never_printed(
+    make_fleet, postgres, tmp_path
+):
+    """A sink URL without a password (as on a command line it must be): the workers and
+    `fleet submit` take it from FLEET_SINK_PASSWORD (a stack's SecureString parameter),
+    and neither the commands' output nor the workers' logs nor the job's record hold it."""
+    import os
+    import subprocess
+
+    from tests.support.paths import FLEET_BIN, ROOT
+
+    secret = {"FLEET_SINK_PASSWORD": postgres.password}
+    fleet = make_fleet(instances=2, env=secret, lease_seconds=2)
+    url = postgres.url(table="nopass").replace(f":{postgres.password}@", "@")
+    assert postgres.password not in url
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "CELERY_"))}
+    env.update(secret, FLEET_STATE_DIR=str(tmp_path / "no-local-fleet"))
+    s = fleet.settings
+    where = ["--broker", s.broker_url, "--backend", s.result_url]
+
+    def fleet_cmd(*args: str, with_env: dict[str, str] = env) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(FLEET_BIN), *args, *where],
+            capture_output=True,
+            timeout=120,
+            env=with_env,
+            cwd=ROOT,
+        )
+
+    # Without the variable the check at submit says the server wants a password.
+    bare = {k: v for k, v in env.items() if k != "FLEET_SINK_PASSWORD"}
+    refused = fleet_cmd("submit", "double", "--ids", "range:0:10", "--out", url, with_env=bare)
+    assert refused.returncode == 2, refused.stderr.decode()
+    p = fleet_cmd("submit", "double", "--ids", "range:0:3000", "--out", url)
+    assert p.returncode == 0, p.stderr.decode()
+    job = p.stdout.decode().strip()
+    w = fleet_cmd("wait", job)
+    assert w.returncode == 0, w.stderr.decode()
+    rows = postgres.query("SELECT id, result FROM nopass WHERE job = %s", job)
+    exactly_once([{"id": int(i), "result": r} for i, r in rows], range(3000), lambda i: 2 * i)
+    listed = fleet_cmd("jobs", "--json")
+    said = b"".join(c.stdout + c.stderr for c in (refused, p, w, listed))
+    logs = b"".join(f.read_bytes() for f in fleet.workdir.glob("*.log"))
+    from app.store import open_store
+
+    record = json.dumps(open_store(s).get_meta(job)).encode()
+    for text in (said, logs, record):
+        assert postgres.password.encode() not in text
+    settle(fleet)

@@ -262,3 +262,24 @@ def test_retry_runs_exactly_the_failed_ids_and_replaces_their_records(fleet, tmp
     # Nothing left to retry.
     p = fleet_cmd(fleet.settings, "retry", job)
     assert p.returncode == 2 and "no error record" in p.stderr.decode(), p.stderr.decode()
+
+
+def test_a_small_job_beside_a_large_one_finishes_in_about_its_own_time(make_fleet):
+    """Two jobs on one fleet: each driver keeps its own window of batches on the queue, so a
+    small job's batches wait behind a few of the large one's, not behind all of them."""
+    fleet = make_fleet(instances=2, lease_seconds=2, env={"FLEET_TEST_ITEM_MS": "2"})
+    store = open_store(fleet.settings)
+    large = submit(fleet.settings, "slow", "--ids", "range:0:30000", "--batch-size", "100")
+    wait_until(lambda: committed(store, large) >= 5, 60, "the large job to be under way")
+    started = time.monotonic()
+    small = submit(fleet.settings, "slow", "--ids", "range:0:400", "--batch-size", "100")
+    p = fleet_cmd(fleet.settings, "wait", small)
+    took = time.monotonic() - started
+    assert p.returncode == 0, p.stderr.decode()
+    # The large job holds 60 s of its two slots' work: the small one (under a second of
+    # it) ends long before, within a bound that leaves room for a slow machine.
+    assert (store.get_meta(large) or {}).get("status") == "running"
+    assert took < 20, f"the small job took {took:.1f} s beside the large one"
+    exactly_once(results(fleet.settings, small), range(400), lambda i: 2 * i)
+    assert fleet_cmd(fleet.settings, "cancel", large).returncode == 0
+    settle(fleet)

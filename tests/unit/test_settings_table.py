@@ -48,7 +48,9 @@ def test_as_env_and_from_env_carry_every_field():
         stack="dev",
         code_version="0123456789abcdef",
         tls_ca_file="/etc/ssl/certs/ca-certificates.crt",
+        sink_password="pg-secret",
     )
+    assert "pg-secret" not in repr(full)
     env = full.as_env()
     assert set(env) == {v.name for v in VARIABLES if v.attr}
     assert Settings.from_env(env) == full
