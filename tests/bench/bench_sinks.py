@@ -1,4 +1,6 @@
-"""Benchmark: one 1,000,000-ID no-op job to each sink, beside the local file, in one run.
+"""Benchmark: one 1,000,000-ID no-op job to each sink, beside the local file, in one run;
+and the same job submitted (`fleet submit`: driven in the fleet, its results kept in the
+result store), from the submit to the driver marking it done.
 
     .venv/bin/python -m tests.bench.bench_sinks [--ids N] [--repeat R]
 
@@ -41,6 +43,22 @@ def timed(fleet: LocalFleet, n: int, out: Path | None, sink: dict | None) -> tup
     wall = time.perf_counter() - started
     assert summary.status == "ok" and summary.items == n, summary
     return wall, summary.job
+
+
+def timed_submit(fleet: LocalFleet, n: int) -> tuple[float, str]:
+    """`fleet submit` (the driver in a worker, the results kept in the store) to its end."""
+    from app.launcher.driver import submit
+
+    launcher = Launcher(fleet.settings)
+    opts = JobOptions(task="bench_noop", source=Source.parse(f"range:0:{n}"), progress=False)
+    started = time.perf_counter()
+    job = submit(launcher, opts)
+    while (launcher.store.get_meta(job) or {}).get("status") not in ("ok", "errors", "failed"):
+        time.sleep(0.02)
+    wall = time.perf_counter() - started
+    items = launcher.store.journal(job)[3]
+    assert items == n, items
+    return wall, job
 
 
 def check(name: str, job: str, n: int, pg: Postgres, sink_dir: Path) -> None:
@@ -86,10 +104,14 @@ def main() -> None:
                         None,
                         sink_spec(None, "tests.support.sink_writers:save"),
                     ),
+                    "result store, by `fleet submit`": (None, None),
                 }
                 for _ in range(args.repeat):  # interleaved: the machine's drift hits each alike
                     for name, (out, sink) in targets.items():
-                        wall, job = timed(fleet, n, out, sink)
+                        if name.startswith("result store"):
+                            wall, job = timed_submit(fleet, n)
+                        else:
+                            wall, job = timed(fleet, n, out, sink)
                         rows[name] = min(rows.get(name, wall), wall)
                         check(name, job, n, pg, sink_dir)
         finally:
