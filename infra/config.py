@@ -176,6 +176,9 @@ class StackConfig(StackChoices):
     # Buckets the workers may write a job's results to (`fleet run --out s3://...`): PutObject
     # only, and on these only.
     output_buckets: tuple[str, ...] = ()
+    # Buckets a submitted job's driver, on a worker, may read its IDs from (`fleet submit
+    # --ids s3://BUCKET/KEY`): GetObject only, and on these only.
+    input_buckets: tuple[str, ...] = ()
     # The password of a job's PostgreSQL sink (`pulumi config set --secret
     # celery-fleet:sinkPassword ...`): kept as a SecureString parameter the workers read, so
     # a sink URL needs none (FLEET_SINK_PASSWORD). A Pulumi secret: never printed.
@@ -227,12 +230,17 @@ class StackConfig(StackChoices):
                 f"+ 60 s), over the {MAX_CONSUMER_TIMEOUT_MS} ms Amazon MQ allows; use at most "
                 f"{longest} and split the work into shorter batches."
             )
-        for bucket in self.output_buckets:
-            if not BUCKET_NAME.fullmatch(bucket) or ".." in bucket:
-                raise StackConfigError(
-                    f"celery-fleet:outputBuckets: {bucket!r} is not an S3 bucket name (3 to 63 "
-                    "lowercase letters, digits, dots and hyphens); give names, not s3:// URLs."
-                )
+        for key, buckets in (
+            ("outputBuckets", self.output_buckets),
+            ("inputBuckets", self.input_buckets),
+        ):
+            for bucket in buckets:
+                if not BUCKET_NAME.fullmatch(bucket) or ".." in bucket:
+                    raise StackConfigError(
+                        f"celery-fleet:{key}: {bucket!r} is not an S3 bucket name (3 to 63 "
+                        "lowercase letters, digits, dots and hyphens); give names, not s3:// "
+                        "URLs."
+                    )
         self._check_network()
         self._check_addresses()
         self._check_instance_types()
@@ -437,6 +445,7 @@ _KEYS: dict[str, tuple[str, str]] = {
     "tags": ("tags", "object"),
     "code": ("code", "paths"),
     "outputBuckets": ("output_buckets", "list"),
+    "inputBuckets": ("input_buckets", "list"),
     "sinkPassword": ("sink_password", "secret"),
 }
 

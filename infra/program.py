@@ -250,11 +250,17 @@ def build(cfg: StackConfig, builder: Builder = build_wheelhouse) -> Stack:
 def output_statements(cfg: StackConfig, ctx: AwsContext) -> list[dict[str, Any]]:
     """The S3 sink's grant (app/sinks/s3.py): each worker writes its batches' parts, with a
     conditional put, into the buckets of celery-fleet:outputBuckets and nowhere else. The
-    manifest and the write check are the launcher's, with its user's own credentials."""
-    if not cfg.output_buckets:
-        return []
-    parts = [f"arn:{ctx.partition}:s3:::{bucket}/*" for bucket in cfg.output_buckets]
-    return [allow(["s3:PutObject"], parts, "WriteOutputs")]
+    manifest and the write check are the launcher's, with its user's own credentials. And
+    the ID sources' (celery-fleet:inputBuckets): GetObject, for a submitted job's driver."""
+    statements = []
+    if cfg.output_buckets:
+        parts = [f"arn:{ctx.partition}:s3:::{bucket}/*" for bucket in cfg.output_buckets]
+        statements.append(allow(["s3:PutObject"], parts, "WriteOutputs"))
+    if cfg.input_buckets:
+        # A submitted job's driver runs on a worker and reads `--ids s3://...` itself.
+        objects = [f"arn:{ctx.partition}:s3:::{bucket}/*" for bucket in cfg.input_buckets]
+        statements.append(allow(["s3:GetObject"], objects, "ReadInputs"))
+    return statements
 
 
 def describe_instance_types(instance_types: tuple[str, ...], region: str) -> InstanceFacts:

@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-POLL_SECONDS = 2.0  # how often a worker looks for a job without a driver
+# How often a worker looks for a job without a driver: a set read on Redis; on the S3
+# store a LIST request, billed, by every worker of the fleet, so less often there.
+POLL_SECONDS = {"redis": 2.0, "s3": 10.0}
 
 
 class Drivers:
@@ -48,7 +50,8 @@ class Drivers:
         return self._launcher
 
     def run(self, stop: threading.Event) -> None:
-        while not stop.wait(POLL_SECONDS):
+        poll = POLL_SECONDS["s3" if self.settings.result_url.startswith("s3://") else "redis"]
+        while not stop.wait(poll):
             try:
                 self.look(stop)
             except Exception:

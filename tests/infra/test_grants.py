@@ -316,3 +316,14 @@ def test_workers_may_write_results_only_into_the_output_buckets(run_stack):
     # Without the setting, no bucket of the user's may be written.
     default = worker_role(run_stack(StackConfig(stack="test")))
     assert not default.allows("s3:PutObject", part)
+
+
+def test_a_submitted_jobs_driver_may_read_ids_only_from_the_input_buckets(run_stack):
+    role = worker_role(run_stack(StackConfig(stack="test", input_buckets=("team-inputs",))))
+    ids = "arn:aws:s3:::team-inputs/batches/ids.txt"
+    assert role.allows("s3:GetObject", ids)
+    for action in ("s3:PutObject", "s3:DeleteObject"):
+        assert not role.allows(action, ids), action
+    assert not role.allows("s3:GetObject", "arn:aws:s3:::someone-elses-bucket/ids.txt")
+    default = worker_role(run_stack(StackConfig(stack="test")))
+    assert not default.allows("s3:GetObject", ids)
