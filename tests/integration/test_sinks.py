@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import boto3
@@ -283,7 +284,7 @@ def test_a_retry_replaces_the_error_rows_of_its_job(fleet, postgres, tmp_path):
     from app.launcher.driver import retry, submit
     from app.launcher.jobs import wait
 
-    n, token = 2_000, tmp_path.name
+    n, token = 2_000, uuid.uuid4().hex  # the markers of `flaky` outlive the test
     src = tmp_path / "ids.txt"
     src.write_text("".join(f"{token}:{i}\n" for i in range(n)))
     launcher = Launcher(fleet.settings)

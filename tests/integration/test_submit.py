@@ -14,6 +14,7 @@ import operator
 import os
 import subprocess
 import time
+import uuid
 
 import psutil
 import pytest
@@ -92,9 +93,9 @@ def test_stdin_and_ranges_are_submitted_too(fleet):
 
 
 def test_driver_killed_mid_job_another_worker_finishes_it_exactly_once(make_fleet):
-    fleet = make_fleet(instances=2, lease_seconds=2, env={"FLEET_TEST_ITEM_MS": "2"})
+    fleet = make_fleet(instances=2, lease_seconds=2, env={"FLEET_TEST_ITEM_MS": "1"})
     store = open_store(fleet.settings)
-    n = 6000
+    n = 4000
     job = submit(fleet.settings, "slow", "--ids", f"range:0:{n}", "--batch-size", "100")
     lease = driver_lease(fleet.settings.lease_seconds)
 
@@ -241,7 +242,7 @@ def test_a_bad_reducer_is_one_line(fleet):
 def test_retry_runs_exactly_the_failed_ids_and_replaces_their_records(fleet, tmp_path):
     """`flaky` fails every 7th ID the first time only: a retry of the job runs those IDs
     alone, and `fleet results` of the first job then holds their results, not errors."""
-    n, token = 700, tmp_path.name
+    n, token = 700, uuid.uuid4().hex  # the markers of `flaky` outlive the test
     ids = [f"{token}:{i}" for i in range(n)]
     src = tmp_path / "ids.txt"
     src.write_text("".join(f"{i}\n" for i in ids))
