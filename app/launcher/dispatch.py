@@ -159,6 +159,8 @@ class Dispatch:
             now = time.monotonic()
             if now - last_check >= 1.0:
                 if self.steering is not None and self.steering.check(self._next):
+                    if self.steering.why == "cancelled":
+                        self.drain()
                     self.interrupted = True
                     return
                 self.retry_refused(now)
@@ -224,6 +226,18 @@ class Dispatch:
         self.write(committed)
         if committed and self.pause:
             self.resume_writes()
+
+    def drain(self) -> None:
+        """Cancelled: write the batches that commit while those running end (the workers
+        drop the job's queued ones), so what ran is in the output; bounded by a lease."""
+        prefix = f"{self.job}/"
+        deadline = time.monotonic() + max(3 * self.lease, 10.0)
+        while time.monotonic() < deadline:
+            running = any(m.startswith(prefix) for m in self.store.busy_slots())
+            dones = self.store.wait_done(self.job, timeout=0.2)
+            self.write([d.batch for d in dones if not d.refused])
+            if not running and not dones:
+                return
 
     def pause_for(self, reason: str, batches: set[int]) -> None:
         """The sink refused `batches`: hold them (and every batch not sent yet) back, and send

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import tempfile
 import threading
@@ -31,6 +30,7 @@ import msgspec
 
 from app.launcher.dispatch import Steering, driver_lease, driver_slot
 from app.launcher.job import BadInput, JobError, JobOptions, new_job_id, reducer_name
+from app.launcher.jobs import ENDED
 from app.launcher.launcher import Launcher, Stopped
 from app.launcher.sources import InputError, Source
 from app.sinks import sink_label
@@ -38,8 +38,6 @@ from app.sinks import sink_label
 log = logging.getLogger(__name__)
 _encode_json = msgspec.json.Encoder().encode
 
-# A job's states, as `fleet jobs` shows them. Ended: nothing will change them.
-ENDED = ("ok", "errors", "cancelled", "failed")
 STORED = "stored:"  # the spec of a source uploaded to the result store
 
 
@@ -157,9 +155,16 @@ def _count_bytes(data: bytes, source: Source) -> int | None:
 
 def _source(launcher: Launcher, job: str, meta: dict[str, Any], workdir: Path) -> Source:
     """The source of the job's metadata as the dispatch loop reads it: one uploaded to
-    the store is fetched into `workdir` first."""
+    the store is fetched into `workdir` first. Only those, ranges and S3 objects: whoever
+    can write to the result store must not make a worker read its own files."""
     source = dict(meta["source"])
-    if source["spec"].startswith(STORED):
+    spec = str(source.get("spec", ""))
+    if not spec.startswith((STORED, "range:", "s3://")):
+        raise BadInput(
+            f"job {job} names IDs at {spec!r}: a driver in the fleet reads only IDs uploaded "
+            "by `fleet submit`, range:START:STOP or s3://BUCKET/KEY."
+        )
+    if spec.startswith(STORED):
         data = launcher.store.get_input(job)
         if data is None:
             raise BadInput(f"the IDs of job {job} are gone from the result store (expired?).")
@@ -243,8 +248,4 @@ def _end(launcher: Launcher, job: str, status: str, reason: str = "") -> None:
         launcher.advertise_backlog(job, 0)
 
 
-def holder_name() -> str:
-    return f"driver@{os.uname().nodename}:{os.getpid()}"
-
-
-__all__ = ["ENDED", "STORED", "drive", "driver_slot", "holder_name", "retry", "submit"]
+__all__ = ["STORED", "drive", "driver_slot", "retry", "submit"]

@@ -49,6 +49,7 @@ from app.launcher.output import Progress, check_writable, no_output, open_output
 from app.launcher.plan import BatchPlan, batch_size, probe_count
 from app.launcher.sources import InputError, Source
 from app.launcher.versions import CodeVersions
+from app.registry import resolve
 from app.settings import Settings, redact
 from app.sinks import BadSink, Sink, open_sink, sink_label
 from app.store import StoreUnavailable, bit_is_set, open_store
@@ -336,8 +337,16 @@ class Launcher:
 
     def reduce(self, job: str, name: str) -> Any:
         """The partials of the job's batches folded in batch order (None: no result at all).
-        Each batch's partial is kept with its commit, so a batch run twice counts once."""
-        fn = reducer(name)
+        Each batch's partial is kept with its commit, so a batch run twice counts once.
+
+        Driving in the fleet (a worker's app), the name read from the job resolves as the
+        workers resolve it, among their task modules only."""
+        modules = getattr(self.celery, "fleet_task_modules", None)
+        fn: Any
+        if getattr(self.celery, "fleet_driver", False) and modules is not None:
+            fn = resolve(name, modules).fn
+        else:
+            fn = reducer(name)
         partials = self.store.partials(job)
         values = [partials[b] for b in sorted(partials)]
         return functools.reduce(fn, values) if values else None

@@ -46,6 +46,9 @@ class Drivers:
         if self._launcher is None:
             from app.launcher import Launcher
 
+            # The reducer of a job, read from the store, then resolves among the task
+            # modules only (Launcher.reduce), as on the workers.
+            self.app.fleet_driver = True
             self._launcher = Launcher(self.settings, celery=self.app)
         return self._launcher
 

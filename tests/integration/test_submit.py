@@ -77,6 +77,8 @@ def test_submitted_job_outlives_its_submitter_and_runs_once(fleet, tmp_path):
     assert (view["state"], view["items"], view["errors"], view["total"]) == ("ok", 3000, 0, 3000)
     exactly_once(results(fleet.settings, job), [str(i) for i in range(3000)], lambda i: int(i) * 2)
 
+    watched = fleet_cmd(fleet.settings, "watch", job)
+    assert watched.returncode == 0 and "3.00k/3.00k" in watched.stderr.decode(), watched.stderr
     listed = fleet_cmd(fleet.settings, "jobs", "--json")
     assert listed.returncode == 0, listed.stderr.decode()
     row = next(r for r in json.loads(listed.stdout) if r["job"] == job)
@@ -284,3 +286,27 @@ def test_a_small_job_beside_a_large_one_finishes_in_about_its_own_time(make_flee
     exactly_once(results(fleet.settings, small), range(400), lambda i: 2 * i)
     assert fleet_cmd(fleet.settings, "cancel", large).returncode == 0
     settle(fleet)
+
+
+def test_a_driver_reads_no_file_of_its_worker(fleet):
+    """A job written into the result store by hand, naming a path on the workers as its
+    IDs: the driver refuses it (whoever can write to the store must not read a worker's
+    files through a job), and the job ends failed, saying why."""
+    store = open_store(fleet.settings)
+    job = "j20991231-000000-abcdef"
+    store.put_meta(
+        job,
+        {
+            "task": "echo",
+            "source": {"spec": "/etc/hostname", "fmt": "text", "column": None, "field": None},
+            "total": 1,
+            "status": "submitted",
+            "driver": "fleet",
+            "out": "store",
+        },
+    )
+    store.add_driven(fleet.settings.queue, job)
+    p = fleet_cmd(fleet.settings, "wait", job, "--timeout", "60")
+    assert p.returncode == 2, p.stderr.decode()
+    assert "reads only IDs uploaded" in p.stderr.decode()
+    assert store.journal(job)[3] == 0
