@@ -119,6 +119,9 @@ class Dispatch:
         self.interrupted = False
         self.lease = launcher.settings.lease_seconds
         self._idle_since: float | None = None
+        # Until then no batch is called lost: the store fell behind (note_stall).
+        self._stalled_until = 0.0
+        self.stalls = 0  # lost-batch checks skipped for a slow store
         self._next = 0  # the next batch number to take from the stream
         self._exhausted = False
         self.steering = steering
@@ -214,7 +217,12 @@ class Dispatch:
 
     def collect(self) -> None:
         """Write the batches workers announced as committed (waiting up to half a second)."""
+        began = time.monotonic()
         dones = self.store.wait_done(self.job, timeout=0.5)
+        # It waits half a second at most: much longer, and the store (or this process)
+        # fell behind, and leases may look lapsed that were not.
+        now = time.monotonic()
+        self.note_stall(now - began - 0.5, now)
         refused = next((d.refused for d in dones if d.refused and not d.later), None)
         if refused:
             self.store.cancel(self.job)
@@ -313,9 +321,25 @@ class Dispatch:
         self.unreported += len(done_now)
         self.progress.add(items, errors)
 
+    def note_stall(self, late: float, now: float) -> None:
+        """A store call came back `late` seconds later than it should have: past a third of
+        a lease, no batch is called lost until the store has answered in time for a whole
+        lease. Its workers' renewals were held up as this launcher's reads were, and a
+        lease that lapsed meanwhile is renewed within a third of a lease once they pass."""
+        if late > max(1.0, self.lease / 3):
+            self._stalled_until = max(self._stalled_until, now + self.lease + late)
+
     def find_lost(self, now: float) -> None:
-        """Re-send batches whose lease lapsed, or that sit unstarted while slots are idle."""
+        """Re-send batches whose lease lapsed, or that sit unstarted while slots are idle.
+
+        Not while the store has been slow (note_stall): a batch is called lost only when
+        its lease lapsed while the store answered in time. And at most a quarter of the
+        slots' batches (at least two) are sent again per check, so a burst of losses costs
+        the broker and the workers a bounded amount at a time."""
+        began = time.monotonic()
         busy = self.store.busy_slots()
+        self.note_stall(time.monotonic() - began, now)
+        stalled = now < self._stalled_until
         prefix = f"{self.job}/"
         running = {int(m[len(prefix) :]) for m in busy if m.startswith(prefix)}
         lost = []
@@ -325,17 +349,23 @@ class Dispatch:
                 continue  # held back by the pause, sent again by retry_refused
             if b in running:
                 f.seen_running = now
+            elif stalled:
+                continue
             elif f.seen_running and now - f.seen_running > self.lease:
                 lost.append(b)
             elif not f.seen_running:
                 unstarted.append(b)
+        if stalled:
+            self._idle_since = None
+            self.stalls += 1
+            return
         # Idle by the leases and by the heartbeats both: this check mostly runs just as a
         # batch is announced done (collect returns on it), when that slot holds no lease
         # until its worker starts the next batch, so the leases alone would show a slot
         # idle at nearly every look, and send again batches that merely wait their turn.
         idle = min(self.launcher.slots() - len(busy), self.launcher.idle_slots())
         lost.extend(self._unstarted_while_idle(unstarted, idle, now))
-        for b in lost:
+        for b in lost[: max(2, self.launcher.slots() // 4)]:
             f = self.inflight[b]
             f.seen_running, f.sent_at = 0.0, now
             self.launcher.send(self.job, b, f.body)

@@ -456,6 +456,25 @@ def test_broker_frozen_then_resumed(fleet, tmp_path, exec_dir, report_file, requ
     run_fault(fleet, tmp_path, exec_dir, report_file, request, fault)
 
 
+@REDIS
+def test_result_store_paused_past_a_lease_runs_no_batch_twice(
+    fleet, tmp_path, exec_dir, report_file, request
+):
+    """CLIENT PAUSE on the result store for three leases: every client's calls wait, while
+    the leases' expiry (the server's clock) passes. No worker died, so no batch may run
+    twice: the launcher sees that the store fell behind and waits for the workers' renewals
+    before it calls a batch lost."""
+
+    def fault() -> dict:
+        pause = CUT_SECONDS
+        fleet.store_call(lambda s: s.r.execute_command("CLIENT", "PAUSE", int(pause * 1000), "ALL"))
+        time.sleep(pause)
+        return {"paused_s": pause}
+
+    report = run_fault(fleet, tmp_path, exec_dir, report_file, request, fault)
+    assert report.executed_twice == 0, f"{report.line()} {report.examples} (seed {SEED})"
+
+
 def restart(fleet, server) -> dict:
     """SIGTERM to a server, then the same server started again on its data."""
     began = time.monotonic()

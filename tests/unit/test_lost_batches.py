@@ -57,3 +57,32 @@ def test_unstarted_batches_are_sent_again_only_beside_a_slot_that_is_really_idle
         run.find_lost(now)
     assert launcher.sent == resent
     assert run.resent == len(resent)
+
+
+def test_lost_batches_are_sent_again_a_few_at_a_time():
+    """Ten batches whose leases all lapsed at once (a burst: a host gone): a quarter of the
+    slots' worth, at least two, per check, not all ten on the broker in one go."""
+    launcher = FakeLauncher(running=set(range(10)), active=[1, 1, 1, 1])
+    run = dispatch(launcher)
+    run.inflight = {b: InFlight(b"x", 0.0) for b in range(10)}
+    run.find_lost(1.0)  # all seen running
+    launcher.store.busy_slots = lambda: set()
+    run.find_lost(12.0)  # a lease later: all lapsed
+    assert launcher.sent == [0, 1]
+    run.find_lost(13.0)
+    assert launcher.sent == [0, 1, 2, 3]
+
+
+def test_no_batch_is_called_lost_while_the_store_falls_behind():
+    """A store call came back late: its workers' renewals were held up too, so leases that
+    look lapsed are not called lost until the store has answered in time for a lease."""
+    launcher = FakeLauncher(running={1, 2}, active=[1, 1])
+    run = dispatch(launcher)
+    run.find_lost(1.0)
+    launcher.store.busy_slots = lambda: set()
+    run.note_stall(late=8.0, now=11.0)  # a call that took 8 s past its due
+    for now in (12.0, 20.0, 28.0):
+        run.find_lost(now)
+    assert launcher.sent == [] and run.stalls == 3
+    run.find_lost(30.0)  # the store answered in time for a lease: now they are lost
+    assert sorted(launcher.sent) == [1, 2]
