@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 APT_PACKAGES := redis-server rabbitmq-server erlang-base postgresql openssl shellcheck cloud-init iproute2 iptables openssh-server systemd
 
-.PHONY: setup system-packages demo test test-unit bench lint typecheck clean
+.PHONY: setup system-packages demo test test-unit bench bench-scale lint typecheck clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,9 @@ test-unit: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.bench_fleet
+
+bench-scale: $(STAMP)
+	$(BIN)/python -m tests.bench.bench_scale
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check app scripts tests infra

@@ -6,6 +6,9 @@ multiprocessing.Pool, plain Celery tasks (group / chunks / chord) and fleet jobs
 
 from __future__ import annotations
 
+import os
+import time
+
 from celery import shared_task
 
 from app.registry import fleet_task
@@ -13,6 +16,8 @@ from app.registry import fleet_task
 # Rounds of the busy loop: about 1-2 ms of pure-Python CPU per item on a
 # typical core (the benchmark measures and prints the real figure).
 CPU_ROUNDS = 9000
+# bench_sleep's nap (tests/bench/bench_scale.py sets it for its workers).
+SLEEP_SECONDS = float(os.environ.get("FLEET_BENCH_SLEEP_MS", "50")) / 1000
 
 
 def busy(item, rounds: int = CPU_ROUNDS) -> int:
@@ -70,3 +75,11 @@ def total(values):
     for v in values:
         s += sum(v) if isinstance(v, list) else v
     return s
+
+
+@fleet_task
+def bench_sleep(item):
+    """An emulated slot's work (`make bench-scale`): 50 ms asleep, almost no CPU, so what
+    the benchmark measures is the control plane."""
+    time.sleep(SLEEP_SECONDS)
+    return item
