@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from scripts.cli.common import fail, finish, imports_done
+from scripts.cli.common import fail, finish, fleet_options, imports_done
 
 
 class BatchSize(click.ParamType):
@@ -31,7 +31,7 @@ def job_options(command):
     the results go, and which fleet."""
     for option in reversed(JOB_OPTIONS):
         command = option(command)
-    return command
+    return fleet_options(command)
 
 
 JOB_OPTIONS = [
@@ -89,22 +89,6 @@ JOB_OPTIONS = [
         help="An associative f(a, b) of a task module: each batch's results are folded on "
         "its worker, the partials when the job ends; the value is in the summary.",
     ),
-    click.option(
-        "--broker",
-        metavar="URL",
-        help="Broker URL (default: FLEET_BROKER_URL or the local fleet).",
-    ),
-    click.option(
-        "--backend",
-        metavar="URL",
-        help="Result store URL (default: FLEET_RESULT_URL or the local fleet).",
-    ),
-    click.option(
-        "--stack",
-        metavar="NAME",
-        help="A deployed stack: read its broker and result store from SSM Parameter Store.",
-    ),
-    click.option("--queue", help="Queue the workers consume (default: FLEET_QUEUE or 'fleet')."),
     click.option(
         "--require-version",
         is_flag=True,

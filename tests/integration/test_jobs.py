@@ -11,7 +11,6 @@ import csv
 import json
 import os
 import socket
-import subprocess
 import threading
 import time
 
@@ -21,9 +20,9 @@ from app.celery_config import make_app
 from app.launcher.job import BadInput
 from app.store.redis import RedisStore
 from tests.support.checker import exactly_once
+from tests.support.cli import fleet_cmd
 from tests.support.fleets import settle
 from tests.support.jobs import run_job
-from tests.support.paths import FLEET_BIN, ROOT
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -172,18 +171,7 @@ def test_functions_not_allowed_are_refused_and_never_run(fleet, tmp_path, task, 
 
 
 def fleet_cli(fleet, *args: str, stdin: bytes | None = None, timeout: float = 90):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "CELERY_"))}
-    env["FLEET_STATE_DIR"] = "/nonexistent/celery-fleet-test"  # never a local fleet's state
-    s = fleet.settings
-    return subprocess.run(
-        [str(FLEET_BIN), "run", *args, "--broker", s.broker_url, "--backend", s.result_url],
-        input=stdin,
-        capture_output=True,
-        timeout=timeout,
-        env=env,
-        cwd=ROOT,
-        stdin=None if stdin is not None else subprocess.DEVNULL,
-    )
+    return fleet_cmd(fleet.settings, "run", *args, stdin=stdin, timeout=timeout)
 
 
 def test_cli_success_exits_0_and_prints_a_json_summary(fleet, tmp_path):

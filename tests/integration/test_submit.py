@@ -23,27 +23,13 @@ from app.launcher import JobOptions, Source
 from app.launcher.dispatch import driver_lease, driver_slot
 from app.store import bit_is_set, open_store
 from tests.support.checker import exactly_once
+from tests.support.cli import fleet_cmd
 from tests.support.fleets import settle
 from tests.support.jobs import Recording
 from tests.support.paths import FLEET_BIN, ROOT
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def fleet_cmd(settings, *args: str, stdin: bytes | None = None, timeout: float = 120):
-    """`fleet ARGS --broker --backend` of `settings`, in a process of its own."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "CELERY_"))}
-    env["FLEET_STATE_DIR"] = "/nonexistent/celery-fleet-test"  # never a local fleet's state
-    return subprocess.run(
-        [str(FLEET_BIN), *args, "--broker", settings.broker_url, "--backend", settings.result_url],
-        input=stdin,
-        capture_output=True,
-        timeout=timeout,
-        env=env,
-        cwd=ROOT,
-        stdin=None if stdin is not None else subprocess.DEVNULL,
-    )
 
 
 def submit(settings, *args: str, stdin: bytes | None = None) -> str:
