@@ -29,6 +29,12 @@ def driver_slot(job: str) -> str:
     return f"driver-{job}"
 
 
+def running_batches(busy: set[str], job: str) -> set[int]:
+    """The batches of `job` among the leases `busy` (Store.busy_slots: "job/batch")."""
+    prefix = f"{job}/"
+    return {int(m[len(prefix) :]) for m in busy if m.startswith(prefix)}
+
+
 def driver_lease(lease_seconds: float) -> float:
     """How long a driver's hold on its job outlives its last renewal (renewed every second)."""
     return max(10.0, 3 * lease_seconds)
@@ -238,10 +244,9 @@ class Dispatch:
     def drain(self) -> None:
         """Cancelled: write the batches that commit while those running end (the workers
         drop the job's queued ones), so what ran is in the output; bounded by a lease."""
-        prefix = f"{self.job}/"
         deadline = time.monotonic() + max(3 * self.lease, 10.0)
         while time.monotonic() < deadline:
-            running = any(m.startswith(prefix) for m in self.store.busy_slots())
+            running = running_batches(self.store.busy_slots(), self.job)
             dones = self.store.wait_done(self.job, timeout=0.2)
             self.write([d.batch for d in dones if not d.refused])
             if not running and not dones:
@@ -340,8 +345,7 @@ class Dispatch:
         busy = self.store.busy_slots()
         self.note_stall(time.monotonic() - began, now)
         stalled = now < self._stalled_until
-        prefix = f"{self.job}/"
-        running = {int(m[len(prefix) :]) for m in busy if m.startswith(prefix)}
+        running = running_batches(busy, self.job)
         lost = []
         unstarted = []
         for b, f in self.inflight.items():

@@ -30,7 +30,7 @@ import msgspec
 
 from app.launcher.dispatch import Steering, driver_lease, driver_slot
 from app.launcher.job import BadInput, JobError, JobOptions, new_job_id, reducer_name
-from app.launcher.jobs import ENDED
+from app.launcher.jobs import ENDED, end
 from app.launcher.launcher import Launcher, Stopped
 from app.launcher.sources import InputError, Source
 from app.sinks import sink_label
@@ -95,7 +95,7 @@ def retry(launcher: Launcher, job: str) -> tuple[str, int]:
     store, settings = launcher.store, launcher.settings
     known(store, settings, job)
     meta = store.get_meta(job) or {}
-    if meta.get("status") not in ("ok", "errors", "cancelled", "failed", "interrupted"):
+    if meta.get("status") not in ENDED:
         raise BadInput(f"job {job} is still {meta.get('status')}: retry it once it has ended.")
     spec = meta.get("sink")
     if spec and spec.get("kind") == "python":
@@ -237,13 +237,7 @@ def drive(launcher: Launcher, job: str, holder: str, stop: threading.Event) -> s
 
 
 def _end(launcher: Launcher, job: str, status: str, reason: str = "") -> None:
-    store = launcher.store
-    meta = store.get_meta(job) or {}
-    meta.update(status=status, finished=time.time())
-    if reason:
-        meta["reason"] = reason
-    store.put_meta(job, meta)
-    store.remove_driven(launcher.settings.queue, job)
+    end(launcher.store, launcher.settings, job, status, reason)
     with contextlib.suppress(Exception):
         launcher.advertise_backlog(job, 0)
 

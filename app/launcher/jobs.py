@@ -17,7 +17,7 @@ from typing import IO, Any
 
 import msgspec
 
-from app.launcher.dispatch import driver_lease, driver_slot
+from app.launcher.dispatch import driver_lease, driver_slot, running_batches
 from app.launcher.job import BadInput, JobError
 from app.settings import Settings, redact
 from app.store import Store, bit_is_set
@@ -154,10 +154,9 @@ def cancel(store: Store, settings: Settings, job: str, timeout: float = 60.0) ->
     if v.state in ENDED:
         return v
     store.cancel(job)
-    prefix = f"{job}/"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not any(m.startswith(prefix) for m in store.busy_slots()):
+        if not running_batches(store.busy_slots(), job):
             break
         time.sleep(0.2)
     # Its driver marks the job cancelled at its next tick (within a second); a job
@@ -168,12 +167,19 @@ def cancel(store: Store, settings: Settings, job: str, timeout: float = 60.0) ->
             break
         time.sleep(0.2)
     if v.state not in ENDED and not v.driver:
-        meta = store.get_meta(job) or {}
-        meta.update(status="cancelled", finished=time.time())
-        store.put_meta(job, meta)
-        store.remove_driven(settings.queue, job)
+        end(store, settings, job, "cancelled")
         v = known(store, settings, job)
     return v
+
+
+def end(store: Store, settings: Settings, job: str, status: str, reason: str = "") -> None:
+    """Mark `job` ended (`reason`: why, for `fleet jobs`) and no longer one to drive."""
+    meta = store.get_meta(job) or {}
+    meta.update(status=status, finished=time.time())
+    if reason:
+        meta["reason"] = reason
+    store.put_meta(job, meta)
+    store.remove_driven(settings.queue, job)
 
 
 def results(store: Store, settings: Settings, job: str) -> Iterator[bytes]:

@@ -71,10 +71,6 @@ def job_extras(
     return extras
 
 
-def sink_for(settings: Settings, store: Store, job: str, modules: tuple[str, ...]) -> Sink | None:
-    return job_extras(settings, store, job, modules)[0]
-
-
 def fold(reducer: FleetTask, lines: bytes) -> Any:
     """The batch's results folded left to right by the job's reducer (None: no result)."""
     results = [r["result"] for r in map(_decode, lines.splitlines()) if "result" in r]

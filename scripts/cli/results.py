@@ -22,7 +22,7 @@ from scripts.cli.common import fail, fleet_options, fleet_settings, open_fleet_s
 def results(job, broker, backend, stack, queue, out, reduced):
     """Stream the JSON lines of JOB written so far, in batch order: from the result store,
     or from its S3 sink's parts. A running job gives what is written now."""
-    from app.launcher.jobs import known, write_results
+    from app.launcher.jobs import ENDED, known, write_results
     from app.launcher.jobs import results as job_results
 
     settings = fleet_settings(broker, backend, stack, queue)
@@ -46,9 +46,5 @@ def results(job, broker, backend, stack, queue, out, reduced):
         finally:
             if out:
                 target.close()
-    more = (
-        ""
-        if v.state in ("ok", "errors", "cancelled", "failed")
-        else f" (job {v.state}: more to come)"
-    )
+    more = "" if v.state in ENDED else f" (job {v.state}: more to come)"
     click.echo(f"job {job}: {lines:,} results{more}", err=True)
