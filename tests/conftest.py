@@ -75,6 +75,9 @@ def make_fleet(tmp_path: Path, servers: SharedServers) -> Iterator[Callable[...,
     yield start
     for fleet in fleets:
         fleet.stop()
+    # A worker that did not stop when signalled was killed: its stacks say where it hung.
+    stuck = [message for fleet in fleets for message in fleet.stuck]
+    assert not stuck, "\n".join(stuck)
 
 
 @pytest.fixture(scope="session", params=["redis", "rabbitmq"])

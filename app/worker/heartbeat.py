@@ -192,6 +192,7 @@ class _Heartbeat:
 
     def __init__(self) -> None:
         self.stop = threading.Event()
+        self.closing = False
         self.name = worker_name()
         self.thread: threading.Thread | None = None
         self.drivers: threading.Thread | None = None
@@ -259,6 +260,18 @@ class _Heartbeat:
             ).start()
 
     def close(self) -> None:
+        """Stop the threads and join them; the first call does it, later ones return.
+
+        It runs in Celery's signal handler (worker_shutting_down), so a second signal
+        (systemd's, a user's second Ctrl-C) can arrive while the first is still here:
+        inside `stop.set()`, which holds the event's lock. A nested call that took that
+        lock again would wait for itself and the worker would never exit. The flag is
+        set before any lock is taken, and a signal handler runs between bytecodes of
+        this same thread, so a nested call always sees it.
+        """
+        if self.closing:
+            return
+        self.closing = True
         self.stop.set()
         if self.thread is not None:
             self.thread.join(timeout=5)

@@ -32,7 +32,7 @@ from app.host.command import worker_argv
 from app.launcher.discovery import state_file
 from app.settings import Settings, redact
 from app.store import open_store
-from scripts.local.processes import LocalFleetError, kill_group, stop_process
+from scripts.local.processes import LocalFleetError, kill_group
 from scripts.local.servers import Server, rabbitmq_server, redis_server
 from scripts.local.tls import TlsFiles, make_tls_files
 
@@ -99,6 +99,8 @@ class LocalFleet:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="celery-fleet-"))
         # Set when an instance failed to start: stop() then keeps the workdir's logs.
         self.keep_logs = False
+        # What stop_instance found of workers that did not stop when signalled.
+        self.stuck: list[str] = []
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.extra_env = env or {}
         self.lease_seconds = lease_seconds
@@ -134,8 +136,11 @@ class LocalFleet:
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *_: object) -> None:
         self.stop()
+        if self.stuck and exc_type is None:
+            # Stopped anyway (killed), but a worker that ignores its signal is a bug.
+            raise LocalFleetError("\n".join(self.stuck))
 
     def start(self, wait: bool = True) -> Settings:
         if self.code and self.wheelhouse is None:
@@ -189,6 +194,8 @@ class LocalFleet:
         else:
             # The wheelhouse's code only: nothing of this checkout may shadow it.
             env.pop("PYTHONPATH", None)
+        # A worker that will not stop can be asked where its threads are (SIGABRT).
+        env["PYTHONFAULTHANDLER"] = "1"
         env.update(self.extra_env)
         return env
 
@@ -245,9 +252,46 @@ class LocalFleet:
                 restarted.append(inst.index)
         return restarted
 
-    def stop_instance(self, inst: Instance, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
-        stop_process(inst.proc, timeout=timeout, sig=sig)
+    def stop_instance(
+        self, inst: Instance, sig: int | None = signal.SIGTERM, timeout: float = 60
+    ) -> None:
+        """Signal the instance's worker (unless `sig` is None: signalled already) and wait.
+
+        A worker still running after `timeout` is a bug worth seeing: it is sent SIGABRT
+        first, so that Python's faulthandler writes every thread's stack into its log,
+        which is kept, and the fleet's `stuck` list says where; then its group is killed.
+        """
+        proc = inst.proc
+        if proc is not None and proc.poll() is None:
+            if sig is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._abort(inst, timeout)
+        kill_group(proc)
         inst.proc = None
+
+    def _abort(self, inst: Instance, timeout: float) -> None:
+        assert inst.proc is not None
+        path = self.workdir / f"instance{inst.index}.log"
+        before = path.stat().st_size if path.exists() else 0
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(inst.proc.pid, signal.SIGABRT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            inst.proc.wait(10)
+        self.keep_logs = True
+        stacks = ""
+        with contextlib.suppress(OSError):
+            stacks = path.read_bytes()[before:].decode(errors="replace").strip()
+        message = (
+            f"instance {inst.index} (pid {inst.proc.pid}) did not stop within "
+            f"{timeout:.0f} s of its signal; its threads' stacks are at the end of {path} "
+            "(kept)"
+        )
+        self.stuck.append(f"{message}:\n{stacks}" if stacks else message)
+        print(f"fleet local: {message}", file=sys.stderr)
 
     def stop(self) -> None:
         for inst in self.instances:
@@ -255,7 +299,7 @@ class LocalFleet:
                 with contextlib.suppress(ProcessLookupError):
                     inst.proc.send_signal(signal.SIGTERM)  # warm shutdown, all at once
         for inst in self.instances:
-            self.stop_instance(inst)
+            self.stop_instance(inst, sig=None)  # once: a second SIGTERM is not a no-op
         for server in (self.broker, self.results):
             if server is not None:
                 server.close()
