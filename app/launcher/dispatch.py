@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from app.launcher.launcher import Launcher
 
 WRITE_CHUNK = 8  # batch results fetched per round trip
+SEND_CHUNK = 256  # batch messages published per round trip (kombu's publish batch, Redis)
+# A collecting round at most this often: at hundreds of batches a second each round then
+# takes several announcements, results and journal marks per round trip instead of one.
+# A batch's slot waits for it no longer: its next batch is on the broker already.
+ROUND_SECONDS = 0.02
 # A job whose sink refused a write pauses, and sends the refused batches again after this
 # many seconds, doubled at each refusal in a row up to PAUSE_MAX.
 PAUSE_FIRST, PAUSE_MAX = 5.0, 300.0
@@ -143,6 +148,8 @@ class Dispatch:
         self.retry_at = 0.0
         self.pause = 0.0  # seconds of the current pause; 0: not paused
         self.retried = False  # the refused batches were sent again since the pause began
+        self._round_at = 0.0  # when the next collecting round may begin
+        self.batch_seconds = 0.0  # what the workers reported of the batches committed
 
     def max_in_flight(self) -> int:
         return self.opts.max_in_flight or in_flight_limit(self.launcher.slots())
@@ -186,6 +193,21 @@ class Dispatch:
         backlog: list[int] = []
         if self.pause:
             return backlog  # the sink refuses writes: nothing new until it takes one again
+        sends: list[tuple[int, bytes]] = []  # published together, in one round trip
+        try:
+            self._fill(payloads, written_bits, committed_bits, backlog, sends)
+        finally:
+            self.launcher.send_many(self.job, sends)  # what was cut before a bad input too
+        return backlog
+
+    def _fill(
+        self,
+        payloads: Iterator[Any],
+        written_bits: bytes,
+        committed_bits: bytes,
+        backlog: list[int],
+        sends: list[tuple[int, bytes]],
+    ) -> None:
         while not self._exhausted and len(self.inflight) < self.max_in_flight():
             try:
                 payload = next(payloads)
@@ -206,8 +228,10 @@ class Dispatch:
             elif batch < self.sent_before:
                 pass  # on the broker already, or lost: find_lost sends it again if so
             else:
-                self.launcher.send(self.job, batch, body)
-        return backlog
+                sends.append((batch, body))
+                if len(sends) >= SEND_CHUNK:
+                    self.launcher.send_many(self.job, sends)
+                    sends.clear()
 
     def _encode(self, batch: int, payload: Any) -> bytes:
         body = self.launcher.encode(self.job, batch, self.task, payload)
@@ -224,6 +248,10 @@ class Dispatch:
     def collect(self) -> None:
         """Write the batches workers announced as committed (waiting up to half a second)."""
         began = time.monotonic()
+        if began < self._round_at:
+            time.sleep(self._round_at - began)
+            began = self._round_at
+        self._round_at = began + ROUND_SECONDS
         dones = self.store.wait_done(self.job, timeout=0.5)
         # It waits half a second at most: much longer, and the store (or this process)
         # fell behind, and leases may look lapsed that were not.
@@ -237,6 +265,7 @@ class Dispatch:
         if later:
             self.pause_for(later[-1].refused, {d.batch for d in later})
         committed = [d.batch for d in dones if not d.refused]
+        self.batch_seconds += sum(d.seconds for d in dones if not d.refused)
         self.write(committed)
         if committed and self.pause:
             self.resume_writes()
@@ -279,12 +308,11 @@ class Dispatch:
         longer; the first commit ends the pause)."""
         if not self.refused or now < self.retry_at:
             return
-        for b in sorted(self.refused):
-            f = self.inflight.get(b)
-            if f is not None:
-                f.seen_running, f.sent_at = 0.0, now
-                self.launcher.send(self.job, b, f.body)
-                self.resent += 1
+        again = [b for b in sorted(self.refused) if b in self.inflight]
+        for b in again:
+            self.inflight[b].seen_running, self.inflight[b].sent_at = 0.0, now
+        self.launcher.send_many(self.job, [(b, self.inflight[b].body) for b in again])
+        self.resent += len(again)
         self.refused.clear()
         self.retried = True
         self.retry_at = now + self.pause
@@ -369,11 +397,11 @@ class Dispatch:
         # idle at nearly every look, and send again batches that merely wait their turn.
         idle = min(self.launcher.slots() - len(busy), self.launcher.idle_slots())
         lost.extend(self._unstarted_while_idle(unstarted, idle, now))
-        for b in lost[: max(2, self.launcher.slots() // 4)]:
-            f = self.inflight[b]
-            f.seen_running, f.sent_at = 0.0, now
-            self.launcher.send(self.job, b, f.body)
-            self.resent += 1
+        again = lost[: max(2, self.launcher.slots() // 4)]
+        for b in again:
+            self.inflight[b].seen_running, self.inflight[b].sent_at = 0.0, now
+        self.launcher.send_many(self.job, [(b, self.inflight[b].body) for b in again])
+        self.resent += len(again)
 
     def _unstarted_while_idle(self, unstarted: list[int], idle: int, now: float) -> list[int]:
         """Unstarted batches to send again: once slots have sat idle for a lease beside them."""

@@ -62,6 +62,9 @@ class JobSummary:
     wall_seconds: float
     out: str
     seconds_per_item: float | None = None
+    # Seconds the workers spent running this run's batches (as they reported them), over
+    # every slot: divided by slots x wall seconds, how busy the job kept the fleet.
+    batch_seconds: float = 0.0
     reduced: Any = None  # with --reduce: the folded value of every result
 
     @property

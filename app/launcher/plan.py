@@ -15,11 +15,14 @@ from typing import Any
 from app.batch import MAX_BATCH_ITEMS
 
 BATCHES_PER_SLOT = 4  # at least this many batches per worker slot, so the tail stays short
-# Batches a second that one launcher or driver is asked to handle at most: a batch costs
-# the control plane (launcher, broker, store) a few milliseconds of CPU (about 3.3 ms of
-# the launcher's alone, measured with 1,002 emulated slots on the 2-CPU development
-# machine: 12.8 s for 3,908 batches), so one core saturates near 300 a second; this keeps
-# a margin. A fleet of S slots then gets batches of at least S / MAX_BATCH_RATE seconds.
+# Batches a second one launcher or driver, with its broker and result store, sustains:
+# `make bench-scale` measured about 1 ms of control-plane CPU per batch in all (launcher
+# 0.4-0.6 ms, broker 0.2-0.3 ms, Redis store 0.25-0.35 ms; 1,000 emulated slots on the
+# 2-CPU development machine, docs/results.md), so one core's worth near 1,000 a second.
+DRIVER_RATE = 1000.0
+# What the plan asks of it at most, a fifth of that: room for the lost-batch checks,
+# journal writes and a slower store. A fleet of S slots gets batches of at least
+# S / MAX_BATCH_RATE seconds (10,000 slots: 50 s batches).
 MAX_BATCH_RATE = 200.0
 PROBE_LIMIT = 32  # calibration batches at the most
 

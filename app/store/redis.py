@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 import msgspec
@@ -96,11 +96,22 @@ return fresh
 """
 
 # Leases use the server's clock so that worker and launcher clocks need not agree.
-# KEYS: a sorted set. ARGV: member, seconds to live.
+# KEYS: a sorted set. ARGV: seconds to live, then the members (any number: a worker
+# process renews all its running batches in one call).
 _RENEW = """
-local now = redis.call('TIME')
-redis.call('ZADD', KEYS[1], tonumber(now[1]) + tonumber(ARGV[2]), ARGV[1])
+local expiry = tonumber(redis.call('TIME')[1]) + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], expiry, ARGV[i])
+end
 return 1
+"""
+
+# Whether a batch about to run should: 1 committed already, 2 its job cancelled, 0 run.
+# KEYS: ok, cancel. ARGV: batch.
+_BEGIN = """
+if redis.call('GETBIT', KEYS[1], ARGV[1]) == 1 then return 1 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
+return 0
 """
 
 # KEYS: a sorted set. Drops expired members; returns the live ones with scores.
@@ -150,6 +161,7 @@ class RedisStore:
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
         self._commit = self.r.register_script(_COMMIT)
+        self._begin = self.r.register_script(_BEGIN)
         self._renew = self.r.register_script(_RENEW)
         self._live = self.r.register_script(_LIVE)
         self._written = self.r.register_script(_WRITTEN)
@@ -233,25 +245,60 @@ class RedisStore:
     def is_committed(self, job: str, batch: int) -> bool:
         return bool(self.r.getbit(_keys(job)["ok"], batch))
 
+    def _pipelined(self, build: Callable[[Any], None]) -> list[Any]:
+        """One round trip of commands, scripts called by their SHA (redis-py's Script in a
+        pipeline asks SCRIPT EXISTS first: one more round trip each time); a server
+        that lost its scripts (restarted) gets them again, and the commands are re-run."""
+        for attempt in (1, 2):
+            pipe = self.r.pipeline(transaction=False)
+            build(pipe)
+            try:
+                return pipe.execute()
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                for script in (self._begin, self._renew, self._commit):
+                    self.r.script_load(script.script)
+        raise AssertionError("unreachable")
+
+    def begin(self, job: str, batch: int, seconds: float) -> bool:
+        k = _keys(job)
+        member = f"{job}/{batch}"
+
+        def build(pipe: Any) -> None:
+            # The lease first, on the chance the batch runs (almost always): one round trip.
+            pipe.evalsha(self._begin.sha, 2, k["ok"], k["cancel"], batch)
+            pipe.evalsha(self._renew.sha, 1, LEASES_KEY, int(seconds) + 1, member)
+
+        if self._pipelined(build)[0] == 0:
+            return True
+        self.r.zrem(LEASES_KEY, member)  # a redelivery of a done batch, or a cancelled job
+        return False
+
     def commit(self, job: str, done: Done, lines: bytes) -> bool:
         """Store a batch's lines and announce it; False if it was already committed."""
         k = _keys(job)
-        pipe = self.r.pipeline(transaction=False)
-        self._commit(
-            keys=[k["ok"], k["result"] + str(done.batch), k["done"], k["partials"]],
-            # The counts travel with the lines: a later pass writes the batch
-            # without its announcement.
-            args=[
+        # The counts travel with the lines: a later pass writes the batch without its
+        # announcement.
+        body = b"%d %d\n" % (done.items, done.errors) + lines
+        partial = b"" if done.partial is None else _json.encode(done.partial)
+        keys = [k["ok"], k["result"] + str(done.batch), k["done"], k["partials"]]
+
+        def build(pipe: Any) -> None:
+            pipe.evalsha(
+                self._commit.sha,
+                len(keys),
+                *keys,
                 done.batch,
-                b"%d %d\n" % (done.items, done.errors) + lines,
+                body,
                 _json.encode(done),
                 self.ttl,
-                b"" if done.partial is None else _json.encode(done.partial),
-            ],
-            client=pipe,
-        )
-        pipe.zrem(LEASES_KEY, f"{job}/{done.batch}")
-        return bool(pipe.execute()[0])
+                partial,
+            )
+            # The leases are outside the job's hash tag (a cluster slot): not in the script.
+            pipe.zrem(LEASES_KEY, f"{job}/{done.batch}")
+
+        return bool(self._pipelined(build)[0])
 
     def announce(self, job: str, done: Done) -> None:
         """Announce a batch without committing it (a refused batch)."""
@@ -259,8 +306,10 @@ class RedisStore:
         self.r.rpush(k["done"], _json.encode(done))
         self.r.expire(k["done"], self.ttl)
 
-    def renew_lease(self, job: str, batch: int, seconds: float) -> None:
-        self._renew(keys=[LEASES_KEY], args=[f"{job}/{batch}", int(seconds) + 1])
+    def renew_leases(self, leases: Sequence[tuple[str, int]], seconds: float) -> None:
+        if leases:
+            members = [f"{job}/{batch}" for job, batch in leases]
+            self._renew(keys=[LEASES_KEY], args=[int(seconds) + 1, *members])
 
     def drop_lease(self, job: str, batch: int) -> None:
         self.r.zrem(LEASES_KEY, f"{job}/{batch}")
@@ -278,7 +327,7 @@ class RedisStore:
 
     def register_worker(self, name: str, info: dict[str, Any], seconds: float) -> None:
         self.r.set(f"fleet:worker:{name}", _json.encode(info), ex=int(seconds) + 1)
-        self._renew(keys=[WORKERS_KEY], args=[name, int(seconds) + 1])
+        self._renew(keys=[WORKERS_KEY], args=[int(seconds) + 1, name])
 
     def unregister_worker(self, name: str) -> None:
         self.r.zrem(WORKERS_KEY, name)
@@ -303,7 +352,7 @@ class RedisStore:
         pipe = self.r.pipeline(transaction=False)
         if batches > 0:
             pipe.hset(BACKLOG_KEY + ":n", member, batches)
-            self._renew(keys=[BACKLOG_KEY], args=[member, int(seconds) + 1], client=pipe)
+            self._renew(keys=[BACKLOG_KEY], args=[int(seconds) + 1, member], client=pipe)
         else:
             pipe.zrem(BACKLOG_KEY, member)
             pipe.hdel(BACKLOG_KEY + ":n", member)
@@ -324,13 +373,17 @@ class RedisStore:
     def wait_done(self, job: str, timeout: float) -> list[Done]:
         """Announcements of committed batches; waits up to `timeout` for the first one."""
         key = _keys(job)["done"]
-        first = self.r.blpop([key], timeout=timeout)
-        if first is None:
-            return []
-        raws = [first[1]]
-        more = cast(list[bytes] | None, self.r.lpop(key, 10_000))  # with a count: a list
-        if more:
-            raws.extend(more)
+        # Taken without waiting first: on a busy job there is nearly always some, and
+        # that is one round trip instead of two.
+        raws = cast(list[bytes] | None, self.r.lpop(key, 10_000)) or []  # with a count: a list
+        if not raws:
+            first = cast(tuple[bytes, bytes] | None, self.r.blpop([key], timeout=timeout))
+            if first is None:
+                return []
+            raws = [first[1]]
+            more = cast(list[bytes] | None, self.r.lpop(key, 10_000))
+            if more:
+                raws.extend(more)
         return [msgspec.convert(_decode(raw), Done) for raw in raws]
 
     def committed(self, job: str, batches: Iterable[int]) -> list[int]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -245,8 +246,16 @@ class S3Store:
             Bucket=self.bucket, Key=self._key("jobs", job, "refused"), Body=_json.encode(done)
         )
 
-    def renew_lease(self, job: str, batch: int, seconds: float) -> None:
-        self.s3.put_object(Bucket=self.bucket, Key=self._key("leases", job, batch), Body=b"")
+    def begin(self, job: str, batch: int, seconds: float) -> bool:
+        if self.is_committed(job, batch) or self.is_cancelled(job):
+            return False
+        self.renew_leases([(job, batch)], seconds)
+        return True
+
+    def renew_leases(self, leases: Sequence[tuple[str, int]], seconds: float) -> None:
+        # One PUT per lease: S3 has no request that writes several objects.
+        for job, batch in leases:
+            self.s3.put_object(Bucket=self.bucket, Key=self._key("leases", job, batch), Body=b"")
 
     def drop_lease(self, job: str, batch: int) -> None:
         self.s3.delete_object(Bucket=self.bucket, Key=self._key("leases", job, batch))

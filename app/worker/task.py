@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -78,27 +79,53 @@ def fold(reducer: FleetTask, lines: bytes) -> Any:
     return functools.reduce(combine, results) if results else None
 
 
-@contextlib.contextmanager
-def lease(store: Store, job: str, batch: int, seconds: float) -> Iterator[None]:
-    """Renew the batch's lease every seconds/3 while the body runs."""
-    stop = threading.Event()
+class Leases:
+    """The leases of the batches a worker process runs, renewed together.
 
-    def renew() -> None:
-        while True:
+    One thread per process renews every running batch's lease in one store call each
+    `seconds / 3`: a process of 500 thread-pool slots makes one call per tick, not 500,
+    and no batch starts or joins a thread of its own. The first lease of a batch is
+    taken by `Store.begin`, in the round trip that checks the batch should run.
+    """
+
+    def __init__(self) -> None:
+        self.running: dict[tuple[str, int], int] = {}
+        self.lock = threading.Lock()
+        self.pid = 0  # the process whose thread renews: a forked pool process starts its own
+
+    @contextlib.contextmanager
+    def held(self, store: Store, job: str, batch: int, seconds: float) -> Iterator[None]:
+        key = (job, batch)
+        with self.lock:
+            if self.pid != os.getpid():
+                self.pid = os.getpid()
+                self.running.clear()
+                threading.Thread(
+                    target=self._renew, args=(store, seconds), name="fleet-leases", daemon=True
+                ).start()
+            self.running[key] = self.running.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                if self.running[key] <= 1:
+                    del self.running[key]
+                else:
+                    self.running[key] -= 1
+
+    def _renew(self, store: Store, seconds: float) -> None:
+        pid = os.getpid()
+        while self.pid == pid:
+            time.sleep(seconds / 3)
+            with self.lock:
+                leases = list(self.running)
             try:
-                store.renew_lease(job, batch, seconds)
+                store.renew_leases(leases, seconds)
             except Exception:
-                log.warning("could not renew the lease of %s/%s", job, batch, exc_info=True)
-            if stop.wait(seconds / 3):
-                return
+                log.warning("could not renew the leases of %d batches", len(leases), exc_info=True)
 
-    thread = threading.Thread(target=renew, name=f"lease-{batch}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+
+_leases = Leases()
 
 
 @shared_task(  # type: ignore[untyped-decorator]  # celery has no types
@@ -115,18 +142,20 @@ def fleet_batch(self: Task, job: str, batch: int, task_name: str, payload: Any) 
     except BadPayload as exc:
         log.error("refused a batch message: %s", exc)
         return 0
-    if store.is_committed(job, batch) or store.is_cancelled(job):
-        return 0  # a redelivery of a finished batch, or a cancelled job
     try:
         check_payload(payload, settings.message_limit)
         # The modules the app was built with (make_app): worked out once, not per batch.
         task = resolve(task_name, self.app.fleet_task_modules)
     except (BadPayload, UnknownTask) as exc:
+        if store.is_committed(job, batch):
+            return 0  # a redelivery of a batch some other worker could run
         # Announced: the job's launcher stops with this reason instead of re-sending.
         store.announce(job, Done(batch, 0, 0, 0.0, me, refused=str(exc)))
         log.error("refused batch %s/%s: %s", job, batch, exc)
         return 0
-    with lease(store, job, batch, settings.lease_seconds):
+    if not store.begin(job, batch, settings.lease_seconds):
+        return 0  # a redelivery of a finished batch, or a cancelled job
+    with _leases.held(store, job, batch, settings.lease_seconds):
         outcome = run_batch(task, payload)
         lines = outcome.lines
         try:

@@ -2,13 +2,17 @@
 
     .venv/bin/python -m tests.bench.bench_scale [--slots 100,1000,5000] [--brokers redis,rabbitmq]
                                                 [--ideal SECONDS] [--sleep-ms 50]
+                                                [--batch-seconds default,10]
+                                                [--threads-per-worker 100]
 
 Each emulated slot is a thread of a `celery worker -P threads` process running
 `bench_sleep` (50 ms asleep, almost no CPU), so a job's wall time beyond its ideal
 (IDs x 50 ms / slots) is the control plane's: the launcher, the broker, the result
 store and the workers' main loops. One local fleet's broker and Redis store per broker
-kind; worker processes of at most 500 threads each. For each size: slot utilization
-(ideal / wall), batches sent and re-sent, the CPU seconds per batch of each process,
+kind; worker processes of at most 100 threads each. For each size: slot utilization
+(ideal / wall), how busy the slots were (the batch seconds the workers reported over
+slots x wall: an item may take longer than its nap on a loaded machine), every ID
+exactly once in the output, batches sent and re-sent, the CPU seconds per batch of each process,
 the store's (and a Redis broker's) commands per batch, and the launcher's peak memory.
 The table goes to stdout, the numbers to bench-results/scale.json.
 """
@@ -16,6 +20,7 @@ The table goes to stdout, the numbers to bench-results/scale.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -26,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgspec
 import psutil
 import redis
 
@@ -35,7 +41,10 @@ from app.store import open_store
 from scripts.local.fleet import LocalFleet
 
 REPO = Path(__file__).resolve().parents[2]
-THREADS_PER_WORKER = 500
+# Slots per emulated worker process. Each process's main loop fetches, hands over and
+# acknowledges the batches of all its slots (a real host's, 16 or so): with 500, a 20 s
+# job on 1,000 slots reached 0.37 of its ideal here, with 100 0.60, with 50 or 25 no better.
+THREADS_PER_WORKER = 100
 
 
 def tree_cpu(pid: int) -> float:
@@ -63,11 +72,13 @@ def commands(url: str) -> int:
         client.close()
 
 
-def start_workers(fleet: LocalFleet, slots: int, workdir: Path, sleep_ms: float) -> list:
+def start_workers(
+    fleet: LocalFleet, slots: int, workdir: Path, sleep_ms: float, per_process: int
+) -> list:
     env = fleet.worker_env()
     env["FLEET_BENCH_SLEEP_MS"] = str(sleep_ms)
     procs = []
-    count = math.ceil(slots / THREADS_PER_WORKER)
+    count = math.ceil(slots / per_process)
     for i in range(count):
         threads = slots // count + (1 if i < slots % count else 0)
         argv = worker_argv(sys.executable, fleet.queue, threads, f"emulated{i}-{os.getpid()}@%h")
@@ -96,9 +107,26 @@ def stop_workers(procs: list) -> None:
             p.kill()
 
 
-def measure(fleet: LocalFleet, slots: int, ideal: float, sleep_ms: float, workdir: Path) -> dict:
+def exactly_once(out: Path, n: int) -> None:
+    """Every ID of range:0:n in the output once, and nothing else."""
+    decode = msgspec.json.Decoder().decode
+    ids = [decode(line)["id"] for line in out.read_bytes().splitlines()]
+    assert len(ids) == n and set(ids) == set(range(n)), f"{len(ids)} lines, {len(set(ids))} IDs"
+
+
+def measure(
+    fleet: LocalFleet,
+    slots: int,
+    ideal: float,
+    sleep_ms: float,
+    workdir: Path,
+    batch_seconds: float | None = None,
+    per_process: int = THREADS_PER_WORKER,
+) -> dict:
+    """One job on `slots` emulated slots, `ideal` seconds of work per slot; `batch_seconds`:
+    batches of that long (None: the launcher's own sizing, the default)."""
     n = int(ideal * slots / (sleep_ms / 1000))
-    procs = start_workers(fleet, slots, workdir, sleep_ms)
+    procs = start_workers(fleet, slots, workdir, sleep_ms, per_process)
     try:
         assert fleet.broker is not None and fleet.results is not None
         servers = {"broker": fleet.broker.proc.pid, "store": fleet.results.proc.pid}
@@ -114,6 +142,8 @@ def measure(fleet: LocalFleet, slots: int, ideal: float, sleep_ms: float, workdi
             out=workdir / "out.jsonl",
             progress=False,
         )
+        if batch_seconds is not None:
+            opts = dataclasses.replace(opts, target_seconds=batch_seconds)
         summary = Launcher(fleet.settings).run(opts)
         me1 = psutil.Process().cpu_times()
         assert summary.status == "ok" and summary.items == n, summary
@@ -128,9 +158,15 @@ def measure(fleet: LocalFleet, slots: int, ideal: float, sleep_ms: float, workdi
             "ideal_s": round(n * sleep_ms / 1000 / slots, 2),
             "wall_s": round(summary.wall_seconds, 2),
             "utilization": round(n * sleep_ms / 1000 / slots / summary.wall_seconds, 3),
+            # How much of the time the slots ran batches, whatever an item took in them
+            # (under this machine's load, often more than its nap).
+            "slots_busy": round(summary.batch_seconds / slots / summary.wall_seconds, 3),
+            "item_ms": round(summary.batch_seconds / n * 1000, 1),
             "batches": summary.batches,
             "resent": summary.resent,
             "batch_size": math.ceil(n / max(summary.batches, 1)),
+            "batch_seconds": batch_seconds or "default",
+            "batches_per_second": round(batches / summary.wall_seconds, 1),
             "cpu_ms_per_batch": {k: round(v / batches * 1000, 2) for k, v in cpu.items()},
             "control_plane_ms_per_batch": round(
                 (cpu["launcher"] + cpu["broker"] + cpu["store"]) / batches * 1000, 2
@@ -142,6 +178,7 @@ def measure(fleet: LocalFleet, slots: int, ideal: float, sleep_ms: float, workdi
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
             ),
         }
+        exactly_once(workdir / "out.jsonl", n)  # after the peak memory is read: it takes some
         if broker_redis:
             row["broker_commands_per_batch"] = round(
                 (commands(fleet.settings.broker_url) - broker_ops0) / batches, 1
@@ -151,13 +188,33 @@ def measure(fleet: LocalFleet, slots: int, ideal: float, sleep_ms: float, workdi
         stop_workers(procs)
 
 
+def batch_label(row: dict) -> str:
+    size = f"{row['batch_size']:,} IDs"
+    if row["batch_seconds"] == "default":
+        return f"default, {size}"
+    return f"{row['batch_seconds']:g} s, {size}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--slots", default="100,1000,5000")
     parser.add_argument("--brokers", default="redis,rabbitmq")
     parser.add_argument("--ideal", type=float, default=20.0, help="ideal seconds per job")
     parser.add_argument("--sleep-ms", type=float, default=50.0)
+    parser.add_argument(
+        "--batch-seconds",
+        default="default",
+        help="comma-separated target batch durations to run each size with; "
+        "'default' is the launcher's own sizing (at least slots / MAX_BATCH_RATE seconds)",
+    )
+    parser.add_argument(
+        "--threads-per-worker",
+        type=int,
+        default=THREADS_PER_WORKER,
+        help="emulated slots per worker process",
+    )
     args = parser.parse_args()
+    durations = [None if d == "default" else float(d) for d in args.batch_seconds.split(",")]
     rows = []
     for broker in args.brokers.split(","):
         with (
@@ -165,20 +222,32 @@ def main() -> None:
             LocalFleet(0, broker, include=("tests.bench.tasks",), workdir=Path(tmp)) as fleet,
         ):
             for slots in (int(s) for s in args.slots.split(",")):
-                row = measure(fleet, slots, args.ideal, args.sleep_ms, Path(tmp))
-                print(json.dumps(row), file=sys.stderr, flush=True)
-                rows.append(row)
+                for duration in durations:
+                    row = measure(
+                        fleet,
+                        slots,
+                        args.ideal,
+                        args.sleep_ms,
+                        Path(tmp),
+                        duration,
+                        args.threads_per_worker,
+                    )
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+                    rows.append(row)
     print(
-        "| broker | slots | IDs | ideal | wall | utilization | batches | re-sent | "
+        "| broker | slots | IDs | batch | ideal | wall | utilization | slots busy (item ms) | "
+        "batches (per s) | re-sent | "
         "control plane ms/batch (launcher + broker + store) | worker processes ms/batch | "
         "store cmds/batch | launcher RSS |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c = r["cpu_ms_per_batch"]
         print(
-            f"| {r['broker']} | {r['slots']:,} | {r['ids']:,} | {r['ideal_s']} s | "
-            f"{r['wall_s']} s | {r['utilization']:.2f} | {r['batches']:,} | {r['resent']} | "
+            f"| {r['broker']} | {r['slots']:,} | {r['ids']:,} | {batch_label(r)} | "
+            f"{r['ideal_s']} s | {r['wall_s']} s | {r['utilization']:.2f} | "
+            f"{r['slots_busy']:.2f} ({r['item_ms']}) | "
+            f"{r['batches']:,} ({r['batches_per_second']}) | {r['resent']} | "
             f"{r['control_plane_ms_per_batch']} ({c['launcher']} + {c['broker']} + "
             f"{c['store']}) | {c['workers']} | {r['store_commands_per_batch']} | "
             f"{r['launcher_max_rss_mb']} MB |"

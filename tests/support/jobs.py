@@ -36,9 +36,9 @@ class Recording(Launcher):
         self.known.set()
         return job, meta
 
-    def send(self, *args, **kwargs) -> None:
+    def send_many(self, job: str, batches) -> None:
         for _ in range(self.sends):  # sends > 1: every batch is published that many times
-            super().send(*args, **kwargs)
+            super().send_many(job, batches)
 
 
 class Background:

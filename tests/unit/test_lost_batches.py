@@ -29,8 +29,8 @@ class FakeLauncher:
     def idle_slots(self) -> int:
         return sum(1 - a for a in self.active)
 
-    def send(self, job: str, batch: int, body: bytes) -> None:
-        self.sent.append(batch)
+    def send_many(self, job: str, batches: list[tuple[int, bytes]]) -> None:
+        self.sent.extend(batch for batch, _ in batches)
 
 
 def dispatch(launcher: FakeLauncher) -> Dispatch:
