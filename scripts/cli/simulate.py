@@ -1,4 +1,5 @@
-"""`fleet simulate`: a job on an autoscaled fleet against a static fleet and the ideal bound."""
+"""`fleet simulate`: a job on an autoscaled fleet against a static fleet and the ideal bound,
+or (--largest-busy-fleet) the most slots the control plane keeps busy."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from pathlib import Path
 import click
 
 from scripts.cli.common import fail
+from scripts.simulate import BUSY, WORK_PER_SLOT, Scenario, busy_line, largest_busy_fleet
+
+DEFAULTS = Scenario()
 
 
 @click.command()
@@ -75,6 +79,34 @@ from scripts.cli.common import fail
     show_default=True,
     help="Seconds between policy decisions.",
 )
+@click.option(
+    "--driver-rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULTS.driver_rate,
+    show_default=True,
+    help="Batches a second one launcher sends and collects (inf: no limit).",
+)
+@click.option(
+    "--store-latency",
+    type=click.FloatRange(min=0),
+    default=DEFAULTS.store_latency,
+    show_default=True,
+    help="Seconds per result-store round trip (each batch's commit).",
+)
+@click.option(
+    "--broker-latency",
+    type=click.FloatRange(min=0),
+    default=DEFAULTS.broker_latency,
+    show_default=True,
+    help="Seconds per broker handoff, before a slot starts a batch.",
+)
+@click.option(
+    "--largest-busy-fleet",
+    "busy_fleet",
+    is_flag=True,
+    help=f"Print the most slots one job keeps {BUSY:.0%} busy: a static fleet, up when the job "
+    f"starts, {WORK_PER_SLOT / 60:g} min of work per slot (instead of the comparison).",
+)
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option(
     "--plot",
@@ -98,13 +130,16 @@ def simulate(
     scale_out_cooldown,
     scale_in_delay,
     interval,
+    driver_rate,
+    store_latency,
+    broker_latency,
+    busy_fleet,
     seed,
     png,
     as_json,
 ):
     """Simulate a job on an autoscaled fleet against a static fleet and the ideal bound."""
     from app.autoscale import Policy
-    from scripts.simulate import Scenario
     from scripts.simulate import run as run_simulation
 
     try:
@@ -124,7 +159,20 @@ def simulate(
         held_visible=not broker_depth_only,
         interval=interval,
         seed=seed,
+        driver_rate=driver_rate,
+        store_latency=store_latency,
+        broker_latency=broker_latency,
     )
+    if busy_fleet:
+        slots = largest_busy_fleet(scenario)
+        if as_json:
+            limits = ("driver_rate", "store_latency", "broker_latency", "seconds_per_item")
+            answer = {"largest_busy_fleet": slots, "utilization": BUSY}
+            answer |= {name: getattr(scenario, name) for name in limits}
+            click.echo(json.dumps({**answer, "work_per_slot": WORK_PER_SLOT}))
+        else:
+            click.echo(busy_line(scenario, slots, WORK_PER_SLOT, BUSY))
+        return
     text, results = run_simulation(scenario, policy, png)
     if as_json:
         click.echo(
