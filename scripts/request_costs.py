@@ -22,7 +22,7 @@ from app.celery_config import celery_config
 from app.launcher.job import JobOptions
 from app.launcher.plan import batch_size, in_flight_limit
 from app.settings import LEASE_SECONDS, MESSAGE_LIMITS, Settings
-from app.store.s3 import POLL
+from app.store.s3 import NEW_PER_LOOK, POLL
 from app.worker.drivers import POLL_SECONDS
 from scripts.cost import PRICES
 
@@ -43,7 +43,6 @@ SQS_IN_FLIGHT_LIMIT = 120_000
 SQS_GROWTH = 16 / 9
 SQS_ENVELOPE_BYTES = 1_102
 BODY_BYTES = 124
-NEWS_PER_ROUND = 16  # S3Store.wait_done returns at most this many new batches a round
 LIST_PAGE = 1_000  # keys per ListObjectsV2 page
 # Seconds per ListObjectsV2 page of 1,000 keys: an estimate (tens of milliseconds within a
 # region), not measured.
@@ -207,16 +206,19 @@ def pages(keys: float) -> int:
 def listing(job: Job) -> list[Count]:
     """The launcher's look for new results over the whole job (S3Store.wait_done).
 
-    Each round lists every result of the job written so far (ListObjectsV2, 1,000 keys a
-    page) and returns at most 16 new ones; a round that finds none sleeps POLL seconds.
-    So the rounds are at least batches / 16 and at least one per POLL, and a round reads
-    on average batches / 2,000 pages: the requests grow with the square of the batches.
+    Each look lists the job's results from the lowest batch not announced yet
+    (ListObjectsV2 with StartAfter, 1,000 keys a page, a page requested only while fewer
+    than NEW_PER_LOOK new ones were found), and a look that finds none sleeps POLL
+    seconds. While collection keeps up, the keys past that batch are mostly new ones, so a
+    look reads one page; a batch far behind the others (sent again) makes the looks read
+    the window of in_flight_limit(slots) after it until it ends. So the looks are at least
+    batches / NEW_PER_LOOK and at least one per POLL, a page each: the requests grow with
+    the batches, not with their square.
     """
-    rounds = max(job.batches / NEWS_PER_ROUND, job.job_seconds / POLL)
-    pages = max(1.0, job.batches / (2 * LIST_PAGE) + 0.5)
+    rounds = max(job.batches / NEW_PER_LOOK, job.job_seconds / POLL)
     return [
-        Count("s3:ListObjectsV2", "launcher", "the job's results, each round", rounds * pages),
-        Count("s3:GetObject", "launcher", "the refusal marker, each round", rounds),
+        Count("s3:ListObjectsV2", "launcher", "the results past the lowest not seen", rounds),
+        Count("s3:GetObject", "launcher", "the refusal marker, each look", rounds),
     ]
 
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import base64
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,6 +34,12 @@ _json = msgspec.json.Encoder()
 _decode = msgspec.json.Decoder().decode
 CLOCK_SLACK = 2.0  # seconds of disagreement tolerated between S3's clock and ours
 POLL = 0.5
+# Results a look at a job reads at most: what the launcher holds in memory at once. At
+# 64 a look, and a look or two a second on S3, a few hundred batches a second.
+NEW_PER_LOOK = 64
+# Results fetched at once: one GET after another, at tens of milliseconds each, would hold
+# a launcher to a few dozen batches a second, whatever the fleet (docs/scale.md).
+FETCHERS = 16
 # What S3 says when IAM or the bucket policy refuses a request (a HEAD has no body: "403").
 FORBIDDEN = ("AccessDenied", "Forbidden", "403")
 # What S3 says when a conditional put (If-None-Match: *) finds the key written already.
@@ -53,7 +60,11 @@ def s3_location(url: str, region: str | None = None) -> tuple[Any, str, str]:
         "s3",
         region_name=opts.get("region") or region,
         endpoint_url=opts.get("endpoint_url"),
-        config=botocore.config.Config(retries={"max_attempts": 10, "mode": "adaptive"}),
+        config=botocore.config.Config(
+            retries={"max_attempts": 10, "mode": "adaptive"},
+            # The launcher fetches a look's new results FETCHERS at a time.
+            max_pool_connections=FETCHERS,
+        ),
     )
     return client, parts.hostname or "", f"{prefix}/" if prefix else ""
 
@@ -79,7 +90,11 @@ class S3Store:
         self._errors = botocore.exceptions
         self.connection_errors = no_answer()
         self._fetched: dict[tuple[str, int], bytes] = {}
+        # Per job, the batches announced (`wait_done`) above `_low`, below which all are:
+        # a look lists the results from `_low` on, not every result of the job so far.
         self._announced: dict[str, set[int]] = {}
+        self._low: dict[str, int] = {}
+        self._fetch: ThreadPoolExecutor | None = None  # made at the first look
 
     # -- plumbing ---------------------------------------------------------
 
@@ -137,12 +152,15 @@ class S3Store:
         return True
 
     def _list(self, prefix: str) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
+        return list(self._pages(prefix))
+
+    def _pages(self, prefix: str, start_after: str | None = None) -> Iterator[dict[str, Any]]:
+        """The objects under prefix (after `start_after`), a page requested as it is needed."""
+        after = {} if start_after is None else {"StartAfter": start_after}
         for page in self.s3.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=prefix
+            Bucket=self.bucket, Prefix=prefix, **after
         ):
-            out.extend(page.get("Contents", []))
-        return out
+            yield from page.get("Contents", [])
 
     def _fresh(self, prefix: str, seconds: float) -> list[dict[str, Any]]:
         """Objects under prefix written less than `seconds` ago."""
@@ -366,24 +384,45 @@ class S3Store:
                     # batch is found unstarted and sent again like any lost batch.
                     self.s3.delete_object(Bucket=self.bucket, Key=self._key("jobs", job, "refused"))
                 return [done]
-            new = []
-            for obj in self._list(self._key("jobs", job, "results", "")):
-                batch = int(obj["Key"].rsplit("/", 1)[-1])
-                if batch in seen:
-                    continue
-                raw = self._get(obj["Key"])
-                if raw is None:
-                    continue
-                head, _, _ = raw.partition(b"\n")
-                done = msgspec.convert(_decode(head), Done)
-                self._fetched[(job, batch)] = raw
-                seen.add(batch)
-                new.append(done)
-                if len(new) >= 16:  # bound what is held in memory
-                    return new
+            new = self._announce(job, seen)
             if new or time.monotonic() >= deadline:
                 return new
             time.sleep(POLL)
+
+    def _announce(self, job: str, seen: set[int]) -> list[Done]:
+        """Results not announced yet, at most NEW_PER_LOOK of them. Batches are sent in
+        order and mostly end so: listed from the lowest one not announced, a look reads
+        about the batches in flight, whatever the job's size."""
+        low = self._low.get(job, 0)
+        prefix = self._key("jobs", job, "results", "")
+        after = self._batch_key(job, low - 1) if low else None
+        keys: dict[int, str] = {}
+        for obj in self._pages(prefix, start_after=after):
+            batch = int(obj["Key"].rsplit("/", 1)[-1])
+            if batch not in seen:
+                keys[batch] = obj["Key"]
+                if len(keys) >= NEW_PER_LOOK:  # bound what is held in memory
+                    break
+        if self._fetch is None:
+            self._fetch = ThreadPoolExecutor(FETCHERS, thread_name_prefix="s3-results")
+        new = []
+        raws = self._fetch.map(self._get, keys.values())
+        for batch, raw in zip(keys, raws, strict=True):
+            if raw is None:
+                continue
+            head, _, _ = raw.partition(b"\n")
+            self._fetched[(job, batch)] = raw
+            seen.add(batch)
+            new.append(msgspec.convert(_decode(head), Done))
+        self._raise_low(job, seen)
+        return new
+
+    def _raise_low(self, job: str, seen: set[int]) -> None:
+        low = self._low.get(job, 0)
+        while low in seen:
+            seen.discard(low)
+            low += 1
+        self._low[job] = low
 
     def results(self, job: str, batches: list[int]) -> list[BatchResult | None]:
         out: list[BatchResult | None] = []
@@ -451,5 +490,6 @@ class S3Store:
             set_bit(committed, b)
             # Known at the start: announced from now on are only later commits.
             self._announced.setdefault(job, set()).add(b)
+        self._raise_low(job, self._announced.setdefault(job, set()))
         j = self._journal(job)
         return bytes(committed), j["written"], j["offset"], j["items"], j["errors"]
