@@ -192,6 +192,7 @@ class Variable:
 MAX_BATCH_SECONDS = 900
 RESULT_TTL = 7 * 24 * 3600
 LEASE_SECONDS = 10.0
+SQS_POLLING_INTERVAL = 0.1  # seconds between a busy SQS consumer's looks (transport_options)
 # A stopping worker may finish its longest batch, then needs a moment to hand
 # back what it had not started and exit.
 STOP_MARGIN_SECONDS = 60
@@ -470,6 +471,11 @@ class Settings:
             # gets a handed-back batch running 1 s later, for an idle worker's
             # ReceiveMessage every ~2 s instead of ~11 s.
             options["wait_time_seconds"] = 1
+            # While every slot is busy kombu asks SQS nothing and looks again after
+            # polling_interval (1 s by default): a slot that ends a batch waited 0.5 s on
+            # average for its next one, a quarter of a 2 s batch. The look is local; an
+            # idle worker's empty receives come every 1.1 s instead of every 2 s.
+            options["polling_interval"] = SQS_POLLING_INTERVAL
             if self.aws_region:
                 options["region"] = self.aws_region
             if self.sqs_queue_url:

@@ -28,7 +28,7 @@ from scripts.cost import PRICES
 
 _SETTINGS = Settings(broker_url="sqs://", result_url="s3://bucket")
 WAIT_SECONDS: float = _SETTINGS.transport_options["wait_time_seconds"]  # type: ignore[assignment]
-POLLING_INTERVAL = float(SQS.Transport.polling_interval)  # the kit does not set it
+POLLING_INTERVAL: float = _SETTINGS.transport_options["polling_interval"]  # type: ignore[assignment]
 RECEIVE_MOST = SQS.SQS_MAX_MESSAGES  # messages one ReceiveMessage asks for at most
 PREFETCH = celery_config(_SETTINGS)["worker_prefetch_multiplier"]
 # The heartbeat, the lease renewals and the watchdog's look all tick every lease / 3.

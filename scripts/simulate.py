@@ -48,7 +48,14 @@ from pathlib import Path
 from typing import Any
 
 from app.autoscale import FleetState, Policy, desired_instances
-from app.launcher.plan import DRIVER_RATE, batch_size, in_flight_limit, probe_count
+from app.launcher.plan import (
+    DRIVER_RATE,
+    BatchPlan,
+    batch_size,
+    grown_size,
+    in_flight_limit,
+    probe_count,
+)
 from app.settings import LEASE_SECONDS, MAX_BATCH_SECONDS
 
 # The busy-fleet runs give each slot this many seconds of work: long enough that the
@@ -285,6 +292,7 @@ class _Simulation:
         self.queue.put(1, n_probe)
         self.left = s.items - n_probe  # IDs not yet cut into batches
         self.size: int | None = None  # batch size, once calibrated
+        self.grow_at = 0.0  # when the launcher next looks whether batches should grow
         self.probes = n_probe  # probe batches not yet committed
         self.in_flight = n_probe  # batches sent and not collected
         self.held = 0
@@ -362,6 +370,18 @@ class _Simulation:
                 self.probe_slots,
                 max_batch_seconds=s.max_batch_seconds,
             )
+        if self.size is not None and self.t >= self.grow_at:
+            # As the launcher (Dispatch.grow), once a second: larger batches for the
+            # batches not cut yet once the fleet has grown past what they were sized for.
+            self.grow_at = self.t + 1.0
+            grown = grown_size(
+                BatchPlan((), self.size, s.items, tail=1),
+                s.seconds_per_item,
+                s.target_seconds,
+                self.slots_registered(),
+                max_batch_seconds=s.max_batch_seconds,
+            )
+            self.size = grown or self.size
         if self.size is not None:
             cap = in_flight_limit(self.slots_registered())
             while self.left > 0 and self.in_flight < cap and self.send_credit >= 1:

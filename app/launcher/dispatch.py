@@ -11,7 +11,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from app.launcher.job import BadInput, JobOptions
 from app.launcher.output import Progress, say
-from app.launcher.plan import in_flight_limit
+from app.launcher.plan import BatchPlan, grown_size, in_flight_limit
 from app.launcher.sources import InputError
 from app.store import Store, bit_is_set
 
@@ -111,8 +111,12 @@ class Dispatch:
         sent_before: int = 0,
         keep: bool = False,
         meta: dict[str, Any] | None = None,
+        plan: BatchPlan | None = None,
     ) -> None:
+        """`plan`: the plan the batches are being cut by, to grow with the fleet (None:
+        a stream read once, cut by its own)."""
         self.launcher = launcher
+        self.plan = plan
         # How many batches the job is cut into: known from the plan, or
         # counted when a stream of unknown length runs out.
         self.batches = batches
@@ -151,6 +155,29 @@ class Dispatch:
         self._round_at = 0.0  # when the next collecting round may begin
         self.batch_seconds = 0.0  # what the workers reported of the batches committed
 
+    def grow(self) -> None:
+        """Cut the batches not cut yet larger when the fleet has grown past what the plan
+        was sized for (BatchPlan.grow), and keep the new plan with the job first, so that
+        a resumed job or a driver that takes it over cuts them the same."""
+        per_item = None if self.meta is None else self.meta.get("seconds_per_item")
+        if self.plan is None or not per_item or self.meta is None:
+            return
+        slots = self.launcher.slots()
+        size = grown_size(
+            self.plan,
+            per_item,
+            self.opts.target_seconds,
+            slots,
+            max_batch_seconds=self.launcher.settings.max_batch_seconds,
+        )
+        if size is None or not self.plan.grow(size):
+            return
+        self.meta["layout"] = self.plan.as_meta()
+        self.store.put_meta(self.job, self.meta)
+        self.batches = self.plan.count()
+        first = self.plan.steps[-1][0]
+        say(f"job {self.job}: {slots:,} slots online, batches of {size:,} IDs from batch {first:,}")
+
     def max_in_flight(self) -> int:
         return self.opts.max_in_flight or in_flight_limit(self.launcher.slots())
 
@@ -181,6 +208,7 @@ class Dispatch:
                     return
                 self.retry_refused(now)
                 self.find_lost(now)
+                self.grow()
                 self.launcher.advertise_backlog(self.job, self.held(), self.unreported)
                 self.unreported = 0
                 last_check = now
@@ -414,7 +442,10 @@ class Dispatch:
         if now - self._idle_since <= self.lease:
             return []
         self._idle_since = None
-        return sorted(unstarted)[:idle]
+        # Only those unstarted for a lease since they were sent: one that merely waits its
+        # turn (behind a worker's main loop that falls behind, say) is not taken for lost.
+        waited = [b for b in unstarted if now - self.inflight[b].sent_at > self.lease]
+        return sorted(waited)[:idle]
 
 
 class interrupt_guard:

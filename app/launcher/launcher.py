@@ -46,7 +46,7 @@ from app.launcher.job import (
 )
 from app.launcher.metrics import StackMetrics
 from app.launcher.output import Progress, check_writable, no_output, open_output, say
-from app.launcher.plan import BatchPlan, batch_size, probe_count
+from app.launcher.plan import BatchPlan, batch_size, message_cap, probe_count
 from app.launcher.sources import InputError, Source
 from app.launcher.versions import CodeVersions
 from app.registry import resolve
@@ -167,7 +167,12 @@ class Launcher:
             return
         try:
             with self.celery.producer_or_acquire() as producer:
-                lost = (kombu.exceptions.OperationalError, *producer.connection.connection_errors)
+                # A pipeline that failed is BatchPublishError: some of it may be delivered.
+                lost = (
+                    kombu.exceptions.BatchPublishError,
+                    kombu.exceptions.OperationalError,
+                    *producer.connection.connection_errors,
+                )
                 try:
                     with producer.batch(max_size=len(batches)):
                         for i, (batch, body) in enumerate(batches):
@@ -313,6 +318,8 @@ class Launcher:
             sent_before=int(meta.get("sent", 0)) if in_fleet else 0,
             keep=in_fleet and not spec,
             meta=meta,
+            # A stream read once (stdin) is cut by its own sizes, which do not grow.
+            plan=plan if self._stream is None else None,
         )
         try:
             with interrupt_guard() as interrupted:
@@ -478,6 +485,7 @@ class Launcher:
         per_item = max(min(timings), 1e-7) if timings else 0.01
         ranged = opts.source.fmt == "range"  # ranges travel as two numbers, whatever their size
         sample = [i for _, p in payloads for i in expand(p)] if opts.source.streamed else None
+        bytes_each = 8 if ranged else id_bytes(opts.source, sample)
         size = batch_size(
             per_item,
             opts.target_seconds,
@@ -485,7 +493,7 @@ class Launcher:
             slots,
             max_batch_seconds=self.settings.max_batch_seconds,
             message_limit=None if ranged else self.settings.message_limit,
-            id_bytes=8 if ranged else id_bytes(opts.source, sample),
+            id_bytes=bytes_each,
         )
         if opts.source.streamed:
             # stdin cannot be read again: go on from where the probes stopped.
@@ -493,7 +501,9 @@ class Launcher:
             self._stream = itertools.chain((p for _, p in payloads), stream)
         # stdin's length is unknown: no finer last wave.
         tail = 0 if opts.source.streamed else slots
-        return BatchPlan(probe, size, total, tail).as_meta(), per_item
+        # The batches may grow with the fleet later (Dispatch.grow), never past this.
+        most = None if ranged else message_cap(self.settings.message_limit, bytes_each)
+        return BatchPlan(probe, size, total, tail, most=most).as_meta(), per_item
 
     def _wait_for_probes(
         self, job: str, pending: set[int], left: int, steering: Steering | None = None

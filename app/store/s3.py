@@ -154,6 +154,12 @@ class S3Store:
     def _list(self, prefix: str) -> list[dict[str, Any]]:
         return list(self._pages(prefix))
 
+    def _fetcher(self) -> ThreadPoolExecutor:
+        """Threads that fetch objects side by side (made at the first use)."""
+        if self._fetch is None:
+            self._fetch = ThreadPoolExecutor(FETCHERS, thread_name_prefix="s3-fetch")
+        return self._fetch
+
     def _pages(self, prefix: str, start_after: str | None = None) -> Iterator[dict[str, Any]]:
         """The objects under prefix (after `start_after`), a page requested as it is needed."""
         after = {} if start_after is None else {"StartAfter": start_after}
@@ -334,8 +340,11 @@ class S3Store:
     def _live_records(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
         """(key, record) of the JSON objects under prefix written within their own "lease"."""
         out = []
-        for obj in self._list(prefix):
-            raw = self._get(obj["Key"])
+        objs = self._list(prefix)
+        # Fetched side by side: a fleet of hundreds of hosts has as many heartbeats.
+        for obj, raw in zip(
+            objs, self._fetcher().map(self._get, [o["Key"] for o in objs]), strict=True
+        ):
             if raw is None:
                 continue
             info = _decode(raw)
@@ -403,10 +412,8 @@ class S3Store:
                 keys[batch] = obj["Key"]
                 if len(keys) >= NEW_PER_LOOK:  # bound what is held in memory
                     break
-        if self._fetch is None:
-            self._fetch = ThreadPoolExecutor(FETCHERS, thread_name_prefix="s3-results")
         new = []
-        raws = self._fetch.map(self._get, keys.values())
+        raws = self._fetcher().map(self._get, keys.values())
         for batch, raw in zip(keys, raws, strict=True):
             if raw is None:
                 continue

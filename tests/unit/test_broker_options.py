@@ -33,3 +33,14 @@ def test_the_worker_mailbox_queue_is_not_exclusive():
     queue = app.control.mailbox.get_queue("w0@host")
     assert not queue.exclusive
     assert queue.auto_delete and queue.expires  # still removed when its worker is gone
+
+
+def test_a_busy_sqs_consumer_looks_for_its_next_batch_often():
+    """kombu's SQS consumer with every slot busy asks SQS nothing and looks again after
+    polling_interval: kombu's 1 s would leave a freed slot idle half a second a batch."""
+    from app.settings import SQS_POLLING_INTERVAL
+
+    app = make_app(Settings("sqs://", "s3://bucket", aws_region="us-east-1"))
+    with app.connection_for_read() as conn:
+        assert conn.transport.polling_interval == SQS_POLLING_INTERVAL <= 0.1
+    assert app.conf.broker_transport_options["wait_time_seconds"] == 1

@@ -59,6 +59,22 @@ def test_unstarted_batches_are_sent_again_only_beside_a_slot_that_is_really_idle
     assert run.resent == len(resent)
 
 
+def test_a_batch_sent_less_than_a_lease_ago_is_not_sent_again_beside_idle_slots():
+    """Slots idle for a lease (a worker's main loop that falls behind, on a loaded host),
+    but 2 and 3 were sent only a moment ago: waiting their turn, not lost."""
+    launcher = FakeLauncher(running={1}, active=[1, 0])
+    run = dispatch(launcher)
+    for b in (2, 3):
+        run.inflight[b].sent_at = 10.0
+    for now in (1.0, 6.0, 11.5, 12.0):
+        run.find_lost(now)
+    assert launcher.sent == []
+    # Still unstarted a lease after they were sent, beside a slot still idle: one goes again.
+    for now in (16.0, 21.0, 22.5):
+        run.find_lost(now)
+    assert launcher.sent == [2]
+
+
 def test_lost_batches_are_sent_again_a_few_at_a_time():
     """Ten batches whose leases all lapsed at once (a burst: a host gone): a quarter of the
     slots' worth, at least two, per check, not all ten on the broker in one go."""

@@ -111,8 +111,8 @@ def test_sqs_cost_is_its_requests_at_the_list_price():
     job = planned_job(1000)
     requests = sum(n for r, n in totals(job, CHUNK).items() if r.startswith("sqs:"))
     assert bill(job, PRICES).sqs == pytest.approx(requests * US["sqs_request_million"] / 1e6)
-    # Send, receive share and delete: under 3 requests a batch.
-    assert job.batches * 2 < requests < job.batches * 3
+    # Send, receive (shared by the messages one brings) and delete: 3 requests a batch at most.
+    assert job.batches * 2 < requests <= job.batches * 3
 
 
 def test_idle_receives_scale_with_idle_hosts_and_time():

@@ -8,12 +8,15 @@ job at every look made collection quadratic in the job's size (docs/scale.md).
 
 from __future__ import annotations
 
+import threading
+import time
+
 import boto3
 import pytest
 from moto import mock_aws
 
 from app.store.base import Done, bit_is_set
-from app.store.s3 import NEW_PER_LOOK, S3Store
+from app.store.s3 import FETCHERS, NEW_PER_LOOK, S3Store
 
 JOB = "j-s3-announce"
 
@@ -93,17 +96,10 @@ def test_a_new_launcher_announces_only_what_commits_after_its_journal(store):
     assert sorted(collect(again, 5)) == list(range(30, 35))
 
 
-def test_a_looks_results_are_fetched_side_by_side(store):
-    """One GET after another would hold the launcher to 1 / (a GET's latency) batches a
-    second; a look's new results are fetched FETCHERS at a time."""
-    import threading
-    import time
-
-    from app.store.s3 import FETCHERS
-
+def concurrent_gets(store: S3Store) -> list[int]:
+    """[the most GETs in flight at once], counted from here on."""
     lock = threading.Lock()
-    now = [0]
-    most = [0]
+    now, most = [0], [0]
 
     def before(**_):
         with lock:
@@ -115,8 +111,23 @@ def test_a_looks_results_are_fetched_side_by_side(store):
         with lock:
             now[0] -= 1
 
-    commit(store, range(40))
     store.s3.meta.events.register("before-call.s3.GetObject", before)
     store.s3.meta.events.register("after-call.s3.GetObject", after)
+    return most
+
+
+def test_a_looks_results_are_fetched_side_by_side(store):
+    """One GET after another would hold the launcher to 1 / (a GET's latency) batches a
+    second; a look's new results are fetched FETCHERS at a time."""
+    commit(store, range(40))
+    most = concurrent_gets(store)
     assert sorted(collect(store, 40)) == list(range(40))
+    assert 1 < most[0] <= FETCHERS
+
+
+def test_heartbeats_are_read_side_by_side(store):
+    for i in range(40):
+        store.register_worker(f"w{i}", {"concurrency": 16}, 10.0)
+    most = concurrent_gets(store)
+    assert sorted(w["name"] for w in store.workers()) == sorted(f"w{i}" for i in range(40))
     assert 1 < most[0] <= FETCHERS
