@@ -302,6 +302,12 @@ class Launcher:
             steering = Steering(
                 self.store, job, launcher_holder(), driver_lease(self.settings.lease_seconds)
             )
+        # The batches grow with the fleet only in a job's first run. A later one (a resume,
+        # a driver taking over) cannot know every batch an earlier run sent, and a size
+        # of its own from a batch on could cut some of those anew: IDs twice or never.
+        first_run = not opts.resume and not meta.get("runs") and "sent" not in meta
+        meta["runs"] = int(meta.get("runs", 0)) + 1
+        self.store.put_meta(job, meta)
         progress = Progress(items, errors)
         if opts.progress:
             progress.show(meta.get("total"), job)
@@ -319,7 +325,7 @@ class Launcher:
             keep=in_fleet and not spec,
             meta=meta,
             # A stream read once (stdin) is cut by its own sizes, which do not grow.
-            plan=plan if self._stream is None else None,
+            plan=plan if first_run and self._stream is None else None,
         )
         try:
             with interrupt_guard() as interrupted:

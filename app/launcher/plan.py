@@ -49,8 +49,9 @@ class BatchPlan:
     zero) would keep its first batches' size, and ask one launcher for slots /
     target batches a second. `grow` makes the batches cut from then on larger:
     `steps` says from which batch each size holds, and is kept with the job like the
-    rest, so that a resumed job, or a driver that takes it over, cuts it the same.
-    The last wave, once begun, is not changed.
+    rest, so that a resumed job, or a driver that takes it over, cuts it the same
+    (neither grows it: only a job's first run knows every batch sent). The last
+    wave, once begun, is not changed.
     """
 
     probe: tuple[int, ...]
