@@ -266,7 +266,7 @@ class RedisStore:
         member = f"{job}/{batch}"
 
         def build(pipe: Any) -> None:
-            # The lease first, on the chance the batch runs (almost always): one round trip.
+            # The lease in the same round trip, on the chance the batch runs (almost always).
             pipe.evalsha(self._begin.sha, 2, k["ok"], k["cancel"], batch)
             pipe.evalsha(self._renew.sha, 1, LEASES_KEY, int(seconds) + 1, member)
 
