@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.launcher.plan import MAX_BATCH_RATE, batch_size
+from app.launcher.plan import DRIVER_RATE, MAX_BATCH_RATE, batch_size
 
 
 def size(slots: int, per_item: float = 0.001, total: int | None = None) -> int:
@@ -24,7 +24,11 @@ def test_a_large_fleet_asks_no_more_batches_a_second_than_one_driver_sustains(sl
 
 
 def test_the_tail_and_the_time_limit_still_bound_it():
-    # Four batches per slot at least: 10,000 slots over 20 M IDs -> 500 IDs, not 50 s.
-    assert size(10_000, total=20_000_000) == 500
+    # Four batches per slot at least: 100 slots over 200,000 IDs -> 500 IDs, not 2 s.
+    assert size(100, total=200_000) == 500
+    # Unless that asks more of one driver than it sustains: 10,000 slots over 20 M IDs
+    # would get 500 IDs, 0.5 s, 20,000 batches a second; they get 10 s, DRIVER_RATE.
+    seconds = size(10_000, total=20_000_000) * 0.001
+    assert 10_000 / seconds == pytest.approx(DRIVER_RATE, rel=0.01)
     # A quarter of the batch's hard limit at most, however large the fleet.
     assert size(1_000_000) * 0.001 == pytest.approx(900 / 4)

@@ -12,7 +12,7 @@ from kombu.utils.uuid import uuid
 from app.celery_config import make_app
 from app.launcher.job import new_job_id
 from app.launcher.launcher import Launcher
-from app.launcher.plan import BATCHES_PER_SLOT, MAX_BATCH_RATE
+from app.launcher.plan import BATCHES_PER_SLOT, DRIVER_RATE, MAX_BATCH_RATE
 from app.settings import Settings
 from scripts import request_costs as rc
 from scripts.request_costs import Job, bill, planned_job, totals
@@ -142,10 +142,14 @@ def test_planned_batches_follow_the_plan():
     for slots in (1000, 10_000):
         long_job = planned_job(slots, 100_000_000)
         assert long_job.batch_seconds >= slots / MAX_BATCH_RATE
-    # A job too small for that: at least BATCHES_PER_SLOT batches per slot win.
-    small = planned_job(10_000, 1_000_000)
+    # A job too small for that: more batches per slot (BATCHES_PER_SLOT) win, as long as
+    # one driver sustains them.
+    small = planned_job(1_000, 200_000)
     assert small.batches >= BATCHES_PER_SLOT * small.slots
     assert small.batch_seconds < small.slots / MAX_BATCH_RATE
+    # 1 M IDs on 10,000 slots: not 40,000 batches at 8,000 a second, DRIVER_RATE at most.
+    tiny = planned_job(10_000, 1_000_000)
+    assert tiny.slots / tiny.batch_seconds <= DRIVER_RATE * 1.01
 
 
 def test_in_flight_messages_are_the_reserved_ones():
