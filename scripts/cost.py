@@ -27,6 +27,14 @@ import click
 from app.stack import CHOICE_KEYS, StackChoices
 
 PRICES = Path(__file__).with_name("prices.json")
+
+
+def load_prices() -> dict[str, Any]:
+    """The list prices the wheel carries (scripts/prices.json)."""
+    prices: dict[str, Any] = json.loads(PRICES.read_text())
+    return prices
+
+
 HOURS_PER_MONTH = 730
 
 # Interface endpoints per zone without NAT (infra/program.py WORKER_SERVICES, + sqs).

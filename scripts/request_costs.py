@@ -12,7 +12,6 @@ was measured against AWS. Prices come from scripts/prices.json.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
@@ -276,11 +275,6 @@ def bill(job: Job, prices: dict, region: str = "us-east-1") -> Bill:
         else:
             s3 += n * table["s3_get_thousand"] / 1e3
     return Bill(sqs, s3, job.ids)
-
-
-def load_prices() -> dict:
-    prices: dict = json.loads(PRICES.read_text())
-    return prices
 
 
 @dataclass(frozen=True)

@@ -159,13 +159,12 @@ class Dispatch:
         """Cut the batches not cut yet larger when the fleet has grown past what the plan
         was sized for (BatchPlan.grow), and keep the new plan with the job first, so that
         a resumed job or a driver that takes it over cuts them the same."""
-        per_item = None if self.meta is None else self.meta.get("seconds_per_item")
-        if self.plan is None or not per_item or self.meta is None:
+        if self.plan is None or self.meta is None or not self.meta.get("seconds_per_item"):
             return
         slots = self.launcher.slots()
         size = grown_size(
             self.plan,
-            per_item,
+            self.meta["seconds_per_item"],
             self.opts.target_seconds,
             slots,
             max_batch_seconds=self.launcher.settings.max_batch_seconds,
@@ -336,11 +335,7 @@ class Dispatch:
         longer; the first commit ends the pause)."""
         if not self.refused or now < self.retry_at:
             return
-        again = [b for b in sorted(self.refused) if b in self.inflight]
-        for b in again:
-            self.inflight[b].seen_running, self.inflight[b].sent_at = 0.0, now
-        self.launcher.send_many(self.job, [(b, self.inflight[b].body) for b in again])
-        self.resent += len(again)
+        self.send_again([b for b in sorted(self.refused) if b in self.inflight], now)
         self.refused.clear()
         self.retried = True
         self.retry_at = now + self.pause
@@ -425,11 +420,14 @@ class Dispatch:
         # idle at nearly every look, and send again batches that merely wait their turn.
         idle = min(self.launcher.slots() - len(busy), self.launcher.idle_slots())
         lost.extend(self._unstarted_while_idle(unstarted, idle, now))
-        again = lost[: max(2, self.launcher.slots() // 4)]
-        for b in again:
+        self.send_again(lost[: max(2, self.launcher.slots() // 4)], now)
+
+    def send_again(self, batches: list[int], now: float) -> None:
+        """Publish batches in flight once more, as if sent now (never seen running since)."""
+        for b in batches:
             self.inflight[b].seen_running, self.inflight[b].sent_at = 0.0, now
-        self.launcher.send_many(self.job, [(b, self.inflight[b].body) for b in again])
-        self.resent += len(again)
+        self.launcher.send_many(self.job, [(b, self.inflight[b].body) for b in batches])
+        self.resent += len(batches)
 
     def _unstarted_while_idle(self, unstarted: list[int], idle: int, now: float) -> list[int]:
         """Unstarted batches to send again: once slots have sat idle for a lease beside them."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from scripts.cost import PRICES, StackSettings, estimate, render, stack_file
+from scripts.cost import StackSettings, estimate, load_prices, render, stack_file
 
 
 @click.command("cost")
@@ -30,5 +30,5 @@ def cost(stack: str | None, config_file: Path | None, as_json: bool) -> None:
         if stack is None:
             raise click.UsageError("name a stack with --stack NAME or a file with --config FILE.")
         config_file = stack_file(stack)
-    report = estimate(StackSettings.from_stack_file(config_file), json.loads(PRICES.read_text()))
+    report = estimate(StackSettings.from_stack_file(config_file), load_prices())
     click.echo(json.dumps(report.as_dict(), indent=2) if as_json else render(report))

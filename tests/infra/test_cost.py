@@ -14,7 +14,7 @@ from scripts import cost as cost_module
 from scripts.cli.cost import cost
 from scripts.cost import StackSettings, estimate, render
 
-PRICES = json.loads(cost_module.PRICES.read_text())
+PRICES = cost_module.load_prices()
 US = PRICES["regions"]["us-east-1"]
 
 

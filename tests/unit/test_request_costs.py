@@ -15,9 +15,10 @@ from app.launcher.launcher import Launcher
 from app.launcher.plan import BATCHES_PER_SLOT, DRIVER_RATE, MAX_BATCH_RATE
 from app.settings import Settings
 from scripts import request_costs as rc
+from scripts.cost import load_prices
 from scripts.request_costs import Job, bill, planned_job, totals
 
-PRICES = rc.load_prices()
+PRICES = load_prices()
 US = PRICES["regions"]["us-east-1"]
 CHUNK = US["sqs_request_kb"] * 1024
 
