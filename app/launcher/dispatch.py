@@ -439,10 +439,13 @@ class Dispatch:
             return []
         if now - self._idle_since <= self.lease:
             return []
-        self._idle_since = None
         # Only those unstarted for a lease since they were sent: one that merely waits its
         # turn (behind a worker's main loop that falls behind, say) is not taken for lost.
+        # The idle clock keeps running until one qualifies, so a batch lost on the broker
+        # goes again a lease after it was sent, not up to two leases later.
         waited = [b for b in unstarted if now - self.inflight[b].sent_at > self.lease]
+        if waited:
+            self._idle_since = None
         return sorted(waited)[:idle]
 
 
