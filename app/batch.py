@@ -9,6 +9,7 @@ lines are encoded here, on the workers, so the launcher only copies bytes.
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -154,10 +155,20 @@ def check_payload(payload: Any, max_bytes: int) -> int:
     return items
 
 
+# The end of an error's traceback kept in its record: the frames nearest the raise.
+TRACEBACK_CHARS = 2000
+
+
 def _error(item: Any, exc: BaseException, attempts: int = 1) -> _Err:
-    error: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)[:1000]}
+    kind = type(exc)
+    error: dict[str, Any] = {"type": kind.__name__, "message": str(exc)[:1000]}
+    if kind.__module__ != "builtins":  # so a Python caller can raise it as its own type
+        error["module"] = kind.__module__
     if attempts > 1:
         error["attempts"] = attempts
+    if exc.__traceback__ is not None:
+        text = "".join(traceback.format_exception(exc))
+        error["traceback"] = text[-TRACEBACK_CHARS:]
     return _Err(item, error)
 
 

@@ -85,14 +85,52 @@ def fleet_task(
     return register(fn) if fn is not None else register
 
 
+def registered_name(fn: Callable[..., Any]) -> str | None:
+    """The name `fn` is registered under with @fleet_task, or None."""
+    for task in _REGISTRY.values():
+        if task.fn is fn:
+            return task.name
+    return None
+
+
 def registered_names() -> list[str]:
     return sorted({t.name for t in _REGISTRY.values()})
+
+
+# A task name's prefix says how each item is passed (app.fleet): "*" spreads it as the
+# positional arguments (Pool.starmap), "**" as [args, kwargs] (Executor.submit).
+STAR, STARSTAR = "*", "**"
+_spread: dict[str, FleetTask] = {}
+
+
+def _spread_call(task: FleetTask, kind: str) -> FleetTask:
+    fn = task.fn
+    if kind == STARSTAR:
+
+        def call(item: Any) -> Any:
+            args, kwargs = item
+            return fn(*args, **kwargs)
+
+    else:
+
+        def call(item: Any) -> Any:
+            return fn(*item)
+
+    return FleetTask(call, kind + task.name, task.transient, task.retries)
 
 
 def resolve(name: str, allowed_modules: Iterable[str]) -> FleetTask:
     """The task `name` refers to, or UnknownTask if the workers may not run it."""
     task = _REGISTRY.get(name)
     if task is not None:
+        return task
+    if name.startswith(STAR):
+        task = _spread.get(name)
+        if task is None:
+            kind = STARSTAR if name.startswith(STARSTAR) else STAR
+            task = _spread_call(resolve(name[len(kind) :], allowed_modules), kind)
+            if len(_spread) < 1000:
+                _spread[name] = task
         return task
     module_name, sep, attr = name.partition(":")
     allowed = set(allowed_modules)

@@ -29,6 +29,16 @@ ROUND_SECONDS = 0.02
 PAUSE_FIRST, PAUSE_MAX = 5.0, 300.0
 
 
+class _NothingYet:
+    def __repr__(self) -> str:
+        return "NOTHING_YET"
+
+
+# What a source fed while the job runs (app.fleet's Executor) yields when no item waits:
+# no batch is cut now, and the loop goes on collecting; the source is asked again next round.
+NOTHING_YET: Any = _NothingYet()
+
+
 def driver_slot(job: str) -> str:
     """The semaphore (one slot) its driver holds while it drives `job`."""
     return f"driver-{job}"
@@ -126,6 +136,11 @@ class Dispatch:
         self.opts = opts
         self.out = out
         self.out_path = out_path
+        # An output that takes each batch's lines with its number (app.fleet's inbox), and
+        # says how many batches it holds that its reader has not taken yet: those count
+        # against the in-flight limit, so a slow reader holds the job back, bounded.
+        self._emit = getattr(out, "write_batch", None)
+        self._unread = getattr(out, "unread", None)
         self.progress = progress
         self.inflight: dict[int, InFlight] = {}
         self.written: set[int] = set()
@@ -235,9 +250,12 @@ class Dispatch:
         backlog: list[int],
         sends: list[tuple[int, bytes]],
     ) -> None:
-        while not self._exhausted and len(self.inflight) < self.max_in_flight():
+        limit = self.max_in_flight() - (self._unread() if self._unread is not None else 0)
+        while not self._exhausted and len(self.inflight) < limit:
             try:
                 payload = next(payloads)
+                if payload is NOTHING_YET:
+                    break
             except StopIteration:
                 self._exhausted = True
                 self.batches = self._next
@@ -362,7 +380,10 @@ class Dispatch:
             if result is None:
                 continue  # expired; the lost-batch check re-sends it
             n, e, lines = result
-            self.out.write(lines)
+            if self._emit is not None:
+                self._emit(b, lines)
+            else:
+                self.out.write(lines)
             items += n
             errors += e
             done_now.append(b)

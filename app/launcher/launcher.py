@@ -23,6 +23,7 @@ import itertools
 import math
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -73,6 +74,7 @@ class Launcher:
         # A streamed source (stdin) is read once: calibration leaves the rest
         # of the stream here, its probe batches first, for the job to go on with.
         self._stream: Iterator[Any] | None = None
+        self.job: str | None = None  # the job of the last `run`, once it has an ID
 
     # -- checks -----------------------------------------------------------
 
@@ -240,7 +242,12 @@ class Launcher:
 
     # -- the job ----------------------------------------------------------
 
-    def run(self, opts: JobOptions) -> JobSummary:
+    def run(
+        self, opts: JobOptions, inbox: Any = None, stop: threading.Event | None = None
+    ) -> JobSummary:
+        """Run a job to its end. `inbox`: where each batch's lines go instead of `opts.out`
+        (app.fleet: an object with write_batch(batch, lines), unread() and flush()); `stop`:
+        set, the job stops at its next tick (within a second) as if interrupted."""
         started = time.monotonic()
         if opts.resume:
             self.check_connections()
@@ -260,8 +267,14 @@ class Launcher:
             self.check_code(opts.require_version)
             job, meta = self._new_job(opts, total)
         lost: tuple[type[BaseException], ...] = (StoreUnavailable, *self.store.connection_errors)
+        steering = None
+        if stop is not None:
+            lease = driver_lease(self.settings.lease_seconds)
+            steering = Steering(self.store, job, launcher_holder(), lease, stop=stop)
+        # A new job's source is read as given: a Python iterable (app.fleet) exists only here.
+        source = None if opts.resume else opts.source
         try:
-            return self._dispatch(job, meta, opts, started)
+            return self._dispatch(job, meta, opts, started, steering, source, inbox)
         except lost as exc:
             raise self._lost_store(job, opts, exc) from None
 
@@ -284,6 +297,7 @@ class Launcher:
         started: float,
         steering: Steering | None = None,
         source: Source | None = None,
+        inbox: Any = None,
     ) -> JobSummary:
         """Send the job's batches and write their results, until done, interrupted,
         cancelled or (a driver in the fleet) handed over. `source`: where the IDs of
@@ -294,10 +308,7 @@ class Launcher:
         committed_bits, written_bits, offset, items, errors = self.store.journal(job)
         spec = meta.get("sink")
         in_fleet = meta.get("driver") == "fleet"
-        if spec or in_fleet:  # the workers write the results, or they stay in the store
-            out, out_path = no_output(), None
-        else:
-            out, out_path = open_output(opts.out, (offset or 0) if opts.resume else None)
+        out, out_path = self._output(opts, bool(spec or in_fleet), offset, inbox)
         if steering is None:
             steering = Steering(
                 self.store, job, launcher_holder(), driver_lease(self.settings.lease_seconds)
@@ -375,6 +386,17 @@ class Launcher:
         self.store.put_meta(job, meta)
         return summary
 
+    @staticmethod
+    def _output(
+        opts: JobOptions, elsewhere: bool, offset: int | None, inbox: Any
+    ) -> tuple[Any, str | None]:
+        """Where the job's lines go, and its path (None: not a file of ours)."""
+        if inbox is not None:  # a Python caller reads them (app.fleet)
+            return inbox, None
+        if elsewhere:  # the workers write the results, or they stay in the store
+            return no_output(), None
+        return open_output(opts.out, (offset or 0) if opts.resume else None)
+
     def reduce(self, job: str, name: str) -> Any:
         """The partials of the job's batches folded in batch order (None: no result at all).
         Each batch's partial is kept with its commit, so a batch run twice counts once.
@@ -402,7 +424,7 @@ class Launcher:
 
     def _new_job(self, opts: JobOptions, total: int | None) -> tuple[str, dict[str, Any]]:
         assert opts.task and opts.source is not None
-        job = new_job_id()
+        job = self.job = new_job_id()
         meta: dict[str, Any] = {
             "task": opts.task,
             "source": opts.source.as_meta(),
@@ -450,6 +472,11 @@ class Launcher:
             )
         if meta["source"]["spec"] == "-":
             raise BadInput(f"job {opts.resume} read its IDs from stdin, which cannot be re-read.")
+        if meta["source"]["fmt"] == "items":
+            raise BadInput(
+                f"job {opts.resume} read its items from a Python iterable (app.fleet), which "
+                "cannot be re-read: run it again from Python."
+            )
         say(f"resuming job {opts.resume}: task {meta['task']}, IDs from {meta['source']['spec']}")
         return meta
 

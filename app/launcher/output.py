@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from app.launcher.job import BadInput
 
+# Per thread: a job run from Python (app.fleet) without progress keeps its status lines
+# off stderr, in the log of "app.fleet" instead.
+_quiet = threading.local()
+
 
 def say(message: str) -> None:
     """A status line for the operator, on stderr."""
+    if getattr(_quiet, "on", False):
+        logging.getLogger("app.fleet").info(message)
+        return
     print(message, file=sys.stderr, flush=True)
+
+
+def quiet(on: bool = True) -> None:
+    """Status lines of this thread's jobs go to the log, not stderr (`say`)."""
+    _quiet.on = on
 
 
 def check_writable(path: Path | None) -> None:

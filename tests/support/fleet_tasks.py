@@ -90,3 +90,26 @@ def square(x):
 @shared_task(name="tests.total")
 def total(values):
     return sum(values)
+
+
+# Plain module-level functions (not registered): the Python API names them module:function.
+class Odd(Exception):
+    """An exception of the test's own, raised on the workers, rebuilt in the caller."""
+
+
+def squared(x):
+    return x * x
+
+
+def plus(a, b=0):
+    return a + b
+
+
+def odd_fails(x):
+    if x % 2:
+        raise Odd(f"odd item {x}")
+    return x
+
+
+def noop(x):
+    return x

@@ -65,7 +65,15 @@ def test_errors_do_not_stop_the_batch():
     records = parse(out)
     assert [r["id"] for r in records] == list(range(10))
     assert out.errors == 5  # 0, 3, 6, 9 and 4
-    assert records[3]["error"] == {"type": "ValueError", "message": "no multiples of three: 3"}
+    error = records[3]["error"]
+    assert {k: error[k] for k in ("type", "message")} == {
+        "type": "ValueError",
+        "message": "no multiples of three: 3",
+    }
+    # The end of the traceback, for the caller: where it was raised, and its line.
+    assert error["traceback"].endswith("ValueError: no multiples of three: 3\n")
+    assert 'raise ValueError(f"no multiples of three: {x}")' in error["traceback"]
+    assert "module" not in error  # a built-in type
     assert records[4]["error"]["type"] == "KeyError"
     assert "attempts" not in records[3]["error"]
     assert [r["result"] for r in records if "result" in r] == [2, 3, 6, 8, 9]
@@ -77,6 +85,18 @@ def test_long_error_messages_are_truncated():
 
     (record,) = parse(run_batch(task(loud), [1]))
     assert 0 < len(record["error"]["message"]) <= 1000
+    assert 0 < len(record["error"]["traceback"]) <= 2000
+
+
+def test_an_error_of_a_type_of_its_own_names_its_module():
+    class Own(Exception):
+        pass
+
+    def raises(x):
+        raise Own("mine")
+
+    (record,) = parse(run_batch(task(raises), [1]))
+    assert record["error"]["type"] == "Own" and record["error"]["module"] == __name__
 
 
 def test_transient_error_is_retried_then_succeeds():

@@ -25,6 +25,8 @@ ALLOWED = {
     "app.host": {"app.shared", "app.store", "app.host"},
     # `celery -A app` finds the worker's Celery app through the package itself.
     "app.entry": {"app.shared", "app.worker"},
+    # `from app import fleet`: the Python API, on top of the launcher.
+    "app.api": {"app.shared", "app.store", "app.sinks", "app.launcher", "app.api"},
     "scripts": {
         "app.shared",
         "app.store",
@@ -32,6 +34,7 @@ ALLOWED = {
         "app.worker",
         "app.launcher",
         "app.host",
+        "app.api",
         "scripts",
     },
     # The Pulumi program runs without the app's servers and clients.
@@ -45,6 +48,8 @@ def room(module: str) -> str:
         return parts[0]
     if module == "app":
         return "app.entry"
+    if module == "app.fleet":
+        return "app.api"
     if module in ("app.boot", "app.agent"):  # python -m entry points of the host daemons
         return "app.host"
     return f"app.{parts[1]}" if parts[1] in ROOMS else "app.shared"

@@ -1,0 +1,609 @@
+"""Run a function over the fleet from Python, as with multiprocessing.
+
+    from app import fleet
+
+    for item, result in fleet.map(heavy, ids):        # as batches commit, unordered
+        ...
+    with fleet.Pool() as pool:                         # multiprocessing.Pool's calls
+        total = sum(pool.imap_unordered(heavy, ids))
+    with fleet.Executor() as ex:                       # a concurrent.futures.Executor
+        futures = [ex.submit(heavy, i) for i in ids]   # gathered into batches
+    job = fleet.submit(heavy, "ids.txt", out="s3://bucket/prefix/")  # lives in the fleet
+    job.wait()
+
+The fleet is found as the CLI finds it: `stack="NAME"` (its SSM parameters), else the
+FLEET_* variables, else the local fleet that `fleet local` runs on this machine. What
+goes wrong raises: `Unreachable` (no fleet, or it cannot be reached), `BadInput` (what
+was asked cannot run), `Cancelled`, and, for an item, its own exception.
+
+What runs must be importable by the workers: a @fleet_task function, or a function
+defined at the top of a module the workers load (your project's task module). Nothing
+is pickled: items, arguments and results travel as JSON.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import inspect
+import itertools
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from app.launcher.job import BadInput, JobError, JobOptions, Unreachable, VersionMismatch
+from app.launcher.jobs import Cancelled, JobView
+from app.launcher.stream import (
+    End,
+    FeedSource,
+    ItemsSource,
+    RemoteError,
+    StreamJob,
+    batch_size_of,
+    check_json,
+    raise_end,
+    records,
+    remote_exception,
+)
+from app.registry import STAR, STARSTAR, registered_name
+from app.settings import ConfigError, Settings
+
+__all__ = [
+    "BadInput",
+    "Cancelled",
+    "Executor",
+    "Job",
+    "JobError",
+    "Pool",
+    "RemoteError",
+    "Results",
+    "Unreachable",
+    "VersionMismatch",
+    "jobs",
+    "map",
+    "register_joblib",
+    "settings",
+    "submit",
+    "task_name",
+]
+
+_MOVE_IT = (
+    "Define it with `def` at the top level of a module the workers load (your project's "
+    "task module, shipped with `fleet package` or `fleet local --code`), import it from "
+    "there, and pass that function; or decorate it with @fleet_task in such a module."
+)
+
+
+def settings(stack: str | None = None) -> Settings:
+    """The fleet's settings, found as the CLI finds them; Unreachable when there is none."""
+    from app.launcher.discovery import resolve_settings
+
+    try:
+        return resolve_settings(stack=stack)
+    except ConfigError as exc:
+        raise Unreachable(str(exc.code if exc.code is not None else exc)) from None
+
+
+def task_name(func: Callable[..., Any] | str) -> str:
+    """The name the workers know `func` by; BadInput, saying how to fix it, for a function
+    they cannot import (a lambda, a closure, a function of __main__)."""
+    if isinstance(func, str):
+        if not func.strip():
+            raise BadInput("the task name is empty: give a function, or module:function.")
+        return func
+    registered = registered_name(func)
+    if registered is not None:
+        return registered
+    if not inspect.isfunction(func):
+        kind = type(func).__name__
+        raise BadInput(
+            f"{func!r} is a {kind}, not a plain function: the fleet runs only functions the "
+            f"workers import by name. {_MOVE_IT}"
+        )
+    name, qualified, module = func.__name__, func.__qualname__, func.__module__
+    if name == "<lambda>":
+        raise BadInput(f"a lambda cannot run on the fleet: it has no name to import. {_MOVE_IT}")
+    if "<locals>" in qualified:
+        raise BadInput(
+            f"{qualified} is defined inside another function (a closure): the workers cannot "
+            f"import it. {_MOVE_IT}"
+        )
+    if module == "__main__":
+        raise BadInput(
+            f"{name} is defined in __main__ (the script being run), which the workers do not "
+            f"load. {_MOVE_IT}"
+        )
+    if "." in qualified:
+        raise BadInput(
+            f"{qualified} is a method: the workers call module-level functions. {_MOVE_IT}"
+        )
+    return f"{module}:{name}"
+
+
+class Results:
+    """What `fleet.map` returns: an iterator over the results as the fleet commits them.
+
+    Leaving it early (break, an exception, Ctrl-C, close(), or the end of a `with` block)
+    cancels the job's batches that have not run, and returns once none of them runs."""
+
+    def __init__(
+        self,
+        job: StreamJob | None,
+        *,
+        ordered: bool,
+        return_exceptions: bool,
+        pairs: bool,
+        timeout: float | None = None,
+    ) -> None:
+        self._job = job
+        self._ordered = ordered
+        self._return_exceptions = return_exceptions
+        self._pairs = pairs
+        self._timeout = timeout
+        self._gen = self._generate()
+
+    @property
+    def job(self) -> str | None:
+        """The job's ID in the result store (`fleet jobs` shows it), once it has one."""
+        return self._job.job if self._job is not None else None
+
+    def __iter__(self) -> Results:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._gen)
+
+    def __enter__(self) -> Results:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._gen.close()
+        if self._job is not None:
+            self._job.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def _generate(self) -> Generator[Any, None, None]:
+        job = self._job
+        if job is None:
+            return
+        held: dict[int, bytes] = {}  # ordered: batches that came before their turn
+        turn = 0
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        try:
+            while True:
+                got = job.inbox.get(deadline)
+                if isinstance(got, End):
+                    raise_end(got, job)
+                    return
+                batch, lines = got
+                if not self._ordered:
+                    yield from self._values(lines)
+                    job.inbox.taken += 1
+                    continue
+                held[batch] = lines
+                while turn in held:
+                    yield from self._values(held.pop(turn))
+                    job.inbox.taken += 1
+                    turn += 1
+        finally:
+            job.close()
+
+    def _values(self, lines: bytes) -> Iterator[Any]:
+        pairs, keep = self._pairs, self._return_exceptions
+        for record in records(lines):
+            item = record["id"]
+            if "error" in record:
+                exc = remote_exception(record["error"], item)
+                if not keep:
+                    raise exc
+                value: Any = exc
+            else:
+                value = record["result"]
+            yield (item, value) if pairs else value
+
+
+def _start(
+    task: str,
+    items: Iterable[Any],
+    *,
+    chunksize: Any,
+    progress: bool,
+    config: Settings,
+    label: str,
+) -> StreamJob | None:
+    """The job over `items`, started; None when there are none."""
+    size = batch_size_of(chunksize)
+    it = iter(items)
+    first = next(it, _NONE)
+    if first is _NONE:
+        return None
+    check_json([first], 0, BadInput)
+    source = ItemsSource(itertools.chain((first,), it), label)
+    return StreamJob(config, task, source, JobOptions(batch_size=size), progress)
+
+
+_NONE = object()
+
+
+def map(  # fleet.map, as Pool.map and Executor.map
+    func: Callable[..., Any] | str,
+    iterable: Iterable[Any],
+    *,
+    ordered: bool = False,
+    return_exceptions: bool = False,
+    chunksize: int | str | None = "auto",
+    progress: bool = False,
+    stack: str | None = None,
+) -> Results:
+    """Run `func` on the fleet over the items of `iterable`, read as the job goes (a
+    generator of ten million items never sits in memory), and yield (item, result) pairs
+    as batches commit; with `ordered`, in the order of the items.
+
+    An item's exception is raised (its own type where it can be made here, with `.item`
+    and the worker's `.remote_traceback`) unless `return_exceptions`, which yields it in
+    place of the result. `chunksize`: items per batch ("auto": sized from a few timed
+    items to about two seconds each). `progress`: a progress bar on stderr. Leaving the
+    loop early cancels what has not run."""
+    name = task_name(func)
+    config = settings(stack)
+    job = _start(name, iterable, chunksize=chunksize, progress=progress, config=config, label=name)
+    return Results(job, ordered=ordered, return_exceptions=return_exceptions, pairs=True)
+
+
+class Pool:
+    """multiprocessing.Pool's calls, run on the fleet: imap_unordered, imap, map, starmap.
+
+    `processes` is accepted for a drop-in and ignored: the fleet's slots decide. Each
+    call is a job of its own; closing the pool (or leaving its `with` block) cancels the
+    jobs still running, as multiprocessing's terminate() does."""
+
+    def __init__(
+        self, processes: int | None = None, *, stack: str | None = None, progress: bool = False
+    ) -> None:
+        self._config = settings(stack)
+        self._progress = progress
+        self._open: list[Results] = []
+        self._closed = False
+
+    def _results(
+        self, func: Any, iterable: Iterable[Any], chunksize: int | None, ordered: bool, star: str
+    ) -> Results:
+        if self._closed:
+            raise ValueError("Pool not running")
+        name = star + task_name(func)
+        job = _start(
+            name,
+            iterable,
+            chunksize=chunksize,
+            progress=self._progress,
+            config=self._config,
+            label=name,
+        )
+        results = Results(job, ordered=ordered, return_exceptions=False, pairs=False)
+        self._open = [r for r in self._open if r._job is not None and not r._job.closed]
+        self._open.append(results)
+        return results
+
+    def imap_unordered(
+        self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None
+    ) -> Results:
+        """Results as they come (their order is not the items')."""
+        return self._results(func, iterable, chunksize, False, "")
+
+    def imap(
+        self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None
+    ) -> Results:
+        """Results in the order of the items, holding no more than the in-flight window."""
+        return self._results(func, iterable, chunksize, True, "")
+
+    def map(
+        self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None
+    ) -> list[Any]:
+        with self.imap(func, iterable, chunksize) as results:
+            return list(results)
+
+    def starmap(
+        self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None = None
+    ) -> list[Any]:
+        """func(*args) for each args of `iterable`, in order."""
+        with self._results(func, iterable, chunksize, True, STAR) as results:
+            return list(results)
+
+    def close(self) -> None:
+        self._closed = True
+
+    def terminate(self) -> None:
+        self._closed = True
+        for results in self._open:
+            results.close()
+        self._open.clear()
+
+    def join(self) -> None:
+        pass
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()
+
+
+class Executor(concurrent.futures.Executor):
+    """A concurrent.futures.Executor on the fleet: `submit` returns a Future, so
+    `as_completed` and `wait` work as with a process pool.
+
+    Calls are gathered into batches behind the scenes (a job per function, fed as calls
+    come), so a loop of a million submits costs thousands of messages, not a million.
+    `max_batch`: the most calls in one batch."""
+
+    def __init__(
+        self, *, stack: str | None = None, progress: bool = False, max_batch: int = 10_000
+    ) -> None:
+        self._config = settings(stack)
+        self._progress = progress
+        self._max_batch = batch_size_of(max_batch) or 10_000
+        self._feeds: dict[str, tuple[FeedSource, StreamJob, threading.Thread]] = {}
+        self._names: dict[int, tuple[Any, str]] = {}
+        self._maps: list[Results] = []
+        self._lock = threading.Lock()
+        self._shutdown = False
+
+    def _name(self, fn: Any) -> str:
+        known = self._names.get(id(fn))
+        if known is not None and known[0] is fn:
+            return known[1]
+        name = STARSTAR + task_name(fn)
+        self._names[id(fn)] = (fn, name)
+        return name
+
+    def submit(
+        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[Any]:
+        name = self._name(fn)
+        item = [list(args), kwargs]
+        check_json([item], 0, BadInput)
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            feed = self._feeds.get(name) or self._open_feed(name)
+            feed[0].put(future, item)
+        return future
+
+    def _open_feed(self, name: str) -> tuple[FeedSource, StreamJob, threading.Thread]:
+        holder: list[StreamJob] = []
+        source = FeedSource(
+            name, lambda: holder[0].launcher.slots() if holder else 1, self._max_batch
+        )
+        job = StreamJob(
+            self._config, name, source, JobOptions(batch_size=self._max_batch), self._progress
+        )
+        holder.append(job)
+        reader = threading.Thread(
+            target=self._read, args=(source, job), name=f"fleet-futures-{name}", daemon=True
+        )
+        reader.start()
+        self._feeds[name] = (source, job, reader)
+        return self._feeds[name]
+
+    @staticmethod
+    def _read(source: FeedSource, job: StreamJob) -> None:
+        """Resolve each batch's futures as its lines come."""
+        while True:
+            got = job.inbox.get()
+            if isinstance(got, End):
+                try:
+                    raise_end(got, job)
+                    why: BaseException = Cancelled("the executor was shut down")
+                except BaseException as exc:
+                    why = exc
+                for future in source.orphans():
+                    if not future.done():
+                        with contextlib.suppress(concurrent.futures.InvalidStateError):
+                            future.set_exception(why)
+                return
+            batch, lines = got
+            for future, record in zip(source.take_tags(batch), records(lines), strict=False):
+                if "error" in record:
+                    future.set_exception(remote_exception(record["error"], record["id"]))
+                else:
+                    future.set_result(record["result"])
+            job.inbox.taken += 1
+
+    def map(  # lazy and bounded, and chunksize may be "auto"
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | str | None = "auto",
+    ) -> Results:
+        """fn over the items (or, with several iterables, their tuples), in order: a job of
+        its own, its items read as it goes (unlike the standard Executor, which collects
+        them first). `timeout`: TimeoutError once the results take longer in all."""
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        star = "" if len(iterables) == 1 else STAR
+        name = star + task_name(fn)
+        items = iterables[0] if len(iterables) == 1 else zip(*iterables, strict=False)
+        job = _start(
+            name,
+            items,
+            chunksize=chunksize,
+            progress=self._progress,
+            config=self._config,
+            label=name,
+        )
+        results = Results(job, ordered=True, return_exceptions=False, pairs=False, timeout=timeout)
+        self._maps.append(results)
+        return results
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            feeds = list(self._feeds.values())
+        for source, _, _ in feeds:
+            source.close(cancel=cancel_futures)
+        for results in self._maps:
+            results.close()
+        if wait:
+            for _, job, reader in feeds:
+                job.thread.join()
+                reader.join()
+
+
+class Job:
+    """A job that lives in the fleet (`fleet.submit`), seen from any machine that reaches
+    its fleet: what `fleet jobs`, `wait`, `results` and `cancel` do, from Python."""
+
+    def __init__(self, job: str, config: Settings, store: Any = None) -> None:
+        from app.store import open_store
+
+        self.id = job
+        self._config = config
+        self._store = store if store is not None else open_store(config)
+
+    def __repr__(self) -> str:
+        return f"<fleet.Job {self.id}>"
+
+    def progress(self) -> JobView:
+        """Its state now: state, items done of total, errors, rate, eta_seconds, ..."""
+        from app.launcher.jobs import known
+
+        return known(self._store, self._config, self.id)
+
+    def wait(self, timeout: float | None = None, poll: float = 1.0) -> JobView:
+        """Block until it ends. TimeoutError past `timeout`; Cancelled if it was cancelled;
+        JobError if it failed (its reason) or its `fleet run` launcher is gone."""
+        from app.launcher import jobs
+
+        view = jobs.wait(self._store, self._config, self.id, poll=poll, timeout=timeout)
+        if view.state == "cancelled":
+            raise Cancelled(f"job {self.id} was cancelled.")
+        if view.state == "failed":
+            raise JobError(f"job {self.id} failed: {view.reason or 'see `fleet jobs`'}")
+        if view.state == "stopped":
+            raise JobError(f"job {self.id} stopped: the `fleet run` launcher driving it is gone.")
+        if view.state not in jobs.ENDED:
+            raise TimeoutError(f"job {self.id} is still {view.state} after {timeout} s.")
+        return view
+
+    def results(self, return_exceptions: bool = False) -> Iterator[tuple[Any, Any]]:
+        """(item, result) pairs of the batches written so far, in batch order, from the
+        result store or an S3 sink's parts; an item's error raised, or with
+        `return_exceptions` given in place of its result."""
+        from app.launcher import jobs
+
+        for chunk in jobs.results(self._store, self._config, self.id):
+            for record in records(chunk):
+                if "error" in record:
+                    exc = remote_exception(record["error"], record["id"])
+                    if not return_exceptions:
+                        raise exc
+                    yield record["id"], exc
+                else:
+                    yield record["id"], record["result"]
+
+    def cancel(self, timeout: float = 60.0) -> JobView:
+        """Stop it: its queued batches are dropped unrun; returns once none runs."""
+        from app.launcher import jobs
+
+        return jobs.cancel(self._store, self._config, self.id, timeout=timeout)
+
+
+def submit(
+    func: Callable[..., Any] | str,
+    ids: str | Iterable[str | int],
+    *,
+    out: str | None = None,
+    chunksize: int | str | None = "auto",
+    target_seconds: float = 2.0,
+    reduce: str | None = None,
+    stack: str | None = None,
+) -> Job:
+    """Hand a job to the fleet, which drives it (this process may go away), and return its
+    handle. `ids`: an ID source as `fleet submit --ids` takes it (a file, s3://BUCKET/KEY,
+    range:START:STOP), or an iterable of str or int IDs (uploaded to the result store).
+    `out`: s3://BUCKET/PREFIX/ or postgresql://...?table=NAME; None keeps the results in
+    the result store, for `job.results()`."""
+    from app.launcher import InputError, Launcher, Source
+    from app.launcher.driver import submit as submit_job
+    from app.sinks import BadSink, sink_spec
+
+    name = task_name(func)
+    config = settings(stack)
+    try:
+        spec = sink_spec(out)
+    except BadSink as exc:
+        raise BadInput(str(exc)) from None
+    if out and not spec:
+        raise BadInput(
+            f"out={out!r}: a submitted job's results stay in the fleet: give "
+            "s3://BUCKET/PREFIX/, postgresql://...?table=NAME, or None (then job.results())."
+        )
+    opts = JobOptions(
+        task=name,
+        batch_size=batch_size_of(chunksize),
+        target_seconds=target_seconds,
+        sink=spec,
+        reduce=reduce,
+        progress=False,
+    )
+    launcher = Launcher(config)
+    try:
+        if isinstance(ids, str):
+            opts.source = Source.parse(ids)
+            return Job(submit_job(launcher, opts), config)
+        with tempfile.TemporaryDirectory(prefix="fleet-submit-") as tmp:
+            path = Path(tmp) / "ids.jsonl"
+            _write_ids(ids, path)
+            opts.source = Source.parse(str(path), "jsonl", field="id")
+            return Job(submit_job(launcher, opts), config)
+    except InputError as exc:
+        raise BadInput(str(exc)) from None
+
+
+def _write_ids(ids: Iterable[Any], path: Path) -> None:
+    from app.launcher.stream import _encode
+
+    with path.open("wb") as f:
+        for n, i in enumerate(ids):
+            if isinstance(i, bool) or not isinstance(i, str | int):
+                raise BadInput(
+                    f"ID {n} ({i!r}) is a {type(i).__name__}: a submitted job's IDs are str or "
+                    "int (fleet.map takes any JSON items)."
+                )
+            f.write(b'{"id":%s}\n' % _encode(i))
+
+
+def jobs(stack: str | None = None) -> list[Job]:
+    """Every job the fleet's result store holds, oldest first; each with `.view`, its
+    state when listed."""
+    from app.launcher.jobs import views
+    from app.store import open_store
+
+    config = settings(stack)
+    store = open_store(config)
+    out = []
+    for view in views(store, config):
+        job = Job(view.job, config, store)
+        job.view = view  # type: ignore[attr-defined]
+        out.append(job)
+    return out
+
+
+def register_joblib() -> None:
+    """Make "fleet" a joblib backend: `with joblib.parallel_backend("fleet"): ...`."""
+    from app.launcher.joblib_backend import register
+
+    register(Executor)

@@ -1,0 +1,311 @@
+"""A job fed from Python and read back in Python: the engine under app.fleet.
+
+The launcher's own dispatch loop runs the job in a thread of the caller's process. Its
+IDs come from a Python iterable (`ItemsSource`) or from calls made while it runs
+(`FeedSource`, the Executor's), and each committed batch's JSON lines go to an `Inbox`
+the caller's thread reads, instead of a file. The batches the caller has not read yet
+count against the job's in-flight limit (Dispatch), so a slow reader holds the job back
+and memory stays bounded, as for `fleet run`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import queue
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from app.batch import short_repr
+from app.launcher.dispatch import NOTHING_YET, driver_lease
+from app.launcher.job import BadInput, JobError, JobOptions, JobSummary
+from app.launcher.launcher import Launcher
+from app.launcher.output import quiet
+from app.launcher.sources import InputError, Source
+from app.settings import Settings
+
+_encode = msgspec.json.Encoder().encode
+decode_lines = msgspec.json.Decoder().decode_lines
+
+JSON_HINT = (
+    "items, arguments and results travel as JSON: str, int, float, bool, None, and lists "
+    "and dicts of them (a tuple arrives as a list)"
+)
+
+
+def check_json(chunk: list[Any], first: int, error: type[Exception] = InputError) -> None:
+    """`error` naming the first item of `chunk` (item number `first` on) not JSON."""
+    try:
+        _encode(chunk)
+        return
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        pass
+    for n, item in enumerate(chunk, first):
+        try:
+            _encode(item)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise error(
+                f"item {n} ({short_repr(item)}) cannot be sent to the fleet: {exc}; {JSON_HINT}."
+            ) from None
+
+
+class ItemsSource(Source):
+    """The items of a Python iterable, read once as the job cuts its batches."""
+
+    def __init__(self, items: Iterator[Any], label: str) -> None:
+        super().__init__(spec=f"python:{label}", fmt="items")
+        object.__setattr__(self, "_items", items)
+
+    @property
+    def streamed(self) -> bool:
+        return True
+
+    def count(self) -> int | None:
+        return None
+
+    def batches(self, sizes: Iterator[int]) -> Iterator[list[Any]]:
+        items: Iterator[Any] = object.__getattribute__(self, "_items")
+        read = 0
+        for n in sizes:
+            chunk = list(itertools.islice(items, n))
+            if not chunk:
+                return
+            check_json(chunk, read)
+            read += len(chunk)
+            yield chunk
+
+
+class Feed:
+    """The calls waiting for a FeedSource's next batch, and the futures of its batches."""
+
+    def __init__(self, slots: Callable[[], int], most: int) -> None:
+        self.waiting: deque[tuple[Future[Any], Any]] = deque()
+        self.lock = threading.Lock()
+        self.closed = False
+        self.tags: dict[int, list[Future[Any]]] = {}  # batch number -> its futures, until read
+        self.slots = slots
+        self.most = most
+
+
+class FeedSource(Source):
+    """Calls gathered while the job runs (Executor.submit): each batch takes what waits,
+    about half of it per slot online a round, so a loop of a million submits is sent in
+    batches that grow with the backlog, and a lone call goes at the next round."""
+
+    feed: Feed
+
+    def __init__(self, label: str, slots: Callable[[], int], most: int) -> None:
+        super().__init__(spec=f"python:{label}", fmt="items")
+        object.__setattr__(self, "feed", Feed(slots, most))
+
+    @property
+    def streamed(self) -> bool:
+        return True
+
+    def count(self) -> int | None:
+        return None
+
+    def put(self, future: Future[Any], item: Any) -> None:
+        with self.feed.lock:
+            self.feed.waiting.append((future, item))
+
+    def close(self, cancel: bool = False) -> None:
+        """No more calls: the job ends once those waiting ran (`cancel`: they do not run)."""
+        feed = self.feed
+        with feed.lock:
+            feed.closed = True
+            if cancel:
+                for future, _ in feed.waiting:
+                    future.cancel()
+                feed.waiting.clear()
+
+    def take_tags(self, batch: int) -> list[Future[Any]]:
+        return self.feed.tags.pop(batch)
+
+    def orphans(self) -> list[Future[Any]]:
+        """Every future not resolved: those waiting and those in batches not read."""
+        feed = self.feed
+        with feed.lock:
+            out = [f for f, _ in feed.waiting]
+            feed.waiting.clear()
+        for futures in feed.tags.values():
+            out.extend(futures)
+        feed.tags.clear()
+        return out
+
+    def batches(self, sizes: Iterator[int]) -> Iterator[Any]:
+        feed = self.feed
+        waiting = feed.waiting
+        number = 0
+        for n in sizes:
+            with feed.lock:
+                if not waiting:
+                    if feed.closed:
+                        return
+                    take: list[tuple[Future[Any], Any]] = []
+                else:
+                    share = max(1, len(waiting) // (2 * max(1, feed.slots())))
+                    take = [waiting.popleft() for _ in range(min(n, feed.most, share))]
+            # A future cancelled by its caller is dropped; the others are running now.
+            take = [(f, i) for f, i in take if f.set_running_or_notify_cancel()]
+            if not take:
+                yield NOTHING_YET
+                continue
+            feed.tags[number] = [f for f, _ in take]
+            number += 1
+            yield [i for _, i in take]
+
+
+@dataclass
+class End:
+    summary: JobSummary | None = None
+    error: BaseException | None = None
+
+
+class Inbox:
+    """Where the job's dispatch loop puts each committed batch's lines, for the reader."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[int, bytes] | End] = queue.SimpleQueue()
+        self.put = 0  # batches put (by the dispatch loop only)
+        self.taken = 0  # batches read (by the reader only)
+
+    def write_batch(self, batch: int, lines: bytes) -> None:
+        self.put += 1
+        self._queue.put((batch, bytes(lines)))
+
+    def unread(self) -> int:
+        return self.put - self.taken
+
+    def flush(self) -> None:
+        pass
+
+    def end(self, end: End) -> None:
+        self._queue.put(end)
+
+    def get(self, deadline: float | None = None) -> tuple[int, bytes] | End:
+        """The next batch, or the job's end; TimeoutError past `deadline` (monotonic).
+        Waits in short steps, so Ctrl-C reaches the caller at once."""
+        while True:
+            step = 0.25
+            if deadline is not None:
+                step = min(step, deadline - time.monotonic())
+                if step <= 0:
+                    raise TimeoutError("no result from the fleet in the time given")
+            with contextlib.suppress(queue.Empty):
+                return self._queue.get(timeout=step)
+
+
+class StreamJob:
+    """One job run from this process: its launcher in a thread, its lines in an inbox."""
+
+    def __init__(
+        self, settings: Settings, task: str, source: Source, opts: JobOptions, progress: bool
+    ) -> None:
+        self.launcher = Launcher(settings)
+        self.opts = opts
+        self.opts.task, self.opts.source, self.opts.progress = task, source, progress
+        self.source = source
+        self.inbox = Inbox()
+        self.stop = threading.Event()
+        self.closed = False
+        self.summary: JobSummary | None = None
+        self.thread = threading.Thread(target=self._drive, name=f"fleet-job-{task}", daemon=True)
+        self.thread.start()
+
+    @property
+    def job(self) -> str | None:
+        return self.launcher.job
+
+    def _drive(self) -> None:
+        quiet(not self.opts.progress)
+        try:
+            self.summary = self.launcher.run(self.opts, inbox=self.inbox, stop=self.stop)
+        except BaseException as exc:  # handed to the reader, raised in its thread
+            self.inbox.end(End(error=exc))
+        else:
+            self.inbox.end(End(summary=self.summary))
+
+    def close(self) -> None:
+        """Cancel what has not run (the workers drop the job's queued batches) and wait
+        until no batch of the job runs (bounded by a few leases)."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self.thread.is_alive():
+            return
+        if self.job:
+            with contextlib.suppress(Exception):
+                self.launcher.store.cancel(self.job)
+        self.stop.set()
+        self.thread.join(timeout=3 * driver_lease(self.launcher.settings.lease_seconds))
+        if self.job:  # stopped before it had its ID at the first cancel (calibrating)
+            with contextlib.suppress(Exception):
+                self.launcher.store.cancel(self.job)
+
+
+def raise_end(end: End, job: StreamJob) -> None:
+    """Raise what ended the job early, as the caller should see it."""
+    if end.error is not None:
+        if isinstance(end.error, InputError):
+            raise BadInput(str(end.error)) from None
+        raise end.error
+    summary = end.summary
+    if summary is not None and summary.status in ("cancelled", "interrupted") and not job.closed:
+        from app.launcher.jobs import Cancelled
+
+        raise Cancelled(f"job {summary.job} was {summary.status} before it ended.")
+
+
+class RemoteError(JobError):
+    """An item's exception whose type cannot be made here: its `type`, `item` and
+    `remote_traceback` say what it was."""
+
+    def __init__(self, message: str, type_name: str = "") -> None:
+        super().__init__(message)
+        self.type = type_name
+
+
+def remote_exception(error: dict[str, Any], item: Any) -> BaseException:
+    """An item's error record as an exception of its own type where this process has that
+    type (a built-in one, or one of a module imported here), else a RemoteError; with the
+    item and the worker's traceback (its text is also a note on the exception)."""
+    name, module = str(error.get("type", "Exception")), str(error.get("module", "builtins"))
+    message = str(error.get("message", ""))
+    found: Any = sys.modules.get(module)
+    for part in name.split("."):
+        found = getattr(found, part, None)
+    exc: BaseException | None = None
+    if isinstance(found, type) and issubclass(found, Exception):
+        with contextlib.suppress(Exception):
+            exc = found(message)
+    if exc is None:
+        qualified = name if module == "builtins" else f"{module}.{name}"
+        exc = RemoteError(f"{qualified}: {message}", qualified)
+    tb = str(error.get("traceback", ""))
+    exc.item = item  # type: ignore[attr-defined]
+    exc.remote_traceback = tb  # type: ignore[attr-defined]
+    exc.add_note(f"raised on the fleet for item {short_repr(item)}" + (f":\n{tb}" if tb else ""))
+    return exc
+
+
+def records(lines: bytes) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = decode_lines(lines)
+    return out
+
+
+def batch_size_of(chunksize: Any) -> int | None:
+    """JobOptions.batch_size for a chunksize: "auto" or None calibrates, else a whole number."""
+    if chunksize is None or chunksize == "auto":
+        return None
+    if isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1:
+        raise BadInput(f"chunksize={chunksize!r}: give a whole number of at least 1, or 'auto'.")
+    return chunksize
