@@ -26,7 +26,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import inspect
-import itertools
 import tempfile
 import threading
 import time
@@ -36,6 +35,7 @@ from typing import Any
 
 from app.launcher.job import BadInput, JobError, JobOptions, Unreachable, VersionMismatch
 from app.launcher.jobs import Cancelled, JobView
+from app.launcher.sources import Source
 from app.launcher.stream import (
     End,
     FeedSource,
@@ -44,9 +44,12 @@ from app.launcher.stream import (
     StreamJob,
     batch_size_of,
     check_json,
+    has_errors,
+    no_gc,
     raise_end,
     records,
     remote_exception,
+    values,
 )
 from app.registry import STAR, STARSTAR, registered_name
 from app.settings import ConfigError, Settings
@@ -123,6 +126,14 @@ def task_name(func: Callable[..., Any] | str) -> str:
     return f"{module}:{name}"
 
 
+class _Raise:
+    """An item's error, in place of its value, to be raised once the values before it
+    were yielded."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
 class Results:
     """What `fleet.map` returns: an iterator over the results as the fleet commits them.
 
@@ -150,8 +161,8 @@ class Results:
         """The job's ID in the result store (`fleet jobs` shows it), once it has one."""
         return self._job.job if self._job is not None else None
 
-    def __iter__(self) -> Results:
-        return self
+    def __iter__(self) -> Iterator[Any]:
+        return self._gen  # a `for` loop then runs the generator itself: no call per item
 
     def __next__(self) -> Any:
         return next(self._gen)
@@ -186,29 +197,44 @@ class Results:
                     return
                 batch, lines = got
                 if not self._ordered:
-                    yield from self._values(lines)
+                    yield from self._checked(self._values(lines))
                     job.inbox.taken += 1
                     continue
                 held[batch] = lines
                 while turn in held:
-                    yield from self._values(held.pop(turn))
+                    yield from self._checked(self._values(held.pop(turn)))
                     job.inbox.taken += 1
                     turn += 1
         finally:
             job.close()
 
-    def _values(self, lines: bytes) -> Iterator[Any]:
-        pairs, keep = self._pairs, self._return_exceptions
-        for record in records(lines):
-            item = record["id"]
-            if "error" in record:
-                exc = remote_exception(record["error"], item)
-                if not keep:
-                    raise exc
-                value: Any = exc
-            else:
-                value = record["result"]
-            yield (item, value) if pairs else value
+    @staticmethod
+    def _checked(values: list[Any]) -> Iterator[Any]:
+        """The values, up to an item's error, which is then raised in its place."""
+        if values and isinstance(values[-1], _Raise):
+            yield from values[:-1]
+            raise values[-1].exc
+        yield from values
+
+    def _values(self, lines: bytes) -> list[Any]:
+        """The batch's (item, result) pairs, or results; an item's error raised, or with
+        return_exceptions in place of its result."""
+        if not has_errors(lines):  # the common case, at C speed
+            with no_gc():
+                if self._pairs:
+                    return [(r.id, r.result) for r in records(lines)]
+                return values(lines)
+        batch = records(lines)
+        out: list[Any] = []
+        for r in batch:
+            value = r.result
+            if r.error is not None:
+                value = remote_exception(r.error, r.id)
+                if not self._return_exceptions:
+                    out.append(_Raise(value))
+                    break
+            out.append((r.id, value) if self._pairs else value)
+        return out
 
 
 def _start(
@@ -222,16 +248,18 @@ def _start(
 ) -> StreamJob | None:
     """The job over `items`, started; None when there are none."""
     size = batch_size_of(chunksize)
-    it = iter(items)
-    first = next(it, _NONE)
-    if first is _NONE:
-        return None
-    check_json([first], 0, BadInput)
-    source = ItemsSource(itertools.chain((first,), it), label)
+    source: Source
+    if isinstance(items, range) and items.step == 1:  # travels as its bounds
+        if not items:
+            return None
+        source = Source.parse(f"range:{items.start}:{items.stop}")
+    else:
+        source = ItemsSource(items, label)
+        if not source.head:
+            return None
+        # What the job's calibration sends comes from these: checked before anything is.
+        check_json(list(source.head), 0, BadInput)
     return StreamJob(config, task, source, JobOptions(batch_size=size), progress)
-
-
-_NONE = object()
 
 
 def map(  # fleet.map, as Pool.map and Executor.map
@@ -413,10 +441,10 @@ class Executor(concurrent.futures.Executor):
                 return
             batch, lines = got
             for future, record in zip(source.take_tags(batch), records(lines), strict=False):
-                if "error" in record:
-                    future.set_exception(remote_exception(record["error"], record["id"]))
+                if record.error is not None:
+                    future.set_exception(remote_exception(record.error, record.id))
                 else:
-                    future.set_result(record["result"])
+                    future.set_result(record.result)
             job.inbox.taken += 1
 
     def map(  # lazy and bounded, and chunksize may be "auto"
@@ -506,13 +534,13 @@ class Job:
 
         for chunk in jobs.results(self._store, self._config, self.id):
             for record in records(chunk):
-                if "error" in record:
-                    exc = remote_exception(record["error"], record["id"])
+                if record.error is not None:
+                    exc = remote_exception(record.error, record.id)
                     if not return_exceptions:
                         raise exc
-                    yield record["id"], exc
+                    yield record.id, exc
                 else:
-                    yield record["id"], record["result"]
+                    yield record.id, record.result
 
     def cancel(self, timeout: float = 60.0) -> JobView:
         """Stop it: its queued batches are dropped unrun; returns once none runs."""

@@ -279,7 +279,18 @@ class Dispatch:
                     sends.clear()
 
     def _encode(self, batch: int, payload: Any) -> bytes:
-        body = self.launcher.encode(self.job, batch, self.task, payload)
+        try:
+            body = self.launcher.encode(self.job, batch, self.task, payload)
+        except (TypeError, ValueError, OverflowError, RecursionError):
+            # Only items from Python (app.fleet) can be other than JSON: name the first.
+            from app.launcher.stream import check_json
+
+            try:
+                check_json(payload, 0, where=f" of batch {batch}")
+            except InputError as exc:
+                self.store.cancel(self.job)
+                raise BadInput(f"{exc} Batches before it were sent and written.") from None
+            raise
         limit = self.launcher.settings.message_limit
         if len(body) > limit:
             # Workers refuse it (app/batch.py): say so before sending.

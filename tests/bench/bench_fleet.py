@@ -24,6 +24,9 @@ per usable CPU, each pinned to its CPU, loading tests.bench.tasks. On it:
 * the fleet through its Python API in this process
   (`Launcher(settings).run(JobOptions(...))`, timed from constructing the
   Launcher to the return of run(), like Pool: no interpreter start);
+* the fleet through `from app import fleet` in this process: `fleet.map` and
+  `fleet.Pool().imap_unordered` over a generator of the IDs (timed from the
+  call to the last result in hand);
 * the fleet through the whole `fleet run` CLI process, wall time from spawn
   to exit, with the launcher's peak RSS.
 
@@ -39,7 +42,7 @@ runs `fleet run bench_noop --ids range:0:10000000` for the launcher's peak RSS.
 
 Noise: every row is the best of --repeat runs (3; one for per-ID group/chord
 and the 10M run, and none repeated past --repeat-max-s). The CPU case's
-serial, Pool and fleet-API rows run interleaved, round by round
+serial, Pool, fleet-API, fleet.map and fleet.Pool rows run interleaved, round by round
 (--cpu-rounds, 5; every other round in reverse order), and the 5%-of-Pool
 target is judged on the median of the per-round ratios: on a
 shared VM the speed of a core drifts by tens of percent over minutes, which
@@ -91,6 +94,8 @@ TASKS_MODULE = "tests.bench.tasks"
 
 # Targets (issue 2, deliverable 8).
 CPU_VS_POOL_MAX = 1.05  # CPU-heavy fleet wall within 5% of Pool wall
+# app.fleet (issue 16): its per-ID cost on 1,000,000 no-op items, against the Launcher API's.
+PYTHON_API_VS_LAUNCHER_MAX = 2.0
 NOOP_US_PER_ID_MAX = 1.0  # whole `fleet run` process, 1,000,000 no-op IDs
 RSS_10M_MAX_MB = 150.0  # launcher peak RSS for 10,000,000 IDs
 NOISY = 0.10  # foreign CPU share above which a row is flagged
@@ -364,7 +369,8 @@ class Bench:
         self.quiet_waited = 0.0
         self.collect: list[tuple[Row, Callable[[Row], None]]] | None = None
         self.serial_out: dict[str, list[Any]] = {}
-        self.paired: list[float] = []  # fleet API wall / Pool wall, per interleaved round
+        # Per fleet row of the CPU case: its wall / Pool's wall, per interleaved round.
+        self.paired: dict[str, list[float]] = {}
 
     def log(self, msg: str) -> None:
         print(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
@@ -633,6 +639,45 @@ class Bench:
         finally:
             out.unlink(missing_ok=True)
 
+    def fleet_python(self, workload: str, call: str, n: int, expected: Callable[[int], Any]) -> Row:
+        """`from app import fleet` in this process: fleet.map, or fleet.Pool's
+        imap_unordered, over a generator of the IDs (the general path: a `range` itself
+        would travel as its bounds, as the Launcher API's rows do)."""
+        from app import fleet
+        from tests.bench.tasks import bench_cpu, bench_noop
+
+        fn = bench_cpu if workload == "cpu" else bench_noop
+        method = "fleet.map (Python API)" if call == "map" else "fleet.Pool.imap_unordered"
+        row = Row(workload, method, n, note="in-process, like Pool; IDs from a generator")
+
+        def body(row: Row) -> None:
+            # Timed to every result in hand, as Pool.map's list; checked afterwards.
+            t0 = time.perf_counter()
+            if call == "map":
+                with fleet.map(fn, (i for i in range(n))) as results:
+                    pairs = list(results)
+            else:
+                with fleet.Pool() as pool:
+                    values = list(pool.imap_unordered(fn, (i for i in range(n))))
+            row.wall = time.perf_counter() - t0
+            seen = bytearray(n)
+            wrong = 0
+            if call == "map":
+                for item, value in pairs:
+                    seen[item] += 1
+                    wrong += value != expected(item)
+            elif workload == "noop":  # the result is the ID
+                for value in values:
+                    seen[value] += 1
+            else:
+                seen = bytearray([1]) * n if len(values) == n else seen
+                wrong = sorted(values) != sorted(expected(i) for i in range(n))
+            row.verified = seen.count(1) == n and not wrong
+            if not row.verified:
+                row.note += f" {n - seen.count(1)} IDs not once, {int(wrong)} wrong"
+
+        return self.attempt(row, body)
+
     def cli_argv(self, task: str, ids: str, out: Path) -> list[str]:
         s = self.fleet.settings
         fleet_bin = Path(sys.executable).parent / "fleet"
@@ -772,6 +817,8 @@ class Bench:
         ) as fleet:
             self.fleet = fleet
             self.app = make_app(fleet.settings)
+            # `from app import fleet` finds the fleet as a user's script does.
+            os.environ.update(fleet.settings.as_env())
             self.log("fleet up; " + fleet.describe().replace("\n", ";"))
 
             self.log("warm-up (not timed)...")
@@ -790,18 +837,24 @@ class Bench:
                 self.serial("cpu", bench_cpu, n)
                 self.pool("cpu", bench_cpu, n)
                 self.fleet_api("cpu", "bench_cpu", n, lambda i: self.serial_out["cpu"][i])
-            serial_row, pool_row, api_row = (self.best(t) for t in rounds)
+                self.fleet_python("cpu", "map", n, lambda i: self.serial_out["cpu"][i])
+                self.fleet_python("cpu", "pool", n, lambda i: self.serial_out["cpu"][i])
+            best_rows = [self.best(t) for t in rounds]
+            serial_row, api_row = best_rows[0], best_rows[2]
             exp = self.serial_out.get("cpu") or [busy(i) for i in range(n)]
             if serial_row.wall:
                 self.serial_per_item = serial_row.wall / n
-            for row in (serial_row, pool_row, api_row):
+            for row in best_rows:
                 self.add(row)
-            self.paired = [
-                a.wall / p.wall
-                for p, a in zip(rounds[1], rounds[2], strict=False)
-                if p.wall and a.wall
-            ]
-            self.diag["cpu_fleet_over_pool_per_round"] = [round(x, 3) for x in self.paired]
+            for trials in rounds[2:]:
+                self.paired[trials[0].method] = [
+                    a.wall / p.wall
+                    for p, a in zip(rounds[1], trials, strict=False)
+                    if p.wall and a.wall
+                ]
+            self.diag["cpu_fleet_over_pool_per_round"] = {
+                m: [round(x, 3) for x in ratios] for m, ratios in self.paired.items()
+            }
             if api_row.diag.get("worker_fn_s") and self.serial_per_item:
                 # Time inside the function on the workers (their own clock) against the
                 # serial loop's: a worker that runs the same code slower shows here.
@@ -846,6 +899,8 @@ class Bench:
             self.celery_chord("noop", "bench.noop", m, m * (m - 1) // 2, note=fewer)
             self.celery_batches("noop", "bench.noop_many", sz.noop_items, 4 * self.cores, ident)
             self.fleet_api("noop", "bench_noop", sz.noop_items, ident)
+            self.fleet_python("noop", "map", sz.noop_items, ident)
+            self.fleet_python("noop", "pool", sz.noop_items, ident)
             ids_file = self.tmp / "ids.txt"
             with open(ids_file, "w") as f:
                 f.write("\n".join(map(str, range(sz.noop_items))) + "\n")
@@ -896,19 +951,33 @@ class Bench:
 
         out = []
         pool = next(iter(find("cpu", "multiprocessing")), None)
-        for r in find("cpu", "fleet Launcher"):
-            if pool and pool.wall and r.wall:
+        for r in find("cpu", "fleet"):
+            if pool and pool.wall and r.wall and r.method in self.paired:
                 best = r.wall / pool.wall
                 # Judged on the median of the per-round ratios: rounds interleave Pool and
                 # the fleet, so a drift of the machine's speed cancels out.
-                ratio = statistics.median(self.paired) if self.paired else best
+                paired = self.paired.get(r.method, [])
+                ratio = statistics.median(paired) if paired else best
                 out.append(
                     dict(
                         target=f"CPU-heavy {r.method}: wall <= {CPU_VS_POOL_MAX:.2f} x Pool",
-                        value=f"{ratio:.3f} x Pool (median of {len(self.paired)} "
-                        f"interleaved rounds {[round(x, 2) for x in self.paired]};"
+                        value=f"{ratio:.3f} x Pool (median of {len(paired)} "
+                        f"interleaved rounds {[round(x, 2) for x in paired]};"
                         f" best {r.wall:.2f} s vs {pool.wall:.2f} s)",
                         ok=ratio <= CPU_VS_POOL_MAX and bool(r.verified),
+                    )
+                )
+        api = next(iter(find("noop", "fleet Launcher")), None)
+        for r in find("noop", "fleet.") if api and api.wall else []:
+            if r.wall:
+                ratio = r.wall / api.wall
+                out.append(
+                    dict(
+                        target=f"no-op {r.method}: per-ID cost <= "
+                        f"{PYTHON_API_VS_LAUNCHER_MAX:g} x the Launcher API's",
+                        value=f"{ratio:.2f} x ({r.wall / r.items * 1e6:.2f} vs "
+                        f"{api.wall / api.items * 1e6:.2f} us/ID)",
+                        ok=ratio <= PYTHON_API_VS_LAUNCHER_MAX and bool(r.verified),
                     )
                 )
         for r in find("noop", "fleet run CLI"):
