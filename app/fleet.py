@@ -137,8 +137,10 @@ class _Raise:
 class Results:
     """What `fleet.map` returns: an iterator over the results as the fleet commits them.
 
-    Leaving it early (break, an exception, Ctrl-C, close(), or the end of a `with` block)
-    cancels the job's batches that have not run, and returns once none of them runs."""
+    Leaving it early cancels the job's batches that have not run, and returns once none
+    of them runs: the end of a `with` block or close() (at once), a `for` loop left by
+    break, an exception or Ctrl-C (as the loop's iterator is let go), or the end of the
+    program."""
 
     def __init__(
         self,
@@ -150,11 +152,10 @@ class Results:
         timeout: float | None = None,
     ) -> None:
         self._job = job
-        self._ordered = ordered
-        self._return_exceptions = return_exceptions
-        self._pairs = pairs
-        self._timeout = timeout
-        self._gen = self._generate()
+        reader = _Reader(pairs, return_exceptions)
+        self._gen = _generate(job, reader, ordered, timeout)
+        # Into its try block at once: dropped before any item was read, it cancels too.
+        next(self._gen)
 
     @property
     def job(self) -> str | None:
@@ -175,48 +176,56 @@ class Results:
 
     def close(self) -> None:
         self._gen.close()
-        if self._job is not None:
-            self._job.close()
 
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
 
-    def _generate(self) -> Generator[Any, None, None]:
-        job = self._job
-        if job is None:
-            return
-        held: dict[int, bytes] = {}  # ordered: batches that came before their turn
-        turn = 0
-        deadline = None if self._timeout is None else time.monotonic() + self._timeout
-        try:
-            while True:
-                got = job.inbox.get(deadline)
-                if isinstance(got, End):
-                    raise_end(got, job)
-                    return
-                batch, lines = got
-                if not self._ordered:
-                    yield from self._checked(self._values(lines))
-                    job.inbox.taken += 1
-                    continue
-                held[batch] = lines
-                while turn in held:
-                    yield from self._checked(self._values(held.pop(turn)))
-                    job.inbox.taken += 1
-                    turn += 1
-        finally:
-            job.close()
+def _generate(
+    job: StreamJob | None, reader: _Reader, ordered: bool, timeout: float | None
+) -> Generator[Any, None, None]:
+    """The values of a job's batches as they come; closing it (or letting it go) closes
+    the job. It holds no reference to its Results: a `for` loop's is the only one."""
+    if job is None:
+        yield None
+        return
+    held: dict[int, bytes] = {}  # ordered: batches that came before their turn
+    turn = 0
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        yield None  # primed by Results
+        while True:
+            got = job.inbox.get(deadline)
+            if isinstance(got, End):
+                raise_end(got, job)
+                return
+            batch, lines = got
+            if not ordered:
+                yield from reader.checked(reader.values(lines))
+                job.inbox.taken += 1
+                continue
+            held[batch] = lines
+            while turn in held:
+                yield from reader.checked(reader.values(held.pop(turn)))
+                job.inbox.taken += 1
+                turn += 1
+    finally:
+        job.close()
+
+
+class _Reader:
+    """A batch's lines as what the caller asked for: (item, result) pairs or results."""
+
+    def __init__(self, pairs: bool, return_exceptions: bool) -> None:
+        self._pairs = pairs
+        self._return_exceptions = return_exceptions
 
     @staticmethod
-    def _checked(values: list[Any]) -> Iterator[Any]:
+    def checked(values: list[Any]) -> Iterator[Any]:
         """The values, up to an item's error, which is then raised in its place."""
         if values and isinstance(values[-1], _Raise):
             yield from values[:-1]
             raise values[-1].exc
         yield from values
 
-    def _values(self, lines: bytes) -> list[Any]:
+    def values(self, lines: bytes) -> list[Any]:
         """The batch's (item, result) pairs, or results; an item's error raised, or with
         return_exceptions in place of its result."""
         if not has_errors(lines):  # the common case, at C speed

@@ -10,6 +10,7 @@ and memory stays bounded, as for `fleet run`.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import itertools
@@ -17,6 +18,7 @@ import queue
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
@@ -238,6 +240,17 @@ class Inbox:
                 return self._queue.get(timeout=step)
 
 
+# The jobs of this process still running: the end of the program cancels them (Ctrl-C
+# in a loop at a script's top level leaves its results object alive until then).
+_open_jobs: weakref.WeakSet[StreamJob] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_jobs() -> None:
+    for job in list(_open_jobs):
+        job.close()
+
+
 class StreamJob:
     """One job run from this process: its launcher in a thread, its lines in an inbox."""
 
@@ -254,6 +267,7 @@ class StreamJob:
         self.summary: JobSummary | None = None
         self.thread = threading.Thread(target=self._drive, name=f"fleet-job-{task}", daemon=True)
         self.thread.start()
+        _open_jobs.add(self)
 
     @property
     def job(self) -> str | None:
@@ -264,6 +278,11 @@ class StreamJob:
         try:
             self.summary = self.launcher.run(self.opts, inbox=self.inbox, stop=self.stop)
         except BaseException as exc:  # handed to the reader, raised in its thread
+            if self.job:  # `fleet jobs` shows it failed, and why
+                from app.launcher.jobs import end
+
+                with contextlib.suppress(Exception):
+                    end(self.launcher.store, self.launcher.settings, self.job, "failed", str(exc))
             self.inbox.end(End(error=exc))
         else:
             self.inbox.end(End(summary=self.summary))

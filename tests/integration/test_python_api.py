@@ -9,6 +9,7 @@ shared test fleet, with no local fleet's state to fall back on.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import json
 import multiprocessing
 import os
@@ -22,6 +23,7 @@ import pytest
 
 from app import fleet
 from app.launcher.dispatch import running_batches
+from app.launcher.stream import READ_AHEAD
 from app.store import bit_is_set, open_store
 from tests.bench.bench_fleet import RSS_10M_MAX_MB
 from tests.support import fleet_tasks as tasks
@@ -137,22 +139,40 @@ def test_an_item_error_is_raised_as_its_own_type_or_returned(on_fleet):
         list(fleet.map(tasks.poison, [7]))
 
 
-def test_an_exception_in_the_loop_cancels_the_rest(on_fleet, monkeypatch):
-    store = open_store(on_fleet.settings)
-    results = fleet.map(tasks.slow, range(100_000), chunksize=5)
-    with pytest.raises(RuntimeError, match="caller"):
-        for n, _ in enumerate(results):
-            if n == 20:
-                raise RuntimeError("the caller's own error")
-    job = results.job
-    assert job
-    results.close()  # done already as the loop left; again is a no-op
+def loop_until_it_raises() -> None:
+    """A plain loop over fleet.map, no `with`, that raises in its body."""
+    for n, _ in enumerate(fleet.map(tasks.slow, range(100_000), chunksize=5)):
+        if n == 20:
+            raise RuntimeError("the caller's own error")
+
+
+def assert_cancelled(store, job: str) -> None:
+    """Marked cancelled, nothing of it running, and nothing more of it runs."""
     assert store.get_meta(job)["status"] == "cancelled"
     assert not running_batches(store.busy_slots(), job)
     before = committed(store, job)
     time.sleep(3)
     assert committed(store, job) == before, "a batch of the cancelled job ran"
     assert before < 100_000 // 5 // 10
+
+
+def test_an_exception_in_the_loop_cancels_the_rest(on_fleet):
+    store = open_store(on_fleet.settings)
+    with (
+        pytest.raises(RuntimeError, match="caller"),
+        fleet.map(tasks.slow, range(100_000), chunksize=5) as results,
+    ):
+        for n, _ in enumerate(results):
+            if n == 20:
+                raise RuntimeError("the caller's own error")
+    assert results.job
+    assert_cancelled(store, results.job)
+    # No `with`: the loop's iterator, let go as the exception leaves the loop, cancels.
+    before = {j.id for j in fleet.jobs()}
+    with pytest.raises(RuntimeError, match="caller"):
+        loop_until_it_raises()
+    (job,) = {j.id for j in fleet.jobs()} - before
+    assert_cancelled(store, job)
 
 
 def test_ctrl_c_cancels_the_job(on_fleet, tmp_path):
@@ -208,8 +228,14 @@ def test_a_submitted_job_is_followed_by_its_handle(on_fleet):
 def test_a_non_json_item_is_refused_at_once(on_fleet):
     with pytest.raises(fleet.BadInput, match=r"item 0 \(<object object.*cannot be sent"):
         fleet.map(tasks.squared, [object()])
-    results = fleet.map(tasks.squared, [1, 2, {3}, object()], chunksize=1)
     with pytest.raises(fleet.BadInput, match=r"item 3 .*travel as JSON"):
+        fleet.map(tasks.squared, [1, 2, {3}, object()], chunksize=1)
+    # Past the items read ahead, found as its batch is cut: the job stops there.
+    late = itertools.chain(range(READ_AHEAD + 10), [object()])
+    results = fleet.map(tasks.squared, late, chunksize=1000)
+    with pytest.raises(fleet.BadInput, match=r"item 10 of batch 100 .*travel as JSON"):
         list(results)
+    meta = open_store(on_fleet.settings).get_meta(results.job)
+    assert meta["status"] == "failed" and "item 10 of batch 100" in meta["reason"]
     with fleet.Executor() as ex, pytest.raises(fleet.BadInput, match="cannot be sent"):
         ex.submit(tasks.plus, object())
