@@ -968,15 +968,16 @@ class Bench:
                     )
                 )
         api = next(iter(find("noop", "fleet Launcher")), None)
-        for r in find("noop", "fleet.") if api and api.wall else []:
-            if r.wall:
-                ratio = r.wall / api.wall
+        api_wall = api.wall if api is not None and api.wall else None
+        for r in find("noop", "fleet.") if api is not None and api_wall else []:
+            if r.wall and api_wall:
+                ratio = r.wall / api_wall
                 out.append(
                     dict(
                         target=f"no-op {r.method}: per-ID cost <= "
                         f"{PYTHON_API_VS_LAUNCHER_MAX:g} x the Launcher API's",
                         value=f"{ratio:.2f} x ({r.wall / r.items * 1e6:.2f} vs "
-                        f"{api.wall / api.items * 1e6:.2f} us/ID)",
+                        f"{api_wall / api.items * 1e6:.2f} us/ID)",
                         ok=ratio <= PYTHON_API_VS_LAUNCHER_MAX and bool(r.verified),
                     )
                 )
