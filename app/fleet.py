@@ -35,7 +35,7 @@ from typing import Any
 
 from app.launcher.job import BadInput, JobError, JobOptions, Unreachable, VersionMismatch
 from app.launcher.jobs import Cancelled, JobView
-from app.launcher.sources import Source
+from app.launcher.sources import Source, check_json
 from app.launcher.stream import (
     End,
     FeedSource,
@@ -43,7 +43,6 @@ from app.launcher.stream import (
     RemoteError,
     StreamJob,
     batch_size_of,
-    check_json,
     has_errors,
     no_gc,
     raise_end,

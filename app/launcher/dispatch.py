@@ -12,7 +12,7 @@ from typing import IO, TYPE_CHECKING, Any
 from app.launcher.job import BadInput, JobOptions
 from app.launcher.output import Progress, say
 from app.launcher.plan import BatchPlan, grown_size, in_flight_limit
-from app.launcher.sources import InputError
+from app.launcher.sources import InputError, check_json
 from app.store import Store, bit_is_set
 
 if TYPE_CHECKING:
@@ -283,8 +283,6 @@ class Dispatch:
             body = self.launcher.encode(self.job, batch, self.task, payload)
         except (TypeError, ValueError, OverflowError, RecursionError):
             # Only items from Python (app.fleet) can be other than JSON: name the first.
-            from app.launcher.stream import check_json
-
             try:
                 check_json(payload, 0, where=f" of batch {batch}")
             except InputError as exc:

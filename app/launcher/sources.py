@@ -18,9 +18,12 @@ from typing import IO, Any
 
 import msgspec
 
+from app.batch import short_repr
+
 FORMATS = ("text", "csv", "jsonl")
 BLOCK = 1 << 20
 _decode_json = msgspec.json.Decoder().decode
+_encode_json = msgspec.json.Encoder().encode
 
 
 class InputError(ValueError):
@@ -140,6 +143,31 @@ class Source:
         finally:
             if fobj is not sys.stdin.buffer:
                 fobj.close()
+
+
+JSON_HINT = (
+    "items, arguments and results travel as JSON: str, int, float, bool, None, and lists "
+    "and dicts of them (a tuple arrives as a list)"
+)
+
+
+def check_json(
+    chunk: list[Any], first: int, error: type[Exception] = InputError, where: str = ""
+) -> None:
+    """`error` naming the first item of `chunk` (item number `first` on) not JSON."""
+    try:
+        _encode_json(chunk)
+        return
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        pass
+    for n, item in enumerate(chunk, first):
+        try:
+            _encode_json(item)
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise error(
+                f"item {n}{where} ({short_repr(item)}) cannot be sent to the fleet: {exc}; "
+                f"{JSON_HINT}."
+            ) from None
 
 
 def _parse_range(spec: str) -> tuple[int, int]:

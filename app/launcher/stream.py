@@ -37,31 +37,6 @@ from app.settings import Settings
 
 _encode = msgspec.json.Encoder().encode
 
-JSON_HINT = (
-    "items, arguments and results travel as JSON: str, int, float, bool, None, and lists "
-    "and dicts of them (a tuple arrives as a list)"
-)
-
-
-def check_json(
-    chunk: list[Any], first: int, error: type[Exception] = InputError, where: str = ""
-) -> None:
-    """`error` naming the first item of `chunk` (item number `first` on) not JSON."""
-    try:
-        _encode(chunk)
-        return
-    except (TypeError, ValueError, OverflowError, RecursionError):
-        pass
-    for n, item in enumerate(chunk, first):
-        try:
-            _encode(item)
-        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-            raise error(
-                f"item {n}{where} ({short_repr(item)}) cannot be sent to the fleet: {exc}; "
-                f"{JSON_HINT}."
-            ) from None
-
-
 # Items read ahead from an iterator before its job starts: an iterable that ends within
 # them is a job of known length, cut as a file is (its last wave finer, so every slot ends
 # together); a longer one streams, cut by the batch size calibrated from its first items.
