@@ -222,7 +222,27 @@ def _retry_transient(task: FleetTask, item: Any) -> tuple[Any, BaseException | N
     return result, None, retrying.statistics.get("attempt_number", 1) + 1
 
 
-def run_batch(task: FleetTask, payload: list[Any] | dict[str, Any]) -> BatchOutcome:
+def _encode_bare(records: list[_Ok | _Err]) -> tuple[bytes, int]:
+    """Bare lines: each ID's result alone (null for an error), then, if any ID failed, a
+    last line {"errors": [[position, error], ...]}. For a caller that keeps its IDs in
+    order (app.fleet): a fifth of the bytes, read back with no object per record."""
+    converted = 0
+    try:
+        body = _encode_lines([r.result if type(r) is _Ok else None for r in records])
+    except _UNENCODABLE:
+        converted = _encode(records)[1]  # the results that are not JSON become errors
+        body = _encode_lines([r.result if type(r) is _Ok else None for r in records])
+    errors = [[i, r.error] for i, r in enumerate(records) if type(r) is _Err]
+    if errors:
+        body += _encoder.encode({"errors": errors}) + b"\n"
+    return body, converted
+
+
+def run_batch(
+    task: FleetTask, payload: list[Any] | dict[str, Any], bare: bool = False
+) -> BatchOutcome:
+    """Run the batch; its lines are records ({"id": ..., "result": ...} or {"id": ...,
+    "error": ...}), or with `bare` the results alone (_encode_bare)."""
     fn = task.fn
     transient = task.transient
     # Records are collected and encoded in one call: per-line encoding and
@@ -244,6 +264,6 @@ def run_batch(task: FleetTask, payload: list[Any] | dict[str, Any]) -> BatchOutc
             else:
                 append(_error(item, exc))
             errors += 1
-    lines, unencodable = _encode(records)
+    lines, unencodable = _encode_bare(records) if bare else _encode(records)
     errors += unencodable
     return BatchOutcome(lines, len(records), errors, time.perf_counter() - start)

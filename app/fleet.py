@@ -35,20 +35,19 @@ from typing import Any
 
 from app.launcher.job import BadInput, JobError, JobOptions, Unreachable, VersionMismatch
 from app.launcher.jobs import Cancelled, JobView
-from app.launcher.sources import Source, check_json
+from app.launcher.sources import check_json
 from app.launcher.stream import (
     End,
     FeedSource,
     ItemsSource,
     RemoteError,
     StreamJob,
+    bare_values,
     batch_size_of,
-    has_errors,
     no_gc,
     raise_end,
     records,
     remote_exception,
-    values,
 )
 from app.registry import STAR, STARSTAR, registered_name
 from app.settings import ConfigError, Settings
@@ -151,7 +150,9 @@ class Results:
         timeout: float | None = None,
     ) -> None:
         self._job = job
-        reader = _Reader(pairs, return_exceptions)
+        source = job.source if job is not None else None
+        kept = source.kept if isinstance(source, ItemsSource) else None
+        reader = _Reader(pairs, return_exceptions, kept if kept is not None else {})
         self._gen = _generate(job, reader, ordered, timeout)
         # Into its try block at once: dropped before any item was read, it cancels too.
         next(self._gen)
@@ -185,7 +186,7 @@ def _generate(
     if job is None:
         yield None
         return
-    held: dict[int, bytes] = {}  # ordered: batches that came before their turn
+    held: dict[int, tuple[bytes, int]] = {}  # ordered: batches that came before their turn
     turn = 0
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
@@ -195,53 +196,51 @@ def _generate(
             if isinstance(got, End):
                 raise_end(got, job)
                 return
-            batch, lines = got
-            if not ordered:
-                yield from reader.checked(reader.values(lines))
+            batch, lines, errors = got
+            if ordered:
+                held[batch] = lines, errors
+                if turn not in held:
+                    continue
+                batch, (lines, errors) = turn, held.pop(turn)
+            while True:
+                values = reader.values(batch, lines, errors)
+                if values and isinstance(values[-1], _Raise):  # an item's error, in its place
+                    yield from values[:-1]
+                    raise values[-1].exc
+                yield from values  # a list: one generator between it and the caller's loop
                 job.inbox.taken += 1
-                continue
-            held[batch] = lines
-            while turn in held:
-                yield from reader.checked(reader.values(held.pop(turn)))
-                job.inbox.taken += 1
+                if not ordered:
+                    break
                 turn += 1
+                if turn not in held:
+                    break
+                batch, (lines, errors) = turn, held.pop(turn)
     finally:
         job.close()
 
 
 class _Reader:
-    """A batch's lines as what the caller asked for: (item, result) pairs or results."""
+    """A batch's bare lines (app/batch.py _encode_bare) and the caller's items it ran on
+    as what the caller asked for: (item, result) pairs, or results."""
 
-    def __init__(self, pairs: bool, return_exceptions: bool) -> None:
+    def __init__(self, pairs: bool, return_exceptions: bool, kept: dict[int, list[Any]]) -> None:
         self._pairs = pairs
         self._return_exceptions = return_exceptions
+        self._kept = kept  # the caller's items of each batch not read yet (ItemsSource)
 
-    @staticmethod
-    def checked(values: list[Any]) -> Iterator[Any]:
-        """The values, up to an item's error, which is then raised in its place."""
-        if values and isinstance(values[-1], _Raise):
-            yield from values[:-1]
-            raise values[-1].exc
-        yield from values
-
-    def values(self, lines: bytes) -> list[Any]:
-        """The batch's (item, result) pairs, or results; an item's error raised, or with
-        return_exceptions in place of its result."""
-        if not has_errors(lines):  # the common case, at C speed
-            with no_gc():
-                if self._pairs:
-                    return [(r.id, r.result) for r in records(lines)]
-                return values(lines)
-        batch = records(lines)
-        out: list[Any] = []
-        for r in batch:
-            value = r.result
-            if r.error is not None:
-                value = remote_exception(r.error, r.id)
-                if not self._return_exceptions:
-                    out.append(_Raise(value))
-                    break
-            out.append((r.id, value) if self._pairs else value)
+    def values(self, batch: int, lines: bytes, errors: int) -> list[Any]:
+        """Batch `batch`'s (item, result) pairs, or results, with the caller's own items;
+        an item's error is raised in its place (a _Raise ends the list), or with
+        return_exceptions given in place of its result."""
+        items = self._kept.pop(batch)
+        with no_gc():  # at C speed: no object per record but the pair
+            results, failed = bare_values(lines, errors)
+            out = list(zip(items, results, strict=True)) if self._pairs else results
+        for i, error in failed:
+            exc = remote_exception(error, items[i])
+            if not self._return_exceptions:
+                return [*out[:i], _Raise(exc)]
+            out[i] = (items[i], exc) if self._pairs else exc
         return out
 
 
@@ -254,20 +253,15 @@ def _start(
     config: Settings,
     label: str,
 ) -> StreamJob | None:
-    """The job over `items`, started; None when there are none."""
+    """The job over `items`, started; None when there are none. Each batch's items are
+    kept until its results are read, and the workers send the results alone (bare)."""
     size = batch_size_of(chunksize)
-    source: Source
-    if isinstance(items, range) and items.step == 1:  # travels as its bounds
-        if not items:
-            return None
-        source = Source.parse(f"range:{items.start}:{items.stop}")
-    else:
-        source = ItemsSource(items, label)
-        if not source.head:
-            return None
-        # What the job's calibration sends comes from these: checked before anything is.
-        check_json(list(source.head), 0, BadInput)
-    return StreamJob(config, task, source, JobOptions(batch_size=size), progress)
+    source = ItemsSource(items, label)
+    if not source.head:
+        return None
+    # What the job's calibration sends comes from these: checked before anything is.
+    check_json(list(source.head), 0, BadInput)
+    return StreamJob(config, task, source, JobOptions(batch_size=size, bare=True), progress)
 
 
 def map(  # fleet.map, as Pool.map and Executor.map
@@ -421,7 +415,11 @@ class Executor(concurrent.futures.Executor):
             name, lambda: holder[0].launcher.slots() if holder else 1, self._max_batch
         )
         job = StreamJob(
-            self._config, name, source, JobOptions(batch_size=self._max_batch), self._progress
+            self._config,
+            name,
+            source,
+            JobOptions(batch_size=self._max_batch, bare=True),
+            self._progress,
         )
         holder.append(job)
         reader = threading.Thread(
@@ -447,12 +445,16 @@ class Executor(concurrent.futures.Executor):
                         with contextlib.suppress(concurrent.futures.InvalidStateError):
                             future.set_exception(why)
                 return
-            batch, lines = got
-            for future, record in zip(source.take_tags(batch), records(lines), strict=False):
-                if record.error is not None:
-                    future.set_exception(remote_exception(record.error, record.id))
+            batch, lines, errors = got
+            futures, items = source.take_tags(batch)
+            results, failed = bare_values(lines, errors)
+            failed_at = dict(failed)
+            for i, (future, result) in enumerate(zip(futures, results, strict=True)):
+                error = failed_at.get(i)
+                if error is None:
+                    future.set_result(result)
                 else:
-                    future.set_result(record.result)
+                    future.set_exception(remote_exception(error, items[i]))
             job.inbox.taken += 1
 
     def map(  # lazy and bounded, and chunksize may be "auto"

@@ -136,7 +136,8 @@ class Dispatch:
         self.opts = opts
         self.out = out
         self.out_path = out_path
-        # An output that takes each batch's lines with its number (app.fleet's inbox), and
+        # An output that takes each batch's lines with its number and its count of errors
+        # (app.fleet's inbox), and
         # says how many batches it holds that its reader has not taken yet: those count
         # against the in-flight limit, so a slow reader holds the job back, bounded.
         self._emit = getattr(out, "write_batch", None)
@@ -390,7 +391,7 @@ class Dispatch:
                 continue  # expired; the lost-batch check re-sends it
             n, e, lines = result
             if self._emit is not None:
-                self._emit(b, lines)
+                self._emit(b, lines, e)
             else:
                 self.out.write(lines)
             items += n

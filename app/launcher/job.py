@@ -49,6 +49,9 @@ class JobOptions:
     # Refuse to start while the workers online run more than one version of the code, or
     # another than was deployed (app/launcher/versions.py); otherwise that is a warning.
     require_version: bool = False
+    # Bare lines: each ID's result alone (app/batch.py _encode_bare), for a caller that
+    # keeps its IDs in order and matches them up (app.fleet); no output file or sink.
+    bare: bool = False
 
 
 @dataclass

@@ -434,12 +434,15 @@ class Launcher:
             "status": "running",
             "started": time.time(),
         }
-        if opts.sink or opts.reduce:
-            # Before the probes: the workers read the sink and reducer of every batch here.
+        if opts.sink or opts.reduce or opts.bare:
+            # Before the probes: the workers read the sink, the reducer and the form of the
+            # lines of every batch here.
             if opts.sink:
                 meta["sink"] = opts.sink
             if opts.reduce:
                 meta["reduce"] = opts.reduce
+            if opts.bare:
+                meta["records"] = "values"
             self.store.put_meta(job, meta)
         if opts.batch_size:
             meta["layout"] = {"probe": [], "size": opts.batch_size}

@@ -46,13 +46,16 @@ READ_AHEAD = 100_000
 class ItemsSource(Source):
     """The items of a Python iterable: a list or tuple (or an iterator that ended within
     READ_AHEAD items) is counted and can be read again; a longer iterator is read once,
-    as the job cuts its batches."""
+    as the job cuts its batches. Each batch's items are kept (by batch number) until
+    their results are read: the caller gets its own objects back, and the workers send
+    the results alone."""
 
     def __init__(self, items: Iterable[Any], label: str) -> None:
         super().__init__(spec=f"python:{label}", fmt="items")
+        object.__setattr__(self, "kept", {})
         held: Sequence[Any] | None = None
         rest: Iterator[Any] | None = None
-        if isinstance(items, list | tuple):
+        if isinstance(items, list | tuple | range):
             held = head = items
         else:
             it = iter(items)
@@ -68,6 +71,7 @@ class ItemsSource(Source):
     held: Sequence[Any] | None
     rest: Iterator[Any] | None
     head: Sequence[Any]  # the items read ahead (or held): checked before the job starts
+    kept: dict[int, list[Any]]
 
     @property
     def streamed(self) -> bool:
@@ -77,6 +81,14 @@ class ItemsSource(Source):
         return None if self.held is None else len(self.held)
 
     def batches(self, sizes: Iterator[int]) -> Iterator[list[Any]]:
+        """Successive batches: the n-th is batch n (a held source read again, after the
+        calibration, starts again from batch 0, cut the same)."""
+        kept = self.kept
+        for number, chunk in enumerate(self._chunks(sizes)):
+            kept[number] = chunk
+            yield chunk
+
+    def _chunks(self, sizes: Iterator[int]) -> Iterator[list[Any]]:
         held = self.held
         if held is not None:
             pos = 0
@@ -101,7 +113,8 @@ class Feed:
         self.waiting: deque[tuple[Future[Any], Any]] = deque()
         self.lock = threading.Lock()
         self.closed = False
-        self.tags: dict[int, list[Future[Any]]] = {}  # batch number -> its futures, until read
+        # batch number -> its futures and items, until its results are read
+        self.tags: dict[int, tuple[list[Future[Any]], list[Any]]] = {}
         self.slots = slots
         self.most = most
 
@@ -138,7 +151,7 @@ class FeedSource(Source):
                     future.cancel()
                 feed.waiting.clear()
 
-    def take_tags(self, batch: int) -> list[Future[Any]]:
+    def take_tags(self, batch: int) -> tuple[list[Future[Any]], list[Any]]:
         return self.feed.tags.pop(batch)
 
     def orphans(self) -> list[Future[Any]]:
@@ -147,7 +160,7 @@ class FeedSource(Source):
         with feed.lock:
             out = [f for f, _ in feed.waiting]
             feed.waiting.clear()
-        for futures in feed.tags.values():
+        for futures, _ in feed.tags.values():
             out.extend(futures)
         feed.tags.clear()
         return out
@@ -170,9 +183,10 @@ class FeedSource(Source):
             if not take:
                 yield NOTHING_YET
                 continue
-            feed.tags[number] = [f for f, _ in take]
+            items = [i for _, i in take]
+            feed.tags[number] = [f for f, _ in take], items
             number += 1
-            yield [i for _, i in take]
+            yield items
 
 
 @dataclass
@@ -185,13 +199,13 @@ class Inbox:
     """Where the job's dispatch loop puts each committed batch's lines, for the reader."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[int, bytes] | End] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[int, bytes, int] | End] = queue.SimpleQueue()
         self.put = 0  # batches put (by the dispatch loop only)
         self.taken = 0  # batches read (by the reader only)
 
-    def write_batch(self, batch: int, lines: bytes) -> None:
+    def write_batch(self, batch: int, lines: bytes, errors: int = 0) -> None:
         self.put += 1
-        self._queue.put((batch, bytes(lines)))
+        self._queue.put((batch, bytes(lines), errors))
 
     def unread(self) -> int:
         return self.put - self.taken
@@ -202,7 +216,7 @@ class Inbox:
     def end(self, end: End) -> None:
         self._queue.put(end)
 
-    def get(self, deadline: float | None = None) -> tuple[int, bytes] | End:
+    def get(self, deadline: float | None = None) -> tuple[int, bytes, int] | End:
         """The next batch, or the job's end; TimeoutError past `deadline` (monotonic).
         Waits in short steps, so Ctrl-C reaches the caller at once."""
         while True:
@@ -333,23 +347,11 @@ class Record(msgspec.Struct, gc=False):
     error: dict[str, Any] | None = None
 
 
-class Value(msgspec.Struct, gc=False):
-    """A line's result alone: its ID is skipped, not made into an object."""
-
-    result: Any = None
-
-
 _decode_records = msgspec.json.Decoder(Record).decode_lines
-_decode_values = msgspec.json.Decoder(Value).decode_lines
 
 
 def records(lines: bytes) -> list[Record]:
     return _decode_records(lines)
-
-
-def values(lines: bytes) -> list[Any]:
-    """The results of `lines`, a batch with no error record (has_errors)."""
-    return [v.result for v in _decode_values(lines)]
 
 
 @contextlib.contextmanager
@@ -367,10 +369,17 @@ def no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def has_errors(lines: bytes) -> bool:
-    """False only if no record of `lines` is an error (a result that holds the same
-    bytes makes it True: the caller then looks record by record)."""
-    return b',"error":{' in lines
+_decode_bare = msgspec.json.Decoder().decode_lines
+
+
+def bare_values(lines: bytes, errors: int) -> tuple[list[Any], list[tuple[int, dict[str, Any]]]]:
+    """A bare batch's results (null for an error) and its errors by position
+    (app/batch.py _encode_bare)."""
+    out: list[Any] = _decode_bare(lines)
+    if not errors:
+        return out, []
+    trailer = out.pop()
+    return out, [(int(i), e) for i, e in trailer["errors"]]
 
 
 def batch_size_of(chunksize: Any) -> int | None:

@@ -47,20 +47,23 @@ def store_for(settings: Settings) -> Store:
 
 
 # What each job asks of its batches beyond running them, read from the job once per
-# process: its sink (None: the launcher writes the results) and its reducer (None: none).
+# process: its sink (None: the launcher writes the results), its reducer (None: none), and
+# whether its lines are bare results (a Python caller that keeps its items: app.fleet).
 # The few most recent jobs are kept.
-_jobs: dict[str, tuple[Sink | None, FleetTask | None]] = {}
+_jobs: dict[str, tuple[Sink | None, FleetTask | None, bool]] = {}
 JOBS_KEPT = 16
 
 
 def job_extras(
     settings: Settings, store: Store, job: str, modules: tuple[str, ...]
-) -> tuple[Sink | None, FleetTask | None]:
+) -> tuple[Sink | None, FleetTask | None, bool]:
     if job in _jobs:
         return _jobs[job]
     meta = store.get_meta(job)
     if meta is None:
-        return None, None  # a job of a launcher that writes no metadata: nothing to remember
+        # A job of a launcher that writes no metadata, or not yet (its first batches, when
+        # it asks nothing more of them): nothing to remember.
+        return None, None, False
     spec, reducer = meta.get("sink"), meta.get("reduce")
     if len(_jobs) >= JOBS_KEPT:
         _jobs.pop(next(iter(_jobs)))
@@ -68,6 +71,7 @@ def job_extras(
     _jobs[job] = extras = (
         open_sink(spec, settings, store, modules) if spec else None,
         resolve(reducer, modules) if reducer else None,
+        meta.get("records") == "values",
     )
     return extras
 
@@ -156,15 +160,15 @@ def fleet_batch(self: Task, job: str, batch: int, task_name: str, payload: Any) 
     if not store.begin(job, batch, settings.lease_seconds):
         return 0  # a redelivery of a finished batch, or a cancelled job
     with _leases.held(store, job, batch, settings.lease_seconds):
-        outcome = run_batch(task, payload)
-        lines = outcome.lines
         try:
-            sink, reducer = job_extras(settings, store, job, self.app.fleet_task_modules)
+            sink, reducer, bare = job_extras(settings, store, job, self.app.fleet_task_modules)
         except (BadSink, UnknownTask) as exc:
             why = f"the sink: {exc}" if isinstance(exc, BadSink) else f"--reduce: {exc}"
             store.announce(job, Done(batch, 0, 0, 0.0, me, refused=why))
             log.error("batch %s/%s refused: %s", job, batch, why)
             return 0
+        outcome = run_batch(task, payload, bare=bare)
+        lines = outcome.lines
         try:
             partial = None if reducer is None else fold(reducer, lines)
         except Exception as exc:  # the reducer raised: the job cannot give its value

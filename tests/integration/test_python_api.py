@@ -84,6 +84,9 @@ def test_results_come_as_multiprocessing_gives_them(on_fleet):
         assert pool.map(tasks.double, items, chunksize=7) == want_map
         assert pool.starmap(tasks.plus, [(i, 2 * i) for i in items]) == want_star
     assert [r for _, r in fleet.map(tasks.squared, items, ordered=True)] == want_imap
+    # The caller's own items come back beside their results (a tuple stays a tuple).
+    pairs = list(fleet.map(tasks.noop, [(1, "a"), (2, "b")], ordered=True))
+    assert pairs == [((1, "a"), [1, "a"]), ((2, "b"), [2, "b"])]
 
 
 def test_executor_answers_as_a_process_pool_executor(on_fleet):

@@ -261,3 +261,20 @@ def test_keyboard_interrupt_is_not_swallowed():
 
     with pytest.raises(KeyboardInterrupt):
         run_batch(task(interrupted), [1])
+
+
+def test_bare_lines_hold_the_results_alone_and_the_errors_last():
+    def picky(x):
+        if x == 2:
+            raise ValueError("two")
+        return {1: object()}.get(x, x * 10)  # 1: a result JSON cannot hold
+
+    out = run_batch(task(picky), [0, 1, 2, 3], bare=True)
+    *values, trailer = [json.loads(line) for line in out.lines.splitlines()]
+    assert values == [0, None, None, 30]
+    assert out.errors == 2 and out.items == 4
+    assert [i for i, _ in trailer["errors"]] == [1, 2]
+    assert trailer["errors"][1][1]["message"] == "two"
+    assert "not JSON-serialisable" in trailer["errors"][0][1]["message"]
+    clean = run_batch(task(lambda x: x), ["a", "b"], bare=True)
+    assert clean.lines == b'"a"\n"b"\n' and clean.errors == 0
