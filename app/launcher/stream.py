@@ -253,6 +253,7 @@ class StreamJob:
         self.inbox = Inbox()
         self.stop = threading.Event()
         self.closed = False
+        self.ended = False  # the job's run returned or raised: nothing left to cancel
         self.summary: JobSummary | None = None
         self.thread = threading.Thread(target=self._drive, name=f"fleet-job-{task}", daemon=True)
         self.thread.start()
@@ -266,7 +267,9 @@ class StreamJob:
         quiet(not self.opts.progress)
         try:
             self.summary = self.launcher.run(self.opts, inbox=self.inbox, stop=self.stop)
+            self.ended = True
         except BaseException as exc:  # handed to the reader, raised in its thread
+            self.ended = True
             if self.job:  # `fleet jobs` shows it failed, and why
                 from app.launcher.jobs import end
 
@@ -282,7 +285,7 @@ class StreamJob:
         if self.closed:
             return
         self.closed = True
-        if not self.thread.is_alive():
+        if self.ended or not self.thread.is_alive():
             return
         if self.job:
             with contextlib.suppress(Exception):
