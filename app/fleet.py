@@ -251,12 +251,11 @@ def _start(
     chunksize: Any,
     progress: bool,
     config: Settings,
-    label: str,
 ) -> StreamJob | None:
     """The job over `items`, started; None when there are none. Each batch's items are
     kept until its results are read, and the workers send the results alone (bare)."""
     size = batch_size_of(chunksize)
-    source = ItemsSource(items, label)
+    source = ItemsSource(items, task)
     if not source.head:
         return None
     # What the job's calibration sends comes from these: checked before anything is.
@@ -285,8 +284,22 @@ def map(  # fleet.map, as Pool.map and Executor.map
     loop early cancels what has not run."""
     name = task_name(func)
     config = settings(stack)
-    job = _start(name, iterable, chunksize=chunksize, progress=progress, config=config, label=name)
+    job = _start(name, iterable, chunksize=chunksize, progress=progress, config=config)
     return Results(job, ordered=ordered, return_exceptions=return_exceptions, pairs=True)
+
+
+def _values(
+    task: str,
+    items: Iterable[Any],
+    chunksize: Any,
+    progress: bool,
+    config: Settings,
+    ordered: bool,
+    timeout: float | None = None,
+) -> Results:
+    """The results alone of a job over `items` (Pool's and Executor.map's)."""
+    job = _start(task, items, chunksize=chunksize, progress=progress, config=config)
+    return Results(job, ordered=ordered, return_exceptions=False, pairs=False, timeout=timeout)
 
 
 class Pool:
@@ -309,16 +322,9 @@ class Pool:
     ) -> Results:
         if self._closed:
             raise ValueError("Pool not running")
-        name = star + task_name(func)
-        job = _start(
-            name,
-            iterable,
-            chunksize=chunksize,
-            progress=self._progress,
-            config=self._config,
-            label=name,
+        results = _values(
+            star + task_name(func), iterable, chunksize, self._progress, self._config, ordered
         )
-        results = Results(job, ordered=ordered, return_exceptions=False, pairs=False)
         self._open = [r for r in self._open if r._job is not None and not r._job.closed]
         self._open.append(results)
         return results
@@ -472,17 +478,9 @@ class Executor(concurrent.futures.Executor):
         if not iterables:
             raise TypeError("map() needs at least one iterable")
         star = "" if len(iterables) == 1 else STAR
-        name = star + task_name(fn)
         items = iterables[0] if len(iterables) == 1 else zip(*iterables, strict=False)
-        job = _start(
-            name,
-            items,
-            chunksize=chunksize,
-            progress=self._progress,
-            config=self._config,
-            label=name,
-        )
-        results = Results(job, ordered=True, return_exceptions=False, pairs=False, timeout=timeout)
+        name = star + task_name(fn)
+        results = _values(name, items, chunksize, self._progress, self._config, True, timeout)
         self._maps.append(results)
         return results
 
