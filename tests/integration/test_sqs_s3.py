@@ -10,12 +10,12 @@ import signal
 import threading
 import time
 
-import psutil
 import pytest
 
 from app.launcher.job import JobOptions
 from app.launcher.launcher import Launcher
 from app.launcher.sources import Source
+from app.store import open_store
 from scripts.local.fleet import LocalFleet
 from tests.support.aws import VISIBILITY, sqs_settings
 from tests.support.checker import exactly_once
@@ -61,14 +61,18 @@ def test_killed_worker_batch_is_recovered_before_visibility_timeout(aws, tmp_pat
         started = time.monotonic()
         launcher.start()
         victim = fleet.instances[0].proc
-        # Wait until the victim's pool is busy on a batch, then kill the whole worker.
+        # Wait until the victim's heartbeat says it runs a batch (it takes them back to
+        # back from then on), then kill the whole worker. Not its pool's CPU time: a pool
+        # process on a loaded machine can spend that starting up, and the victim then
+        # died before it took any batch (nothing to recover: resent 0).
+        store = open_store(settings)
         deadline = time.monotonic() + 60
-        pool = []
-        while time.monotonic() < deadline:
-            pool = psutil.Process(victim.pid).children()
-            if any(p.cpu_times().user > 0.2 for p in pool):
-                break
-            time.sleep(0.1)
+        while not any(
+            w["hostname"].startswith("instance0-") and w.get("active", 0) > 0
+            for w in store.workers()
+        ):
+            assert time.monotonic() < deadline, "the victim never ran a batch"
+            time.sleep(0.05)
         os.killpg(victim.pid, signal.SIGKILL)
         launcher.join(timeout=150)
         elapsed = time.monotonic() - started
