@@ -95,6 +95,11 @@ def task_name(func: Callable[..., Any] | str) -> str:
         if not func.strip():
             raise BadInput("the task name is empty: give a function, or module:function.")
         return func
+    if inspect.isfunction(func) and func.__module__ == "__main__":
+        raise BadInput(
+            f"{func.__name__} is defined in __main__ (the script being run), which the "
+            f"workers do not load. {_MOVE_IT}"
+        )
     registered = registered_name(func)
     if registered is not None:
         return registered
@@ -111,11 +116,6 @@ def task_name(func: Callable[..., Any] | str) -> str:
         raise BadInput(
             f"{qualified} is defined inside another function (a closure): the workers cannot "
             f"import it. {_MOVE_IT}"
-        )
-    if module == "__main__":
-        raise BadInput(
-            f"{name} is defined in __main__ (the script being run), which the workers do not "
-            f"load. {_MOVE_IT}"
         )
     if "." in qualified:
         raise BadInput(

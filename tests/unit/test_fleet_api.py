@@ -45,6 +45,15 @@ def test_a_function_of_main_is_refused(some_fleet):
     exec("def heavy(x):\n    return x\n", namespace)
     with pytest.raises(fleet.BadInput, match=r"heavy is defined in __main__ .* workers load"):
         fleet.Pool().imap_unordered(namespace["heavy"], [1])
+    # Registered with @fleet_task there, it is still only this process's.
+    exec(
+        "from app.registry import fleet_task\n"
+        "@fleet_task(name='test-fleet-api-main-only')\n"
+        "def registered(x):\n    return x\n",
+        namespace,
+    )
+    with pytest.raises(fleet.BadInput, match=r"registered is defined in __main__"):
+        fleet.map(namespace["registered"], [1])
 
 
 def test_other_callables_are_refused(some_fleet):
