@@ -172,27 +172,28 @@ def _error(item: Any, exc: BaseException, attempts: int = 1) -> _Err:
     return _Err(item, error)
 
 
-# A self-referencing result raises RecursionError: it too must become an error
-# record, or the batch would fail (and be re-sent) forever.
-_UNENCODABLE = (TypeError, ValueError, RecursionError)
+# What msgspec raises for a value JSON cannot hold. A self-referencing result raises
+# RecursionError: it too must become an error record, or the batch would fail (and be
+# re-sent) forever. The launcher checks a Python caller's items against the same.
+UNENCODABLE = (TypeError, ValueError, OverflowError, RecursionError)
 
 
 def _encode(records: list[_Ok | _Err]) -> tuple[bytes, int]:
     """JSON lines for the records, and how many records had to become errors to encode."""
     try:
         return _encode_lines(records), 0
-    except _UNENCODABLE:
+    except UNENCODABLE:
         pass
     converted = 0
     # Slow path, only when some result is not JSON: find the culprits one by one.
     for i, rec in enumerate(records):
         try:
             _encoder.encode(rec)
-        except _UNENCODABLE as exc:
+        except UNENCODABLE as exc:
             item = rec.id
             try:
                 _encoder.encode(item)
-            except _UNENCODABLE:  # an ID that is not JSON (Python callers only)
+            except UNENCODABLE:  # an ID that is not JSON (Python callers only)
                 item = repr(item)
             if isinstance(rec, _Err):  # already an error (counted): keep it, with a JSON ID
                 records[i] = _Err(item, rec.error)
@@ -229,7 +230,7 @@ def _encode_bare(records: list[_Ok | _Err]) -> tuple[bytes, int]:
     converted = 0
     try:
         body = _encode_lines([r.result if type(r) is _Ok else None for r in records])
-    except _UNENCODABLE:
+    except UNENCODABLE:
         converted = _encode(records)[1]  # the results that are not JSON become errors
         body = _encode_lines([r.result if type(r) is _Ok else None for r in records])
     errors = [[i, r.error] for i, r in enumerate(records) if type(r) is _Err]

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
+from app.batch import UNENCODABLE
 from app.launcher.job import BadInput, JobOptions
 from app.launcher.output import Progress, say
 from app.launcher.plan import BatchPlan, grown_size, in_flight_limit
@@ -137,9 +138,9 @@ class Dispatch:
         self.out = out
         self.out_path = out_path
         # An output that takes each batch's lines with its number and its count of errors
-        # (app.fleet's inbox), and
-        # says how many batches it holds that its reader has not taken yet: those count
-        # against the in-flight limit, so a slow reader holds the job back, bounded.
+        # (app.fleet's inbox), and says how many batches it holds that its reader has not
+        # taken yet: those count against the in-flight limit, so a slow reader holds the
+        # job back, bounded.
         self._emit = getattr(out, "write_batch", None)
         self._unread = getattr(out, "unread", None)
         self.progress = progress
@@ -282,7 +283,7 @@ class Dispatch:
     def _encode(self, batch: int, payload: Any) -> bytes:
         try:
             body = self.launcher.encode(self.job, batch, self.task, payload)
-        except (TypeError, ValueError, OverflowError, RecursionError):
+        except UNENCODABLE:
             # Only items from Python (app.fleet) can be other than JSON: name the first.
             try:
                 check_json(payload, 0, where=f" of batch {batch}")

@@ -37,6 +37,7 @@ class FleetBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc
         super().__init__(**kwargs)
         self.stack = stack
         self._executor: Any = None
+        self._launcher: Any = None  # reads the slots online; made once, not per call
 
     def _ensure(self) -> Any:
         if self._executor is None:
@@ -47,8 +48,9 @@ class FleetBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc
         """The slots online (at least one), or fewer if n_jobs asks for fewer."""
         from app.launcher import Launcher
 
-        executor = self._ensure()
-        slots = max(1, Launcher(executor._config).slots())
+        if self._launcher is None:
+            self._launcher = Launcher(self._ensure()._config)
+        slots = max(1, int(self._launcher.slots()))
         if n_jobs is not None and n_jobs > 0:
             return min(n_jobs, slots)
         return slots

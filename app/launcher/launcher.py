@@ -246,8 +246,8 @@ class Launcher:
         self, opts: JobOptions, inbox: Any = None, stop: threading.Event | None = None
     ) -> JobSummary:
         """Run a job to its end. `inbox`: where each batch's lines go instead of `opts.out`
-        (app.fleet: an object with write_batch(batch, lines), unread() and flush()); `stop`:
-        set, the job stops at its next tick (within a second) as if interrupted."""
+        (app.fleet: an object with write_batch(batch, lines, errors), unread() and flush());
+        `stop`: set, the job stops at its next tick (within a second) as if interrupted."""
         started = time.monotonic()
         if opts.resume:
             self.check_connections()

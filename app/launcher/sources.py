@@ -18,7 +18,7 @@ from typing import IO, Any
 
 import msgspec
 
-from app.batch import short_repr
+from app.batch import UNENCODABLE, short_repr
 
 FORMATS = ("text", "csv", "jsonl")
 BLOCK = 1 << 20
@@ -158,12 +158,12 @@ def check_json(
     try:
         _encode_json(chunk)
         return
-    except (TypeError, ValueError, OverflowError, RecursionError):
+    except UNENCODABLE:
         pass
     for n, item in enumerate(chunk, first):
         try:
             _encode_json(item)
-        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        except UNENCODABLE as exc:
             raise error(
                 f"item {n}{where} ({short_repr(item)}) cannot be sent to the fleet: {exc}; "
                 f"{JSON_HINT}."

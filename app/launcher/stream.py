@@ -287,12 +287,13 @@ class StreamJob:
         self.closed = True
         if self.ended or not self.thread.is_alive():
             return
-        if self.job:
+        cancelled = self.job
+        if cancelled:
             with contextlib.suppress(Exception):
-                self.launcher.store.cancel(self.job)
+                self.launcher.store.cancel(cancelled)
         self.stop.set()
         self.thread.join(timeout=3 * driver_lease(self.launcher.settings.lease_seconds))
-        if self.job:  # stopped before it had its ID at the first cancel (calibrating)
+        if self.job and not cancelled:  # it had no ID yet at the cancel (calibrating)
             with contextlib.suppress(Exception):
                 self.launcher.store.cancel(self.job)
 
