@@ -42,7 +42,7 @@ def test_killed_worker_batch_is_recovered_before_visibility_timeout(aws, tmp_pat
     out = tmp_path / "out.jsonl"
     n = 400
     with LocalFleet(
-        2, settings=settings, workdir=tmp_path / "fleet", env={"FLEET_TEST_ITEM_MS": "10"}
+        2, settings=settings, workdir=tmp_path / "fleet", env={"FLEET_TEST_ITEM_MS": "40"}
     ) as fleet:
         result: dict = {}
         launcher = threading.Thread(
@@ -73,6 +73,9 @@ def test_killed_worker_batch_is_recovered_before_visibility_timeout(aws, tmp_pat
         ):
             assert time.monotonic() < deadline, "the victim never ran a batch"
             time.sleep(0.05)
+        # Batches of a second, and the job still running: the kill lands mid-batch, not
+        # after the victim's last one (reading heartbeats from moto's S3 is slow under load).
+        assert launcher.is_alive(), "the job ended before the victim could be killed"
         os.killpg(victim.pid, signal.SIGKILL)
         launcher.join(timeout=150)
         elapsed = time.monotonic() - started
